@@ -1,0 +1,170 @@
+/* Packet parsing: Ethernet, up to two VLAN tags, IPv4, TCP/UDP/ICMP.
+ * Every read is preceded by a bounds check against data_end. */
+#ifndef SAMIXDP_PARSE_H
+#define SAMIXDP_PARSE_H
+
+#define ETH_P_8021Q_BE 0x0081   /* htons(0x8100) */
+#define ETH_P_8021AD_BE 0xA888  /* htons(0x88a8) */
+#define ETH_P_IP_BE 0x0008      /* htons(0x0800) */
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
+
+/* ICMP types we reason about */
+#define ICMP_ECHOREPLY_T 0
+#define ICMP_DEST_UNREACH_T 3
+#define ICMP_SOURCE_QUENCH_T 4
+#define ICMP_ECHO_T 8
+#define ICMP_TIME_EXCEEDED_T 11
+#define ICMP_PARAMETERPROB_T 12
+
+#define PARSE_OK 0
+#define PARSE_NON_IP 1
+#define PARSE_MALFORMED 2
+
+struct vlan_hdr_s {
+    __be16 tci;
+    __be16 proto;
+};
+
+/* What the rest of the program needs to know about one packet. */
+struct pkt {
+    __u32 saddr;        /* network order */
+    __u32 daddr;
+    __u16 sport;        /* network order; ICMP echo: identifier */
+    __u16 dport;        /* network order; ICMP echo: 0 */
+    __u32 l3_len;       /* IPv4 total length */
+    __u16 vlan;         /* innermost VID, 0 when untagged */
+    __u16 ip_id;
+    __u8 proto;
+    __u8 tcp_flags;
+    __u8 icmp_type;
+    __u8 frag;          /* 0 = whole, 1 = first fragment, 2 = later fragment */
+    /* ICMP errors: the quoted packet, reversed to the direction of the
+     * original (the error travels against it). */
+    __u32 in_saddr;
+    __u32 in_daddr;
+    __u16 in_sport;
+    __u16 in_dport;
+    __u8 in_proto;
+    __u8 is_icmp_err;
+    __u8 pad[2];
+};
+
+static __always_inline int is_icmp_error(__u8 type)
+{
+    return type == ICMP_DEST_UNREACH_T || type == ICMP_TIME_EXCEEDED_T ||
+           type == ICMP_PARAMETERPROB_T || type == ICMP_SOURCE_QUENCH_T;
+}
+
+/* Parses the IPv4 header and ports quoted inside an ICMP error. */
+static __always_inline int parse_icmp_quote(struct pkt *p, void *inner, void *data_end)
+{
+    struct iphdr *iph = inner;
+    if ((void *)(iph + 1) > data_end)
+        return PARSE_MALFORMED;
+    if (iph->version != 4 || iph->ihl < 5)
+        return PARSE_MALFORMED;
+    __u8 *l4 = (__u8 *)iph + (iph->ihl * 4);
+    if ((void *)(l4 + 8) > data_end)
+        return PARSE_MALFORMED;
+    p->in_saddr = iph->saddr;
+    p->in_daddr = iph->daddr;
+    p->in_proto = iph->protocol;
+    if (iph->protocol == IPPROTO_TCP || iph->protocol == IPPROTO_UDP) {
+        p->in_sport = *(__u16 *)l4;
+        p->in_dport = *(__u16 *)(l4 + 2);
+    } else if (iph->protocol == IPPROTO_ICMP) {
+        /* a quoted echo request: its identifier is the session's port */
+        p->in_sport = *(__u16 *)(l4 + 4);
+        p->in_dport = 0;
+    } else {
+        p->in_sport = 0;
+        p->in_dport = 0;
+    }
+    p->is_icmp_err = 1;
+    return PARSE_OK;
+}
+
+static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return PARSE_MALFORMED;
+
+    __be16 proto = eth->h_proto;
+    void *cur = eth + 1;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (proto != ETH_P_8021Q_BE && proto != ETH_P_8021AD_BE)
+            break;
+        struct vlan_hdr_s *vh = cur;
+        if ((void *)(vh + 1) > data_end)
+            return PARSE_MALFORMED;
+        p->vlan = bpf_ntohs(vh->tci) & 0x0FFF;
+        proto = vh->proto;
+        cur = vh + 1;
+    }
+    if (proto != ETH_P_IP_BE)
+        return PARSE_NON_IP;
+
+    struct iphdr *iph = cur;
+    if ((void *)(iph + 1) > data_end)
+        return PARSE_MALFORMED;
+    if (iph->version != 4 || iph->ihl < 5)
+        return PARSE_MALFORMED;
+    __u32 ihl_bytes = iph->ihl * 4;
+    __u32 tot_len = bpf_ntohs(iph->tot_len);
+    if (tot_len < ihl_bytes)
+        return PARSE_MALFORMED;
+    p->saddr = iph->saddr;
+    p->daddr = iph->daddr;
+    p->proto = iph->protocol;
+    p->l3_len = tot_len;
+    p->ip_id = iph->id;
+    __u16 frag_off = bpf_ntohs(iph->frag_off);
+    if (frag_off & IP_OFFSET) {
+        p->frag = 2;
+        return PARSE_OK; /* no L4 header in this fragment */
+    }
+    if (frag_off & IP_MF)
+        p->frag = 1;
+
+    __u8 *l4 = (__u8 *)iph + ihl_bytes;
+    if (p->proto == IPPROTO_TCP) {
+        struct tcphdr *th = (void *)l4;
+        if ((void *)(th + 1) > data_end)
+            return PARSE_MALFORMED;
+        if (th->doff < 5)
+            return PARSE_MALFORMED;
+        p->sport = th->source;
+        p->dport = th->dest;
+        p->tcp_flags = ((__u8 *)th)[13];
+    } else if (p->proto == IPPROTO_UDP) {
+        struct udphdr *uh = (void *)l4;
+        if ((void *)(uh + 1) > data_end)
+            return PARSE_MALFORMED;
+        p->sport = uh->source;
+        p->dport = uh->dest;
+    } else if (p->proto == IPPROTO_ICMP) {
+        struct icmphdr *ih = (void *)l4;
+        if ((void *)(ih + 1) > data_end)
+            return PARSE_MALFORMED;
+        p->icmp_type = ih->type;
+        if (ih->type == ICMP_ECHO_T || ih->type == ICMP_ECHOREPLY_T) {
+            p->sport = ih->un.echo.id;
+            p->dport = 0;
+        } else if (is_icmp_error(ih->type)) {
+            return parse_icmp_quote(p, ih + 1, data_end);
+        }
+    }
+    /* other IP protocols: a session on addresses and protocol alone */
+    return PARSE_OK;
+}
+
+#endif

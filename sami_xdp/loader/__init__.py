@@ -1,0 +1,1 @@
+"""Compile, pin, reopen and attach the XDP firewall."""

@@ -1,0 +1,127 @@
+"""Compile bpf/fw_xdp.c with bcc and pin the program and its maps.
+
+Compilation happens once per host (or after `samixdp reset`): every later
+command reopens the pins, so the CLI stays fast and bcc is only needed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CompileError
+from ..paths import bpf_dir, program_path
+
+PROG_NAME = "xdp_firewall"
+PROG_PIN = "prog"
+
+MAP_NAMES = (
+    "sessions",
+    "halfopen",
+    "protected",
+    "syn_counters",
+    "blacklist",
+    "acl_sets",
+    "acl_hits",
+    "pickup",
+    "fragments",
+    "config",
+    "meta",
+    "verdicts",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Map capacities, fixed when the maps are created."""
+
+    max_sessions: int = 1 << 20
+    max_halfopen: int = 1 << 16
+    max_syn_counters: int = 1 << 16
+    max_blacklist: int = 1 << 16
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-DMAX_SESSIONS={self.max_sessions}",
+            f"-DMAX_HALFOPEN={self.max_halfopen}",
+            f"-DMAX_SYN_COUNTERS={self.max_syn_counters}",
+            f"-DMAX_BLACKLIST={self.max_blacklist}",
+        ]
+
+
+def _headers_dir() -> Path:
+    return Path("/lib/modules") / platform.release() / "build"
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Path]:
+    """bcc writes compiler and verifier output straight to fd 2."""
+    with tempfile.NamedTemporaryFile(prefix="samixdp-bcc-", suffix=".log", delete=False) as tmp:
+        path = Path(tmp.name)
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _first_error(log: str) -> str:
+    for line in log.splitlines():
+        if "error" in line.lower() or "invalid" in line.lower() or "too large" in line:
+            return line.strip()
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "no details"
+
+
+def compile_program(limits: Limits, extra_cflags: tuple[str, ...] = ()) -> tuple[object, int]:
+    """Returns (bcc.BPF object, program fd). The BPF object owns the map fds."""
+    if not (_headers_dir() / "include").exists() and not (_headers_dir()).exists():
+        raise CompileError(
+            f"no kernel headers at {_headers_dir()}: run `sudo make setup` (installs "
+            "linux-headers-amd64 and links them for this kernel)"
+        )
+    try:
+        from bcc import BPF  # noqa: PLC0415  (bcc is slow to import and only needed here)
+    except ImportError as exc:
+        raise CompileError(
+            "the bcc Python module is missing: install python3-bpfcc (`sudo make setup`)"
+        ) from exc
+    cflags = [f"-I{bpf_dir()}", "-Wno-compare-distinct-pointer-types", *limits.cflags()]
+    cflags.extend(extra_cflags)
+    with _captured_stderr() as log_path:
+        try:
+            bpf = BPF(src_file=str(program_path()).encode(), cflags=cflags)
+            fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+        except Exception as exc:  # bcc raises bare Exception
+            log = log_path.read_text(errors="replace")
+            log_path.unlink(missing_ok=True)
+            if "kernel headers" in log or "kconfig.h" in log:
+                raise CompileError(
+                    f"bcc cannot find kernel headers for {platform.release()}: run "
+                    "`sudo make setup`"
+                ) from exc
+            raise CompileError(f"cannot build the XDP program: {_first_error(log)}") from exc
+    log_path.unlink(missing_ok=True)
+    return bpf, int(fn.fd)
+
+
+def map_fds(bpf: object) -> dict[str, int]:
+    return {name: int(bpf[name.encode()].map_fd) for name in MAP_NAMES}  # type: ignore[index]
+
+
+def bcc_layouts(bpf: object) -> dict[str, tuple[object, object]]:
+    """bcc's generated ctypes Key/Leaf of every map (for the layout check)."""
+    out = {}
+    for name in MAP_NAMES:
+        table = bpf[name.encode()]  # type: ignore[index]
+        out[name] = (table.Key, table.Leaf)
+    return out

@@ -1,0 +1,308 @@
+"""The firewall's pinned program and maps, reopened by every command.
+
+`Firewall.open` never compiles: it reopens the pins and refuses them if their
+layout version differs from this build's header. `Firewall.create` compiles
+once, fills the config and meta maps, and pins everything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from ..config import default_config_slots
+from ..errors import BpffsError, LayoutMismatchError, SamiError
+from ..layout import Layout, load_layout
+from . import bpffs as bpffs_mod
+from . import bpfsys
+from .compile import MAP_NAMES, PROG_PIN, Limits, compile_program, map_fds
+
+# key / value struct of each map (None: a plain integer type)
+MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
+    "sessions": ("session_key", "session_value"),
+    "halfopen": ("session_key", "session_value"),
+    "protected": ("lpm_v4_key", None),
+    "syn_counters": ("syn_key", "syn_value"),
+    "blacklist": (None, "blacklist_value"),
+    "acl_sets": ("acl_key", "acl_set"),
+    "acl_hits": (None, None),
+    "pickup": (None, None),
+    "fragments": ("frag_key", None),
+    "config": (None, "fw_config"),
+    "meta": (None, "samixdp_meta"),
+    "verdicts": (None, "verdict_counter"),
+}
+
+PERCPU_TYPES = {5, 6}
+
+
+@cache
+def possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) - int(lo) + 1) if hi else 1
+    return count
+
+
+def _scalar_dtype(size: int) -> np.dtype:
+    return np.dtype({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size])
+
+
+@dataclass
+class PinnedMap:
+    """One pinned map: raw fd plus the dtypes of its keys and values."""
+
+    name: str
+    fd: int
+    info: bpfsys.MapInfo
+    key_dtype: np.dtype
+    value_dtype: np.dtype
+
+    @property
+    def percpu(self) -> bool:
+        return self.info.type in PERCPU_TYPES
+
+    def _value_buf(self) -> np.ndarray:
+        n = possible_cpus() if self.percpu else 1
+        return np.zeros(n, dtype=self.value_dtype)
+
+    def lookup(self, key: np.ndarray) -> np.ndarray | None:
+        """Value(s) for one key (an array of per-CPU values for per-CPU maps)."""
+        key = np.ascontiguousarray(key, dtype=self.key_dtype)
+        out = self._value_buf()
+        f = bpfsys.ffi()
+        ok = bpfsys.lookup(
+            self.fd, f.cast("void *", key.ctypes.data), f.cast("void *", out.ctypes.data)
+        )
+        if not ok:
+            return None
+        return out if self.percpu else out[0]
+
+    def update(self, key: np.ndarray, value: np.ndarray, flags: int = bpfsys.BPF_ANY) -> None:
+        key = np.ascontiguousarray(key, dtype=self.key_dtype)
+        value = np.ascontiguousarray(value, dtype=self.value_dtype)
+        f = bpfsys.ffi()
+        bpfsys.update(
+            self.fd,
+            f.cast("void *", key.ctypes.data),
+            f.cast("void *", value.ctypes.data),
+            flags,
+        )
+
+    def delete(self, key: np.ndarray) -> bool:
+        key = np.ascontiguousarray(key, dtype=self.key_dtype)
+        f = bpfsys.ffi()
+        return bpfsys.delete(self.fd, f.cast("void *", key.ctypes.data))
+
+    def keys(self) -> np.ndarray:
+        """All keys by GET_NEXT_KEY (for maps without batch support: LPM)."""
+        f = bpfsys.ffi()
+        out = []
+        cur = np.zeros(1, dtype=self.key_dtype)
+        nxt = np.zeros(1, dtype=self.key_dtype)
+        prev = None
+        while bpfsys.next_key(
+            self.fd,
+            None if prev is None else f.cast("void *", cur.ctypes.data),
+            f.cast("void *", nxt.ctypes.data),
+        ):
+            out.append(nxt.copy())
+            cur[:] = nxt
+            prev = True
+        if not out:
+            return np.zeros(0, dtype=self.key_dtype)
+        return np.concatenate(out)
+
+    def dump(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (key, value) with batch lookups; hash and LRU maps only."""
+        return bpfsys.lookup_batch(
+            self.fd, self.key_dtype, self.value_dtype, self.info.max_entries
+        )
+
+    def update_many(self, keys: np.ndarray, values: np.ndarray, flags: int = 0) -> int:
+        return bpfsys.update_batch(self.fd, keys, values, flags)
+
+    def delete_many(self, keys: np.ndarray) -> int:
+        return bpfsys.delete_batch(self.fd, keys)
+
+    def count(self) -> int:
+        if self.info.type_name in ("array", "percpu_array"):
+            return self.info.max_entries
+        if self.info.type_name == "lpm_trie":
+            return len(self.keys())
+        return len(self.dump()[0])
+
+
+def _dtypes(layout: Layout, name: str, info: bpfsys.MapInfo) -> tuple[np.dtype, np.dtype]:
+    kstruct, vstruct = MAP_TYPES[name]
+    kd = layout.dtype(kstruct) if kstruct else _scalar_dtype(info.key_size)
+    if vstruct:
+        vd = layout.dtype(vstruct)
+    else:
+        vd = _scalar_dtype(info.value_size)
+    if kd.itemsize != info.key_size or vd.itemsize != info.value_size:
+        raise LayoutMismatchError(
+            f"pinned map {name} has key/value {info.key_size}/{info.value_size} bytes, this "
+            f"build expects {kd.itemsize}/{vd.itemsize}: the pins come from another version"
+        )
+    return kd, vd
+
+
+@dataclass
+class Firewall:
+    """Handles on one host's pinned firewall (program + maps)."""
+
+    path: Path
+    prog_fd: int
+    maps: dict[str, PinnedMap]
+    layout: Layout = field(default_factory=load_layout)
+
+    # ---- construction ----------------------------------------------------
+
+    @classmethod
+    def exists(cls, path: Path) -> bool:
+        return (path / PROG_PIN).exists()
+
+    @classmethod
+    def open(cls, path: Path) -> Firewall:
+        bpffs_mod.check_existing(path)
+        if not cls.exists(path):
+            raise BpffsError(
+                f"nothing is loaded at {path}: run `samixdp attach IFACE` first "
+                "(or pass the right --bpffs)"
+            )
+        layout = load_layout()
+        meta_fd = bpfsys.obj_get(str(path / "meta"))
+        meta_info = bpfsys.map_info(meta_fd)
+        if meta_info.value_size != layout.sizeof("samixdp_meta"):
+            raise LayoutMismatchError(
+                f"pinned state at {path} has an unknown layout: run `samixdp reset` and attach again"
+            )
+        fw = cls(path=path, prog_fd=bpfsys.obj_get(str(path / PROG_PIN)), maps={}, layout=layout)
+        fw.maps["meta"] = PinnedMap(
+            "meta", meta_fd, meta_info, *_dtypes(layout, "meta", meta_info)
+        )
+        want = layout.consts["SAMIXDP_LAYOUT_VERSION"]
+        got = int(fw.meta()["layout_version"])
+        if got != want:
+            fw.close()
+            raise LayoutMismatchError(
+                f"pinned state at {path} has layout version {got}, this samixdp uses {want}: "
+                "detach, run `samixdp reset`, and attach again (state will be lost)"
+            )
+        for name in MAP_NAMES:
+            if name == "meta":
+                continue
+            pin = path / name
+            if not pin.exists():
+                fw.close()
+                raise LayoutMismatchError(f"pinned state at {path} lacks map {name}")
+            fd = bpfsys.obj_get(str(pin))
+            info = bpfsys.map_info(fd)
+            fw.maps[name] = PinnedMap(name, fd, info, *_dtypes(layout, name, info))
+        return fw
+
+    @classmethod
+    def create(cls, path: Path, limits: Limits, config: dict[int, int] | None = None) -> Firewall:
+        """Compiles, initialises and pins a new firewall at `path`."""
+        bpffs_mod.ensure(path)
+        if cls.exists(path):
+            return cls.open(path)
+        bpf, prog_fd = compile_program(limits)
+        layout = load_layout()
+        fds = map_fds(bpf)
+        pinned: list[Path] = []
+        try:
+            maps = {}
+            for name, fd in fds.items():
+                info = bpfsys.map_info(fd)
+                maps[name] = PinnedMap(name, os.dup(fd), info, *_dtypes(layout, name, info))
+            fw = cls(path=path, prog_fd=os.dup(prog_fd), maps=maps, layout=layout)
+            fw._init_maps(limits, config or {})
+            for name, fd in fds.items():
+                bpfsys.obj_pin(fd, str(path / name))
+                pinned.append(path / name)
+            bpfsys.obj_pin(prog_fd, str(path / PROG_PIN))  # last: marks the set complete
+            pinned.append(path / PROG_PIN)
+        except Exception:
+            for pin in pinned:
+                pin.unlink(missing_ok=True)
+            raise
+        finally:
+            bpf.cleanup() if hasattr(bpf, "cleanup") else None  # type: ignore[attr-defined]
+        return fw
+
+    def _init_maps(self, limits: Limits, overrides: dict[int, int]) -> None:
+        meta = np.zeros(1, dtype=self.maps["meta"].value_dtype)
+        meta["layout_version"] = self.layout.consts["SAMIXDP_LAYOUT_VERSION"]
+        meta["max_sessions"] = limits.max_sessions
+        meta["max_halfopen"] = limits.max_halfopen
+        meta["max_blacklist"] = limits.max_blacklist
+        meta["max_syn_counters"] = limits.max_syn_counters
+        meta["created_ns"] = time.monotonic_ns()
+        self.maps["meta"].update(np.zeros(1, np.uint32), meta)
+        slots = default_config_slots(self.layout)
+        for idx, val in overrides.items():
+            slots[idx] = val
+        self.write_config(slots)
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            os.close(m.fd)
+        self.maps.clear()
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
+            self.prog_fd = -1
+
+    def __enter__(self) -> Firewall:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- small typed accessors -------------------------------------------
+
+    def const(self, name: str) -> int:
+        return self.layout.consts[name]
+
+    def meta(self) -> np.ndarray:
+        value = self.maps["meta"].lookup(np.zeros(1, np.uint32))
+        if value is None:
+            raise SamiError("meta map is empty")
+        return value
+
+    def read_config(self) -> list[int]:
+        value = self.maps["config"].lookup(np.zeros(1, np.uint32))
+        assert value is not None
+        return [int(x) for x in value["slot"]]
+
+    def write_config(self, slots: list[int]) -> None:
+        cfg = np.zeros(1, dtype=self.maps["config"].value_dtype)
+        cfg["slot"][0, : len(slots)] = slots
+        self.maps["config"].update(np.zeros(1, np.uint32), cfg)
+
+    def set_config(self, index: int, value: int) -> None:
+        slots = self.read_config()
+        slots[index] = value
+        self.write_config(slots)
+
+    def prog_id(self) -> int:
+        return bpfsys.prog_info(self.prog_fd).id
+
+
+def unpin_all(path: Path) -> int:
+    """Removes every pin of a firewall (its state goes with it)."""
+    removed = 0
+    for name in (*MAP_NAMES, PROG_PIN):
+        pin = path / name
+        if pin.exists():
+            pin.unlink()
+            removed += 1
+    return removed
