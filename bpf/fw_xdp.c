@@ -46,6 +46,8 @@ BPF_TABLE("lru_hash", u32, struct blacklist_value, blacklist, MAX_BLACKLIST);
  * so a whole rule set is replaced atomically. */
 BPF_LPM_TRIE(acl_sets, struct acl_key, struct acl_set, SAMIXDP_ACL_MAX_SETS);
 BPF_PERCPU_ARRAY(acl_hits, u64, SAMIXDP_ACL_MAX_RULE_ID);
+/* Rule id -> rule as the operator wrote it; userspace compiles acl_sets from it. */
+BPF_TABLE("hash", u32, struct acl_entry, acl_rules, SAMIXDP_ACL_MAX_RULE_ID);
 /* VM address -> end of its migration pickup window (bpf_ktime_get_ns). */
 BPF_TABLE("hash", u32, u64, pickup, SAMIXDP_MAX_PROTECTED);
 BPF_TABLE("lru_hash", struct frag_key, u64, fragments, SAMIXDP_FRAG_ENTRIES);

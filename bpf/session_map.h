@@ -7,7 +7,7 @@
  * Bump SAMIXDP_LAYOUT_VERSION whenever any struct below changes.
  */
 
-#define SAMIXDP_LAYOUT_VERSION 3
+#define SAMIXDP_LAYOUT_VERSION 4
 
 /* ---- verdict reasons (index into the `verdicts` per-CPU array) ----------
  * Reasons below SAMIXDP_FIRST_DROP pass the packet, the rest drop it. */
@@ -170,6 +170,16 @@ struct acl_set {
     __u32 n_rules;
     __u32 pad;
     struct acl_rule rules[64]; /* = SAMIXDP_ACL_MAX_RULES_PER_SET */
+};
+
+/* The operator's view of one rule, kept in the pinned `acl_rules` map (not
+ * read by the datapath): the source from which `acl_sets` is compiled. */
+struct acl_entry {
+    struct acl_rule rule;
+    __u32 priority;       /* lower first; ties by id */
+    __u32 dst_addr;       /* VM address or prefix, network byte order */
+    __u32 dst_prefixlen;  /* 32 for a single VM */
+    __u32 pad;
 };
 
 /* Key of the fragment tracker: the first fragment's identity. */

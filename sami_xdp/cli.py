@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from . import protect, sessions, stats
+from . import blacklist, protect, sessions, stats
 from .config import config_names, parse_config_value
 from .errors import InvalidArgument, SamiError
 from .loader import attach as xdp
@@ -109,10 +109,8 @@ def attach_cmd(
         str | None, typer.Option("--syn-rate", help="SYNs/s per source and VM before a ban.")
     ] = None,
     ban: Annotated[int | None, typer.Option(help="Ban time in seconds.")] = None,
-    max_sessions: Annotated[int, typer.Option(help="Session table size (first attach).")] = 1
-    << 20,
-    max_halfopen: Annotated[int, typer.Option(help="Half-open LRU size (first attach).")] = 1
-    << 16,
+    max_sessions: Annotated[int, typer.Option(help="Session table size (first attach).")] = 1 << 20,
+    max_halfopen: Annotated[int, typer.Option(help="Half-open LRU size (first attach).")] = 1 << 16,
 ) -> None:
     """Load the firewall (once per host) and attach it to IFACE."""
     c = _ctx(ctx)
@@ -227,7 +225,9 @@ def status_cmd(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")
 @app.command("sessions")
 def sessions_cmd(
     ctx: typer.Context,
-    vm: Annotated[str | None, typer.Option(help="Only sessions with this VM at either end.")] = None,
+    vm: Annotated[
+        str | None, typer.Option(help="Only sessions with this VM at either end.")
+    ] = None,
     json_: Annotated[bool, typer.Option("--json")] = False,
     limit: Annotated[int, typer.Option(help="Rows in the human table (0 = all).")] = 50,
 ) -> None:
@@ -245,8 +245,16 @@ def sessions_cmd(
         return
     table(
         [
-            [r["proto"], f"{r['src']}:{r['sport']}", f"{r['dst']}:{r['dport']}", r["state"],
-             r["age_s"], r["idle_s"], r["packets"], r["bytes"]]
+            [
+                r["proto"],
+                f"{r['src']}:{r['sport']}",
+                f"{r['dst']}:{r['dport']}",
+                r["state"],
+                r["age_s"],
+                r["idle_s"],
+                r["packets"],
+                r["bytes"],
+            ]
             for r in rows
         ],
         ["proto", "src", "dst", "state", "age_s", "idle_s", "packets", "bytes"],
@@ -277,6 +285,7 @@ def gc_cmd(ctx: typer.Context) -> None:
     """Delete expired sessions in batches."""
     with _ctx(ctx).open() as fw:
         removed = sessions.gc(fw)
+        removed.update(blacklist.gc(fw))
     total = sum(removed.values())
     detail = ", ".join(f"{k} {v}" for k, v in removed.items())
     typer.echo(f"removed {total} expired entries ({detail})")

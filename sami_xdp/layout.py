@@ -34,6 +34,7 @@ STRUCTS = (
     "blacklist_value",
     "acl_rule",
     "acl_set",
+    "acl_entry",
     "frag_key",
     "fw_config",
     "verdict_counter",

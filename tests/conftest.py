@@ -28,7 +28,9 @@ IN_CI = bool(os.environ.get("CI"))
 TEST_LIMITS = Limits(max_sessions=262144, max_halfopen=4096, max_syn_counters=4096,
                      max_blacklist=4096)
 # maps emptied between tests (arrays are reset by value instead)
-RESETTABLE = ("sessions", "halfopen", "syn_counters", "blacklist", "pickup", "fragments")
+RESETTABLE = (
+    "sessions", "halfopen", "syn_counters", "blacklist", "pickup", "fragments", "acl_rules",
+)
 
 
 def _root_problem() -> str | None:

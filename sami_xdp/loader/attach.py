@@ -67,9 +67,7 @@ def list_attached(prog_id: int) -> list[XdpState]:
         for msg in ipr.get_links():
             pid, mode = _xdp_of(msg)
             if pid == prog_id and pid != 0:
-                out.append(
-                    XdpState(msg.get_attr("IFLA_IFNAME"), int(msg["index"]), pid, mode)
-                )
+                out.append(XdpState(msg.get_attr("IFLA_IFNAME"), int(msg["index"]), pid, mode))
     return out
 
 

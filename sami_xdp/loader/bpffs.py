@@ -52,9 +52,7 @@ def ensure(path: Path) -> Path:
         sys_bpf = Path("/sys/fs/bpf")
         mnt = sys_bpf if (path == sys_bpf or sys_bpf in path.parents) else path
         mnt.mkdir(parents=True, exist_ok=True)
-        rc = subprocess.run(
-            ["mount", "-t", "bpf", "bpf", str(mnt)], capture_output=True, text=True
-        )
+        rc = subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], capture_output=True, text=True)
         if rc.returncode != 0 or not is_bpffs(path):
             raise BpffsError(f"cannot mount bpffs at {mnt}: {rc.stderr.strip() or 'not bpf'}")
     try:

@@ -117,7 +117,9 @@ def _bpf(cmd: int, attr: object, what: str, ok_errnos: tuple[int, ...] = ()) -> 
         raise BpfError(errno.ENOSYS, f"unsupported architecture {platform.machine()}")
     size = f.sizeof(f.typeof(attr).item)
     f.errno = 0
-    rc = int(lib.syscall(f.cast("long", nr), f.cast("int", cmd), attr, f.cast("unsigned int", size)))
+    rc = int(
+        lib.syscall(f.cast("long", nr), f.cast("int", cmd), attr, f.cast("unsigned int", size))
+    )
     if rc < 0:
         err = f.errno
         if err in ok_errnos:

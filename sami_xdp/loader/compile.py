@@ -28,6 +28,7 @@ MAP_NAMES = (
     "blacklist",
     "acl_sets",
     "acl_hits",
+    "acl_rules",
     "pickup",
     "fragments",
     "config",

@@ -31,6 +31,7 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "blacklist": (None, "blacklist_value"),
     "acl_sets": ("acl_key", "acl_set"),
     "acl_hits": (None, None),
+    "acl_rules": (None, "acl_entry"),
     "pickup": (None, None),
     "fragments": ("frag_key", None),
     "config": (None, "fw_config"),
@@ -122,9 +123,7 @@ class PinnedMap:
 
     def dump(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (key, value) with batch lookups; hash and LRU maps only."""
-        return bpfsys.lookup_batch(
-            self.fd, self.key_dtype, self.value_dtype, self.info.max_entries
-        )
+        return bpfsys.lookup_batch(self.fd, self.key_dtype, self.value_dtype, self.info.max_entries)
 
     def update_many(self, keys: np.ndarray, values: np.ndarray, flags: int = 0) -> int:
         return bpfsys.update_batch(self.fd, keys, values, flags)
@@ -186,9 +185,7 @@ class Firewall:
                 f"pinned state at {path} has an unknown layout: run `samixdp reset` and attach again"
             )
         fw = cls(path=path, prog_fd=bpfsys.obj_get(str(path / PROG_PIN)), maps={}, layout=layout)
-        fw.maps["meta"] = PinnedMap(
-            "meta", meta_fd, meta_info, *_dtypes(layout, "meta", meta_info)
-        )
+        fw.maps["meta"] = PinnedMap("meta", meta_fd, meta_info, *_dtypes(layout, "meta", meta_info))
         want = layout.consts["SAMIXDP_LAYOUT_VERSION"]
         got = int(fw.meta()["layout_version"])
         if got != want:
