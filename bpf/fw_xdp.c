@@ -44,7 +44,7 @@ BPF_TABLE("lru_hash", struct syn_key, struct syn_value, syn_counters, MAX_SYN_CO
 BPF_TABLE("lru_hash", u32, struct blacklist_value, blacklist, MAX_BLACKLIST);
 /* Compiled ACL rule sets of two generations; CFG_ACL_GEN names the live one,
  * so a whole rule set is replaced atomically. */
-BPF_LPM_TRIE(acl_sets, struct acl_key, struct acl_set, SAMIXDP_ACL_MAX_SETS);
+BPF_LPM_TRIE(acl_sets, struct acl_key, struct acl_set, 2 * SAMIXDP_ACL_MAX_SETS);
 BPF_PERCPU_ARRAY(acl_hits, u64, SAMIXDP_ACL_MAX_RULE_ID);
 /* Rule id -> rule as the operator wrote it; userspace compiles acl_sets from it. */
 BPF_TABLE("hash", u32, struct acl_entry, acl_rules, SAMIXDP_ACL_MAX_RULE_ID);

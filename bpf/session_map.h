@@ -59,7 +59,7 @@
 /* ---- map capacities (defaults; the loader may override with -D) ---------- */
 #define SAMIXDP_MAX_PROTECTED 1024
 #define SAMIXDP_ACL_MAX_RULES_PER_SET 64
-#define SAMIXDP_ACL_MAX_SETS 16384
+#define SAMIXDP_ACL_MAX_SETS 16384 /* per generation; the map holds two */
 #define SAMIXDP_ACL_MAX_RULE_ID 65536
 #define SAMIXDP_FRAG_ENTRIES 8192
 

@@ -180,17 +180,32 @@ def compile_sets(fw: Firewall, entries: np.ndarray) -> dict[ipaddress.IPv4Networ
     """Destination -> ordered rules (struct acl_rule) that apply to it.
 
     Prefixes nest or are disjoint, so the rules for destination D are those
-    whose destination contains D; the most specific D wins in the LPM trie."""
+    whose destination contains D (D's ancestors, at most 33 prefix lengths);
+    the most specific D wins in the LPM trie. `entries` is in (priority, id)
+    order, and index order preserves it."""
     per_set = fw.const("SAMIXDP_ACL_MAX_RULES_PER_SET")
-    dsts = {_net(a, p) for a, p in zip(entries["dst_addr"], entries["dst_prefixlen"], strict=True)}
-    nets = [_net(a, p) for a, p in zip(entries["dst_addr"], entries["dst_prefixlen"], strict=True)]
+    max_sets = fw.const("SAMIXDP_ACL_MAX_SETS")
+    host = np.asarray(entries["dst_addr"], dtype=np.uint32).byteswap()
+    plens = np.asarray(entries["dst_prefixlen"], dtype=np.int64)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for idx, (addr, plen) in enumerate(zip(host.tolist(), plens.tolist(), strict=True)):
+        groups.setdefault((addr, plen), []).append(idx)
+    if len(groups) > max_sets:
+        raise AclError(f"rules name {len(groups)} VMs or prefixes; at most {max_sets}")
+    plens_present = sorted({p for _, p in groups})
     out = {}
-    for d in dsts:
-        mask = np.array([d.subnet_of(n) for n in nets], dtype=bool)
-        chosen = entries[mask]  # already in (priority, id) order
+    for addr, plen in groups:
+        chosen: list[int] = []
+        for anc in plens_present:
+            if anc > plen:
+                break
+            mask = (0xFFFFFFFF << (32 - anc)) & 0xFFFFFFFF if anc else 0
+            chosen.extend(groups.get((addr & mask, anc), ()))
         if len(chosen) > per_set:
-            raise AclError(f"{len(chosen)} rules apply to {d}; at most {per_set} per VM or prefix")
-        out[d] = chosen["rule"]
+            net = ipaddress.IPv4Network((addr, plen))
+            raise AclError(f"{len(chosen)} rules apply to {net}; at most {per_set} per VM or prefix")
+        chosen.sort()
+        out[ipaddress.IPv4Network((addr, plen))] = entries["rule"][chosen]
     return out
 
 
