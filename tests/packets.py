@@ -69,3 +69,56 @@ def icmp_error(src: str, dst: str, quoted_ip: bytes, icmp_type: int = 3, code: i
 
 def arp() -> bytes:
     return eth(b"\x00\x01\x08\x00\x06\x04\x00\x01" + b"\0" * 20, ethertype=0x0806)
+
+
+# ---- additions for the datapath / fuzz suites (raw, possibly invalid headers) ----
+
+IP_MF = 0x2000  # "more fragments" flag in the IPv4 frag_off field (offset is in 8-byte units)
+TPID_8021Q, TPID_8021AD = 0x8100, 0x88A8
+
+
+def eth_tags(payload: bytes, tags: tuple[tuple[int, int], ...], ethertype: int = 0x0800) -> bytes:
+    """Ethernet with an explicit stack of (TPID, VID) tags, outermost first."""
+    hdr = ETH_DST + ETH_SRC
+    for tpid, vid in tags:
+        hdr += struct.pack("!HH", tpid, vid & 0x0FFF)
+    return hdr + struct.pack("!H", ethertype) + payload
+
+
+def ipv4_raw(src: str, dst: str, proto: int, l4: bytes, *, ihl: int = 5, version: int = 4,
+             tot_len: int | None = None, frag: int = 0, ident: int = 1, ttl: int = 64,
+             options: bytes = b"") -> bytes:
+    """An IPv4 packet whose header fields may lie: `ihl`, `version` and `tot_len` are
+    written as given (options are appended as-is, padded to `ihl` only by the caller)."""
+    hdr_len = 20 + len(options)
+    tot = hdr_len + len(l4) if tot_len is None else tot_len
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s", (version << 4) | (ihl & 0x0F), 0, tot & 0xFFFF, ident, frag, ttl,
+        proto, 0, ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    ) + options
+    hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+    return hdr + l4
+
+
+def tcp_seg_raw(sport: int, dport: int, flags: int, payload: bytes = b"", *, doff: int = 5,
+                options: bytes = b"", seq: int = 1, ack: int = 0) -> bytes:
+    """A TCP segment with an arbitrary data offset (may disagree with `options`)."""
+    return struct.pack("!HHIIBBHHH", sport, dport, seq, ack, (doff & 0x0F) << 4, flags, 65535,
+                       0, 0) + options + payload
+
+
+def udp_seg(sport: int, dport: int, payload: bytes = b"x") -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def icmp_msg(icmp_type: int, code: int = 0, rest: bytes = b"\0\0\0\0",
+             payload: bytes = b"") -> bytes:
+    """A raw ICMP message (type, code, checksum, 4 bytes of `rest`, payload)."""
+    body = struct.pack("!BBH", icmp_type, code, 0) + rest[:4].ljust(4, b"\0") + payload
+    return body[:2] + struct.pack("!H", _csum(body)) + body[4:]
+
+
+def icmp_echo_ip(src: str, dst: str, ident: int, reply: bool = False, seq: int = 1) -> bytes:
+    """The IPv4 packet (no Ethernet) of an echo request/reply, e.g. to quote in an error."""
+    return ipv4(src, dst, 1, icmp_msg(0 if reply else 8, 0, struct.pack("!HH", ident, seq),
+                                      b"ping"))
