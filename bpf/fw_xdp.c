@@ -100,7 +100,9 @@ static __always_inline __u64 timeout_ns(struct fw_config *cfg, __u8 state)
 
 static __always_inline int is_live(struct fw_config *cfg, struct session_value *v, __u64 now)
 {
-    return now - v->last_seen_ns <= timeout_ns(cfg, v->state);
+    __u64 seen = v->last_seen_ns;
+    /* another CPU may have stamped the entry after we read the clock */
+    return seen >= now || now - seen <= timeout_ns(cfg, v->state);
 }
 
 static __always_inline void count_packet(struct session_value *v, int from_init, __u32 len,
@@ -157,22 +159,12 @@ static __always_inline __u32 advance_session(struct session_key *k, struct sessi
     if (p->proto == IPPROTO_TCP) {
         __u8 flags = v->flags;
         __u8 next;
-        if ((p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN &&
-            (v->state == ST_TIME_WAIT || v->state == ST_CLOSED)) {
-            /* port reuse after close: the session starts over */
-            v->state = ST_SYN_SENT;
-            v->initiator = side;
-            v->flags &= ~(SESS_F_FIN_LO | SESS_F_FIN_HI);
-            v->created_ns = now;
-            count_packet(v, 1, p->l3_len, now, ifindex);
-            return REASON_PASS_SESSION;
-        }
         next = tcp_next_state(v->state, p->tcp_flags, from_init, side, &flags);
         if (next == ST_NONE)
             return REASON_DROP_INVALID;
         v->flags = flags;
         count_packet(v, from_init, p->l3_len, now, ifindex);
-        if (in_halfopen && next != ST_SYN_SENT && next != ST_SYN_RECV) {
+        if (in_halfopen && next != ST_SYN_SENT && next != ST_SYN_RECV && next != ST_CLOSED) {
             /* handshake done: promote to the main table */
             struct session_value nv = *v;
             nv.state = next;
@@ -347,11 +339,19 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
     __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
     int in_halfopen;
     struct session_value *v = find_session(cfg, &k, now, &in_halfopen);
+    __u8 syn_only = p->proto == IPPROTO_TCP &&
+                    (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
+    if (v && syn_only && (v->state == ST_TIME_WAIT || v->state == ST_CLOSED)) {
+        /* port reuse after close: a new connection, judged like any other */
+        if (in_halfopen)
+            halfopen.delete(&k);
+        else
+            sessions.delete(&k);
+        v = 0;
+    }
     if (v)
         return advance_session(&k, v, p, side, in_halfopen, now, ifindex);
 
-    __u8 syn_only = p->proto == IPPROTO_TCP &&
-                    (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
     if (p->proto == IPPROTO_TCP && !syn_only) {
         /* strict: no session starts mid-flow, except for a VM just migrated here */
         __u32 vm = dir == DIR_INBOUND ? p->daddr : p->saddr;

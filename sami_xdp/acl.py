@@ -159,7 +159,7 @@ def _to_entry(fw: Firewall, rule: AclRule, rule_id: int) -> np.ndarray:
 def _free_ids(fw: Firewall, used: np.ndarray, count: int) -> list[int]:
     limit = fw.const("SAMIXDP_ACL_MAX_RULE_ID")
     taken = set(int(i) for i in used)
-    out = []
+    out: list[int] = []
     candidate = 1
     while len(out) < count:
         if candidate >= limit:
@@ -203,7 +203,9 @@ def compile_sets(fw: Firewall, entries: np.ndarray) -> dict[ipaddress.IPv4Networ
             chosen.extend(groups.get((addr & mask, anc), ()))
         if len(chosen) > per_set:
             net = ipaddress.IPv4Network((addr, plen))
-            raise AclError(f"{len(chosen)} rules apply to {net}; at most {per_set} per VM or prefix")
+            raise AclError(
+                f"{len(chosen)} rules apply to {net}; at most {per_set} per VM or prefix"
+            )
         chosen.sort()
         out[ipaddress.IPv4Network((addr, plen))] = entries["rule"][chosen]
     return out

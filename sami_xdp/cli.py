@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -74,7 +74,7 @@ def emit_json(data: object) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-def table(rows: list[list[str]], header: list[str]) -> None:
+def table(rows: list[list[Any]], header: list[str]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     typer.echo(fmt.format(*header))

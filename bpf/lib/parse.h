@@ -110,6 +110,8 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
         proto = vh->proto;
         cur = vh + 1;
     }
+    if (proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE)
+        return PARSE_MALFORMED; /* more tags than we parse: never pass it unfiltered */
     if (proto != ETH_P_IP_BE)
         return PARSE_NON_IP;
 
@@ -121,6 +123,9 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
     __u32 ihl_bytes = iph->ihl * 4;
     __u32 tot_len = bpf_ntohs(iph->tot_len);
     if (tot_len < ihl_bytes)
+        return PARSE_MALFORMED;
+    /* a truncated datagram must not pass, nor count its claimed length */
+    if ((void *)iph + tot_len > data_end)
         return PARSE_MALFORMED;
     p->saddr = iph->saddr;
     p->daddr = iph->daddr;
@@ -140,7 +145,7 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
         struct tcphdr *th = (void *)l4;
         if ((void *)(th + 1) > data_end)
             return PARSE_MALFORMED;
-        if (th->doff < 5)
+        if (th->doff < 5 || th->doff * 4 > tot_len - ihl_bytes)
             return PARSE_MALFORMED;
         p->sport = th->source;
         p->dport = th->dest;

@@ -36,6 +36,20 @@ def is_bpffs(path: Path) -> bool:
     return _mount_of(path)[1] == "bpf"
 
 
+def _private_mount_ns() -> bool:
+    """True inside `ip netns exec` (its mounts die with the command)."""
+    try:
+        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        pass  # PID 1 hidden from us: fall back to "are we in a named netns?"
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+        named = Path("/run/netns")
+        return named.is_dir() and any(p.stat().st_ino == mine for p in named.iterdir())
+    except OSError:
+        return False
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise NotRootError("samixdp needs root (CAP_BPF and CAP_NET_ADMIN): run it with sudo")
@@ -52,7 +66,15 @@ def ensure(path: Path) -> Path:
         sys_bpf = Path("/sys/fs/bpf")
         mnt = sys_bpf if (path == sys_bpf or sys_bpf in path.parents) else path
         mnt.mkdir(parents=True, exist_ok=True)
-        rc = subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], capture_output=True, text=True)
+        if _private_mount_ns():
+            # `ip netns exec` runs us in a throw-away mount namespace: a bpffs
+            # mounted here would vanish with this command, and the pins with it
+            raise BpffsError(
+                f"{path} is not a bpffs and this command runs in a private mount namespace "
+                f"(ip netns exec): mount it from the host first: mount -t bpf bpf {mnt}"
+            )
+        cmd = ["mount", "-t", "bpf", "bpf", str(mnt)]
+        rc = subprocess.run(cmd, capture_output=True, text=True)
         if rc.returncode != 0 or not is_bpffs(path):
             raise BpffsError(f"cannot mount bpffs at {mnt}: {rc.stderr.strip() or 'not bpf'}")
     try:

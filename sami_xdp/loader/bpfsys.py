@@ -13,6 +13,7 @@ import os
 import platform
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import cffi
 import numpy as np
@@ -100,7 +101,7 @@ class BpfError(OSError):
 
 
 @cache
-def _ffi() -> tuple[cffi.FFI, object]:
+def _ffi() -> tuple[cffi.FFI, Any]:
     ffi = cffi.FFI()
     ffi.cdef(_CDEF)
     return ffi, ffi.dlopen(None)

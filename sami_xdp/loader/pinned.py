@@ -182,7 +182,8 @@ class Firewall:
         meta_info = bpfsys.map_info(meta_fd)
         if meta_info.value_size != layout.sizeof("samixdp_meta"):
             raise LayoutMismatchError(
-                f"pinned state at {path} has an unknown layout: run `samixdp reset` and attach again"
+                f"pinned state at {path} has an unknown layout: "
+                "run `samixdp reset` and attach again"
             )
         fw = cls(path=path, prog_fd=bpfsys.obj_get(str(path / PROG_PIN)), maps={}, layout=layout)
         fw.maps["meta"] = PinnedMap("meta", meta_fd, meta_info, *_dtypes(layout, "meta", meta_info))
@@ -233,7 +234,8 @@ class Firewall:
                 pin.unlink(missing_ok=True)
             raise
         finally:
-            bpf.cleanup() if hasattr(bpf, "cleanup") else None  # type: ignore[attr-defined]
+            if hasattr(bpf, "cleanup"):
+                bpf.cleanup()
         return fw
 
     def _init_maps(self, limits: Limits, overrides: dict[int, int]) -> None:
