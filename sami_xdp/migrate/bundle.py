@@ -1,0 +1,456 @@
+"""The signed migration bundle: a versioned, compact binary format.
+
+    +--------------------+  192 bytes, HEADER dtype (little-endian)
+    | header             |  magic "SXMB", format/layout version, flags,
+    |                    |  compression, migration id, seq, VM, times,
+    |                    |  source/audience host ids, key id, ACL digest,
+    |                    |  record counts, body lengths
+    +--------------------+
+    | body               |  sections in fixed order, each a packed array of
+    |  (maybe zlib)      |  fixed-size little-endian records (wire.py):
+    |                    |  sessions 32 B, syn 24 B, blacklist 24 B,
+    |                    |  acl 32 B (or an opaque blob), del_sessions 13 B,
+    |                    |  del_syn 8 B, del_blacklist 8 B
+    +--------------------+
+    | signature          |  64 bytes: Ed25519 over header + stored body
+    +--------------------+
+
+The signature covers the body as stored (compressed), so a bundle is
+authenticated before anything is decompressed. The raw body length is in
+the signed header and must equal the sum of the section sizes given by the
+counts, which bounds decompression.
+
+`zlib+shuffle` compression stores each section byte-plane by byte-plane
+(all first bytes of the records, then all second bytes, ...) before zlib:
+columns of ages, states and counter exponents compress far better that way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from ..loader.pinned import Firewall
+from .errors import BundleFormatError, CountMismatchError
+from .keys import KEY_ID_LEN, HostIdentity, validate_host_id
+from .select import ExportState, VmState, delta_since, export_vm_state
+from .wire import SECTIONS
+
+MAGIC = b"SXMB"
+FORMAT_VERSION = 1
+SIG_ALG_ED25519 = 1
+SIG_LEN = 64
+
+FLAG_DELTA = 1  # records are changes since the previous round (+ delete lists)
+FLAG_FINAL = 2  # the last round before cutover
+FLAG_ACL = 4  # the ACL section is present: the VM's rules become exactly these
+FLAG_ACL_BLOB = 8  # ... as an opaque blob (acl_blob_len bytes) instead of records
+KNOWN_FLAGS = FLAG_DELTA | FLAG_FINAL | FLAG_ACL | FLAG_ACL_BLOB
+
+COMP_NONE = 0
+COMP_ZLIB = 1
+COMP_ZLIB_SHUFFLE = 2
+COMPRESSIONS = {"none": COMP_NONE, "zlib": COMP_ZLIB, "zlib+shuffle": COMP_ZLIB_SHUFFLE}
+COMPRESSION_NAMES = {v: k for k, v in COMPRESSIONS.items()}
+
+DEFAULT_VALIDITY_S = 60
+MAX_VALIDITY_S = 86400
+MAX_RAW_BODY = 1 << 31  # 2 GiB: 64M sessions; anything larger is refused unread
+
+HEADER = np.dtype(
+    [
+        ("magic", "S4"),
+        ("format_version", "<u2"),
+        ("layout_version", "<u2"),
+        ("header_size", "<u2"),
+        ("flags", "<u2"),
+        ("compression", "u1"),
+        ("sig_alg", "u1"),
+        ("reserved", "<u2"),
+        ("migration_id", "V16"),
+        ("seq", "<u4"),
+        ("vm", "<u4"),  # network byte order on the wire
+        ("issued_at_ms", "<u8"),  # unix time, ms
+        ("expires_at_ms", "<u8"),
+        ("source_host", "V32"),  # UTF-8, NUL padded
+        ("dest_host", "V32"),
+        ("key_id", "V8"),
+        ("ruleset_digest", "V16"),
+        ("n_sessions", "<u4"),
+        ("n_syn", "<u4"),
+        ("n_blacklist", "<u4"),
+        ("n_acl", "<u4"),
+        ("acl_blob_len", "<u4"),
+        ("n_del_sessions", "<u4"),
+        ("n_del_syn", "<u4"),
+        ("n_del_blacklist", "<u4"),
+        ("raw_body_len", "<u8"),
+        ("body_len", "<u8"),
+    ]
+)
+HEADER_SIZE = HEADER.itemsize
+assert HEADER_SIZE == 192
+
+Kind = Literal["full", "delta", "final"]
+
+
+def _name_field(name: str) -> bytes:
+    raw = validate_host_id(name).encode()
+    return raw + b"\0" * (32 - len(raw))
+
+
+def _parse_name(raw: bytes, what: str) -> str:
+    text = raw.rstrip(b"\0")
+    if b"\0" in text:
+        raise BundleFormatError(f"bundle {what} host id has embedded NUL bytes")
+    try:
+        return validate_host_id(text.decode())
+    except (UnicodeDecodeError, Exception) as exc:
+        raise BundleFormatError(f"bundle {what} host id is invalid") from exc
+
+
+# ---- body (de)compression ---------------------------------------------------------------
+
+
+def _shuffle(buf: bytes, itemsize: int) -> bytes:
+    if itemsize <= 1 or not buf:
+        return buf
+    return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
+
+
+def _unshuffle(buf: bytes, itemsize: int) -> bytes:
+    if itemsize <= 1 or not buf:
+        return buf
+    return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
+
+
+def section_sizes(h: np.void) -> list[tuple[str, int, int]]:
+    """(name, byte length, record size) of each body section, from header counts."""
+    out = []
+    for name, dtype, count_field in SECTIONS:
+        if name == "acl" and int(h["flags"]) & FLAG_ACL_BLOB:
+            out.append((name, int(h["acl_blob_len"]), 1))
+        else:
+            out.append((name, int(h[count_field]) * dtype.itemsize, dtype.itemsize))
+    return out
+
+
+def expected_raw_len(h: np.void) -> int:
+    return sum(size for _, size, _ in section_sizes(h))
+
+
+# ---- the parsed (not yet verified) bundle --------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    """A parsed bundle. Parsing checks structure only; trust comes from verify."""
+
+    header: np.void
+    data: memoryview  # the whole bundle
+    body: memoryview  # as stored
+    signature: bytes
+    _sections: dict[str, np.ndarray | bytes] | None = field(default=None, repr=False)
+
+    @property
+    def signed_part(self) -> memoryview:
+        return self.data[: len(self.data) - SIG_LEN]
+
+    @property
+    def migration_id(self) -> bytes:
+        return bytes(self.header["migration_id"])
+
+    @property
+    def seq(self) -> int:
+        return int(self.header["seq"])
+
+    @property
+    def vm(self) -> int:
+        return int(self.header["vm"])
+
+    @property
+    def vm_ip(self) -> str:
+        from ..netutil import be32_to_ip
+
+        return be32_to_ip(self.vm)
+
+    @property
+    def source(self) -> str:
+        return _parse_name(bytes(self.header["source_host"]), "source")
+
+    @property
+    def audience(self) -> str:
+        return _parse_name(bytes(self.header["dest_host"]), "destination")
+
+    @property
+    def key_id(self) -> bytes:
+        return bytes(self.header["key_id"])
+
+    @property
+    def flags(self) -> int:
+        return int(self.header["flags"])
+
+    @property
+    def kind(self) -> str:
+        k = "delta" if self.flags & FLAG_DELTA else "full"
+        return k + ("+final" if self.flags & FLAG_FINAL else "")
+
+    @property
+    def is_delta(self) -> bool:
+        return bool(self.flags & FLAG_DELTA)
+
+    @property
+    def has_acl(self) -> bool:
+        return bool(self.flags & FLAG_ACL)
+
+    @property
+    def issued_at_ms(self) -> int:
+        return int(self.header["issued_at_ms"])
+
+    @property
+    def expires_at_ms(self) -> int:
+        return int(self.header["expires_at_ms"])
+
+    @property
+    def ruleset_digest(self) -> bytes:
+        return bytes(self.header["ruleset_digest"])
+
+    @property
+    def compression(self) -> str:
+        return COMPRESSION_NAMES[int(self.header["compression"])]
+
+    def counts(self) -> dict[str, int]:
+        h = self.header
+        return {name: int(h[cf]) for name, _, cf in SECTIONS}
+
+    def sections(self) -> dict[str, np.ndarray | bytes]:
+        """Decompressed body split into record arrays (zero-copy when uncompressed).
+
+        Call only after the signature was verified."""
+        if self._sections is not None:
+            return self._sections
+        h = self.header
+        comp = int(h["compression"])
+        raw_len = int(h["raw_body_len"])
+        if comp == COMP_NONE:
+            raw: bytes | memoryview = self.body
+        else:
+            d = zlib.decompressobj()
+            try:
+                raw = d.decompress(bytes(self.body), raw_len + 1)
+            except zlib.error as exc:
+                raise BundleFormatError(f"bundle body does not decompress: {exc}") from exc
+            if not d.eof or d.unused_data or d.unconsumed_tail:
+                raise BundleFormatError("bundle body has trailing or missing compressed data")
+        if len(raw) != raw_len:
+            raise CountMismatchError(
+                f"bundle body is {len(raw)} bytes, header says {raw_len}"
+            )
+        out: dict[str, np.ndarray | bytes] = {}
+        off = 0
+        dtypes = {name: dt for name, dt, _ in SECTIONS}
+        for name, size, itemsize in section_sizes(h):
+            chunk = raw[off : off + size]
+            off += size
+            if comp == COMP_ZLIB_SHUFFLE:
+                chunk = _unshuffle(bytes(chunk), itemsize)
+            if name == "acl" and self.flags & FLAG_ACL_BLOB:
+                out[name] = bytes(chunk)
+            else:
+                out[name] = np.frombuffer(chunk, dtype=dtypes[name])
+        self._sections = out
+        return out
+
+
+def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
+    """Structural checks only: sizes, magic, versions, known flags."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < HEADER_SIZE + SIG_LEN:
+        raise BundleFormatError(f"not a bundle: {len(mv)} bytes is shorter than any bundle")
+    h = np.frombuffer(mv[:HEADER_SIZE], dtype=HEADER)[0]
+    if bytes(h["magic"]) != MAGIC:
+        raise BundleFormatError("not a sami-xdp bundle (bad magic)")
+    if int(h["format_version"]) != FORMAT_VERSION:
+        raise BundleFormatError(
+            f"bundle format version {int(h['format_version'])}, this samixdp reads "
+            f"{FORMAT_VERSION}"
+        )
+    if int(h["header_size"]) != HEADER_SIZE:
+        raise BundleFormatError(f"bundle header size {int(h['header_size'])} != {HEADER_SIZE}")
+    if int(h["sig_alg"]) != SIG_ALG_ED25519:
+        raise BundleFormatError(f"unknown signature algorithm {int(h['sig_alg'])}")
+    if int(h["flags"]) & ~KNOWN_FLAGS:
+        raise BundleFormatError(f"unknown bundle flags {int(h['flags']):#x}")
+    if int(h["compression"]) not in COMPRESSION_NAMES:
+        raise BundleFormatError(f"unknown compression {int(h['compression'])}")
+    if int(h["reserved"]) != 0:
+        raise BundleFormatError("reserved header bytes are not zero")
+    body_len = int(h["body_len"])
+    if HEADER_SIZE + body_len + SIG_LEN != len(mv):
+        raise BundleFormatError(
+            f"bundle is {len(mv)} bytes, header announces {HEADER_SIZE + body_len + SIG_LEN}"
+        )
+    return Bundle(
+        header=h,
+        data=mv,
+        body=mv[HEADER_SIZE : HEADER_SIZE + body_len],
+        signature=bytes(mv[HEADER_SIZE + body_len :]),
+    )
+
+
+# ---- building ------------------------------------------------------------------------------
+
+
+def encode_bundle(
+    sections: dict[str, np.ndarray | bytes],
+    *,
+    identity: HostIdentity,
+    vm: int,
+    audience: str,
+    seq: int,
+    migration_id: bytes,
+    layout_version: int,
+    flags: int = 0,
+    acl_digest: bytes = b"\0" * 16,
+    validity_s: float = DEFAULT_VALIDITY_S,
+    compression: str = "none",
+    issued_at_ms: int | None = None,
+    timings: dict[str, float] | None = None,
+) -> bytes:
+    """Serialises and signs already-selected wire sections (low level)."""
+    t0 = time.perf_counter()
+    if len(migration_id) != 16:
+        raise ValueError("migration id must be 16 bytes")
+    if not 0 <= seq < 2**32:
+        raise ValueError("sequence number must fit in 32 bits")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}")
+    comp = COMPRESSIONS[compression]
+    h = np.zeros(1, dtype=HEADER)[0]
+    h["magic"] = MAGIC
+    h["format_version"] = FORMAT_VERSION
+    h["layout_version"] = layout_version
+    h["header_size"] = HEADER_SIZE
+    h["compression"] = comp
+    h["sig_alg"] = SIG_ALG_ED25519
+    h["migration_id"] = np.void(migration_id)
+    h["seq"] = seq
+    h["vm"] = vm
+    issued = issued_at_ms if issued_at_ms is not None else int(time.time() * 1000)
+    h["issued_at_ms"] = issued
+    h["expires_at_ms"] = issued + int(validity_s * 1000)
+    h["source_host"] = np.void(_name_field(identity.host_id))
+    h["dest_host"] = np.void(_name_field(audience))
+    h["key_id"] = np.void(identity.key_id[:KEY_ID_LEN])
+    h["ruleset_digest"] = np.void(acl_digest)
+
+    acl = sections.get("acl")
+    if acl is not None:
+        flags |= FLAG_ACL
+        if isinstance(acl, bytes):
+            flags |= FLAG_ACL_BLOB
+            h["acl_blob_len"] = len(acl)
+    h["flags"] = flags
+
+    parts: list[bytes] = []
+    for name, dtype, count_field in SECTIONS:
+        sec = sections.get(name)
+        if sec is None:
+            continue
+        if isinstance(sec, bytes):
+            buf = sec
+            itemsize = 1
+        else:
+            arr = np.ascontiguousarray(sec, dtype=dtype)
+            h[count_field] = len(arr)
+            buf = arr.tobytes()
+            itemsize = dtype.itemsize
+        parts.append(_shuffle(buf, itemsize) if comp == COMP_ZLIB_SHUFFLE else buf)
+    raw = b"".join(parts)
+    h["raw_body_len"] = len(raw)
+    t1 = time.perf_counter()
+    body = raw if comp == COMP_NONE else zlib.compress(raw, 1)
+    h["body_len"] = len(body)
+    t2 = time.perf_counter()
+    signed = b"".join((h.tobytes(), body))
+    sig = identity.sign(signed)
+    t3 = time.perf_counter()
+    if timings is not None:
+        timings.update(serialise_s=t1 - t0, compress_s=t2 - t1, sign_s=t3 - t2)
+    return signed + sig
+
+
+def new_migration_id() -> bytes:
+    return os.urandom(16)
+
+
+def build_bundle(
+    fw: Firewall,
+    vm: str,
+    audience: str,
+    seq: int,
+    migration_id: bytes,
+    kind: Kind = "full",
+    since_state: ExportState | None = None,
+    *,
+    identity: HostIdentity,
+    validity_s: float = DEFAULT_VALIDITY_S,
+    compression: str = "none",
+    acl: object | None = None,
+    include_acl: bool = True,
+    timings: dict[str, float] | None = None,
+) -> bytes:
+    """Selects the VM's state from `fw` and returns a signed bundle for `audience`.
+
+    kind "full": every live entry. "delta": what changed since `since_state`
+    (which must hold a previous round). "final": the cutover round, a delta
+    if `since_state` holds a previous round, else a full snapshot. When given,
+    `since_state` is advanced in place to this round."""
+    if kind not in ("full", "delta", "final"):
+        raise ValueError("kind must be full, delta or final")
+    validate_host_id(audience)
+    t0 = time.perf_counter()
+    full = export_vm_state(fw, vm, acl=acl, include_acl=include_acl)  # type: ignore[arg-type]
+    has_prev = since_state is not None and since_state.rounds > 0
+    flags = 0
+    state: VmState = full
+    if kind == "delta" and not has_prev:
+        raise ValueError("a delta needs since_state from a previous round")
+    if kind == "delta" or (kind == "final" and has_prev):
+        assert since_state is not None
+        state = delta_since(since_state, full)
+        flags |= FLAG_DELTA
+    if kind == "final":
+        flags |= FLAG_FINAL
+    t1 = time.perf_counter()
+    sections = state.sections()
+    t2 = time.perf_counter()
+    tm: dict[str, float] = {}
+    data = encode_bundle(
+        sections,
+        identity=identity,
+        vm=state.vm,
+        audience=audience,
+        seq=seq,
+        migration_id=migration_id,
+        layout_version=fw.const("SAMIXDP_LAYOUT_VERSION"),
+        flags=flags,
+        acl_digest=state.acl_digest,
+        validity_s=validity_s,
+        compression=compression,
+        timings=tm,
+    )
+    if since_state is not None:
+        since_state.advance(state, full)
+    if timings is not None:
+        timings.update(full.timings)
+        timings["delta_s"] = t1 - t0 - sum(full.timings.values())
+        timings["to_wire_s"] = t2 - t1
+        timings.update(tm)
+        timings["total_s"] = time.perf_counter() - t0
+    return data

@@ -1,0 +1,118 @@
+"""Why a migration step refused or failed, one class per reason.
+
+Every refusal of a bundle is a `BundleRefused`: the message is one line that
+names the reason, and nothing in the maps has changed when it is raised.
+"""
+
+from __future__ import annotations
+
+from ..errors import SamiError
+
+
+class MigrateError(SamiError):
+    """Base of everything raised by sami_xdp.migrate."""
+
+    exit_code = 10
+
+
+# ---- identity and trust (local configuration) --------------------------------
+
+
+class IdentityError(MigrateError):
+    """No or unusable host key / host id in the config dir."""
+
+    exit_code = 12
+
+
+class TrustStoreError(MigrateError):
+    """Bad peers file, unknown peer, malformed public key or address."""
+
+    exit_code = 12
+
+
+# ---- bundle refusals ------------------------------------------------------------
+
+
+class BundleRefused(MigrateError):
+    """A bundle was not accepted; nothing was written."""
+
+    exit_code = 11
+    reason = "refused"
+
+
+class BundleFormatError(BundleRefused):
+    reason = "malformed"
+
+
+class LayoutVersionError(BundleRefused):
+    reason = "layout-version"
+
+
+class UnknownSignerError(BundleRefused):
+    reason = "unknown-signer"
+
+
+class SignatureError(BundleRefused):
+    reason = "bad-signature"
+
+
+class SignerMismatchError(BundleRefused):
+    reason = "signer-mismatch"
+
+
+class AudienceError(BundleRefused):
+    reason = "wrong-audience"
+
+
+class ExpiredError(BundleRefused):
+    reason = "expired"
+
+
+class NotYetValidError(BundleRefused):
+    reason = "not-yet-valid"
+
+
+class ReplayError(BundleRefused):
+    reason = "replay"
+
+
+class CountMismatchError(BundleRefused):
+    reason = "count-mismatch"
+
+
+class PoisonedRecordError(BundleRefused):
+    """A record names an address other than the header's VM."""
+
+    reason = "foreign-record"
+
+
+class InvalidRecordError(BundleRefused):
+    """A record holds an invalid enum, key or value."""
+
+    reason = "invalid-record"
+
+
+class CapacityError(BundleRefused):
+    reason = "capacity"
+
+
+# ---- failures after verification ------------------------------------------------
+
+
+class ImportFailed(MigrateError):
+    """Loading failed part way; what was written has been rolled back."""
+
+    exit_code = 13
+    reason = "load-failed"
+
+
+class RollbackIncomplete(ImportFailed):
+    """Loading failed and the rollback itself failed for some entries."""
+
+    reason = "rollback-incomplete"
+
+
+class UnknownMigrationError(MigrateError):
+    """No import record for this migration id in the state dir."""
+
+    exit_code = 14

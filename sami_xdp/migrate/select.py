@@ -1,0 +1,248 @@
+"""Selecting one VM's state from the pinned maps, and deltas between rounds.
+
+Everything is read with batch dumps into NumPy and filtered with vectorised
+masks: a VM's sessions (either end, both the `sessions` and `halfopen` maps),
+the SYN counters towards it, the blacklist entries it triggered, and its ACL
+rules. Expired entries are left behind (same rule as the datapath).
+
+Deltas (pre-copy rounds): `ExportState` remembers what the previous round
+sent. A session is re-sent when its key is new or its `last_seen_ns` is at or
+after the previous round's watermark (taken *before* that round's dump, minus
+a safety margin, so a packet racing the dump is sent again rather than lost);
+every state change of a session comes with a packet, so last-seen covers
+them all. SYN counters and blacklist entries carry no last-seen time; they
+are few, so the previous round's values are kept and compared. Keys sent
+before and now gone (deleted, expired or evicted) go into the delete lists.
+The ACL section is re-sent only when its digest changed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..loader.pinned import Firewall
+from ..netutil import ip_to_be32
+from ..sessions import expired_mask, read_sessions
+from . import wire
+from .acl_bridge import AclHooks, AclRules, default_acl_hooks, ruleset_digest, rules_to_wire
+
+WATERMARK_MARGIN_NS = 50_000_000  # 50 ms: packets in flight during the dump
+
+
+@dataclass
+class VmState:
+    """One VM's live state, as raw map entries plus the instant they were read.
+
+    `now_ns` (CLOCK_MONOTONIC, taken after the dumps) is the export instant
+    that wire ages are relative to; `watermark_ns` was taken before them."""
+
+    vm_ip: str
+    vm: int  # network-order u32 as the maps hold it
+    now_ns: int
+    watermark_ns: int
+    sess_keys: np.ndarray
+    sess_values: np.ndarray
+    syn_keys: np.ndarray
+    syn_values: np.ndarray
+    bl_keys: np.ndarray
+    bl_values: np.ndarray
+    acl: AclRules | None = None  # ACL wire records or an opaque blob; None = not sent
+    acl_digest: bytes = b"\0" * 16
+    # delta rounds only
+    del_sess_keys: np.ndarray | None = None
+    del_syn_keys: np.ndarray | None = None
+    del_bl: np.ndarray | None = None  # DEL_BLACKLIST_WIRE
+    is_delta: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ---- wire sections ----------------------------------------------------------
+
+    def sections(self) -> dict[str, np.ndarray | bytes]:
+        secs: dict[str, np.ndarray | bytes] = {
+            "sessions": wire.sessions_to_wire(self.sess_keys, self.sess_values, self.now_ns),
+            "syn": wire.syn_to_wire(self.syn_keys, self.syn_values, self.now_ns),
+            "blacklist": wire.blacklist_to_wire(self.bl_keys, self.bl_values, self.now_ns),
+        }
+        if self.acl is not None:
+            secs["acl"] = self.acl
+        if self.del_sess_keys is not None:
+            secs["del_sessions"] = wire.session_keys_to_del(self.del_sess_keys)
+        if self.del_syn_keys is not None:
+            d = np.empty(len(self.del_syn_keys), dtype=wire.DEL_SYN_WIRE)
+            d["src"] = self.del_syn_keys["src"]
+            d["dst"] = self.del_syn_keys["dst"]
+            secs["del_syn"] = d
+        if self.del_bl is not None:
+            secs["del_blacklist"] = self.del_bl
+        return secs
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "sessions": len(self.sess_keys),
+            "syn": len(self.syn_keys),
+            "blacklist": len(self.bl_keys),
+            "acl": (len(self.acl) if isinstance(self.acl, np.ndarray) else 0),
+            "del_sessions": 0 if self.del_sess_keys is None else len(self.del_sess_keys),
+            "del_syn": 0 if self.del_syn_keys is None else len(self.del_syn_keys),
+            "del_blacklist": 0 if self.del_bl is None else len(self.del_bl),
+        }
+
+
+def _acl_section(acl: AclRules | None) -> tuple[AclRules | None, bytes]:
+    if acl is None:
+        return None, b"\0" * 16
+    if isinstance(acl, bytes):
+        return acl, ruleset_digest(acl)
+    recs = acl if acl.dtype == wire.ACL_WIRE else rules_to_wire(acl)
+    return recs, ruleset_digest(recs.tobytes())
+
+
+def export_vm_state(
+    fw: Firewall,
+    vm_ip: str,
+    now_ns: int | None = None,
+    acl: AclHooks | None = None,
+    include_acl: bool = True,
+) -> VmState:
+    """Every live entry of one VM, read with batch dumps (no per-entry objects)."""
+    vm = ip_to_be32(vm_ip)
+    t0 = time.perf_counter()
+    watermark = time.monotonic_ns() - WATERMARK_MARGIN_NS
+    table = read_sessions(fw)
+    syn_k, syn_v = fw.maps["syn_counters"].dump()
+    bl_k, bl_v = fw.maps["blacklist"].dump()
+    t1 = time.perf_counter()
+    now = now_ns if now_ns is not None else time.monotonic_ns()
+
+    keys, values, source = table.keys, table.values, table.source
+    mine = (keys["addr_lo"] == vm) | (keys["addr_hi"] == vm)
+    mine &= ~expired_mask(fw, values, now)
+    keys, values, source = keys[mine], values[mine], source[mine]
+    # a key live in both maps (a promotion caught mid-way): the datapath reads
+    # `sessions` first, so the half-open copy is left out
+    half = source == 1
+    if half.any() and (~half).any():
+        dup = wire.KeyIndex(keys[half]).contains(keys[~half])
+        if dup.any():
+            drop = half.copy()
+            drop[half] = wire.KeyIndex(keys[~half][dup]).contains(keys[half])
+            keys, values = keys[~drop], values[~drop]
+
+    syn_mine = syn_k["dst"] == vm
+    bl_mine = (bl_v["vm"] == vm) & (bl_v["expires_ns"] > np.uint64(now))
+
+    acl_recs: AclRules | None = None
+    digest = b"\0" * 16
+    if include_acl:
+        hooks = acl or default_acl_hooks()
+        acl_recs, digest = _acl_section(hooks.export(fw, vm_ip))
+    t2 = time.perf_counter()
+    return VmState(
+        vm_ip=vm_ip,
+        vm=vm,
+        now_ns=now,
+        watermark_ns=watermark,
+        sess_keys=keys,
+        sess_values=values,
+        syn_keys=syn_k[syn_mine],
+        syn_values=syn_v[syn_mine],
+        bl_keys=bl_k[bl_mine],
+        bl_values=bl_v[bl_mine],
+        acl=acl_recs,
+        acl_digest=digest,
+        timings={"dump_s": t1 - t0, "select_s": t2 - t1},
+    )
+
+
+@dataclass
+class ExportState:
+    """What the previous round of one migration sent (the source's side of deltas).
+
+    Pass the same object to `build_bundle` for every round: it is advanced
+    in place to the round just built."""
+
+    rounds: int = 0
+    watermark_ns: int = 0
+    sess_keys: np.ndarray | None = None
+    syn_keys: np.ndarray | None = None
+    syn_values: np.ndarray | None = None
+    bl_keys: np.ndarray | None = None
+    bl_values: np.ndarray | None = None
+    acl_digest: bytes | None = None
+
+    def advance(self, state: VmState, full: VmState | None = None) -> None:
+        """Remember `full` (the complete current state the delta was cut from)."""
+        cur = full or state
+        self.rounds += 1
+        self.watermark_ns = cur.watermark_ns
+        self.sess_keys = cur.sess_keys.copy()
+        self.syn_keys, self.syn_values = cur.syn_keys.copy(), cur.syn_values.copy()
+        self.bl_keys, self.bl_values = cur.bl_keys.copy(), cur.bl_values.copy()
+        self.acl_digest = cur.acl_digest
+
+
+def _changed_rows(prev_k: np.ndarray, prev_v: np.ndarray, cur_k: np.ndarray,
+                  cur_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of current rows new or changed, mask of previous rows now gone)."""
+    if len(prev_k) == 0:
+        return np.ones(len(cur_k), bool), np.zeros(0, bool)
+    idx = wire.KeyIndex(prev_k)
+    found, pos = idx.find(cur_k)
+    vsize = cur_v.dtype.itemsize
+    cb = np.ascontiguousarray(cur_v).view(np.uint8).reshape(len(cur_v), vsize)
+    pb = np.ascontiguousarray(prev_v).view(np.uint8).reshape(len(prev_v), vsize)
+    same = found.copy()
+    if found.any():
+        same[found] = (cb[found] == pb[pos[found]]).all(axis=1)
+    gone = ~wire.KeyIndex(cur_k).contains(prev_k) if len(cur_k) else np.ones(len(prev_k), bool)
+    return ~same, gone
+
+
+def delta_since(prev: ExportState, cur: VmState) -> VmState:
+    """The part of `cur` that changed since `prev`, plus the delete lists."""
+    if prev.sess_keys is None:
+        raise ValueError("no previous round to cut a delta from: send a full bundle first")
+    # sessions: new keys, or heard from since the previous watermark
+    if len(prev.sess_keys):
+        prev_idx = wire.KeyIndex(prev.sess_keys)
+        known = prev_idx.contains(cur.sess_keys)
+    else:
+        known = np.zeros(len(cur.sess_keys), bool)
+    changed = ~known | (cur.sess_values["last_seen_ns"] >= np.uint64(prev.watermark_ns))
+    if len(cur.sess_keys):
+        gone = ~wire.KeyIndex(cur.sess_keys).contains(prev.sess_keys)
+    else:
+        gone = np.ones(len(prev.sess_keys), bool)
+
+    assert prev.syn_keys is not None and prev.syn_values is not None
+    assert prev.bl_keys is not None and prev.bl_values is not None
+    syn_chg, syn_gone = _changed_rows(prev.syn_keys, prev.syn_values, cur.syn_keys,
+                                      cur.syn_values)
+    bl_chg, bl_gone = _changed_rows(prev.bl_keys, prev.bl_values, cur.bl_keys, cur.bl_values)
+    del_bl = np.empty(int(bl_gone.sum()), dtype=wire.DEL_BLACKLIST_WIRE)
+    del_bl["src"] = prev.bl_keys[bl_gone]
+    del_bl["vm"] = prev.bl_values["vm"][bl_gone]
+
+    acl_same = prev.acl_digest is not None and prev.acl_digest == cur.acl_digest
+    return VmState(
+        vm_ip=cur.vm_ip,
+        vm=cur.vm,
+        now_ns=cur.now_ns,
+        watermark_ns=cur.watermark_ns,
+        sess_keys=cur.sess_keys[changed],
+        sess_values=cur.sess_values[changed],
+        syn_keys=cur.syn_keys[syn_chg],
+        syn_values=cur.syn_values[syn_chg],
+        bl_keys=cur.bl_keys[bl_chg],
+        bl_values=cur.bl_values[bl_chg],
+        acl=None if acl_same else cur.acl,
+        acl_digest=cur.acl_digest,
+        del_sess_keys=prev.sess_keys[gone],
+        del_syn_keys=prev.syn_keys[syn_gone],
+        del_bl=del_bl,
+        is_delta=True,
+        timings=dict(cur.timings),
+    )

@@ -1,0 +1,357 @@
+"""Verification of a bundle before anything touches a map.
+
+Order matters: only the key id is read from an unauthenticated header (to
+pick the peer key); the signature is checked before any other field is
+believed and before the body is decompressed. Then: the signer is the
+bundle's source host, the audience is this host, the validity window, the
+layout version, the replay cache (read-only here: the importer consumes the
+sequence), the counts against the body, and finally every record: it must
+belong to the header's VM and hold valid enums. Capacity needs the maps and
+is checked by the importer, still before any write.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..layout import load_layout
+from ..netutil import be32_to_ip
+from .acl_bridge import ruleset_digest
+from .bundle import (
+    COMP_NONE,
+    FLAG_ACL,
+    FLAG_ACL_BLOB,
+    FLAG_DELTA,
+    MAX_RAW_BODY,
+    MAX_VALIDITY_S,
+    Bundle,
+    expected_raw_len,
+    parse_bundle,
+)
+from .errors import (
+    AudienceError,
+    BundleRefused,
+    BundleFormatError,
+    CountMismatchError,
+    ExpiredError,
+    InvalidRecordError,
+    LayoutVersionError,
+    NotYetValidError,
+    PoisonedRecordError,
+    SignatureError,
+    SignerMismatchError,
+    UnknownSignerError,
+)
+from .keys import Peer, TrustStore
+from .replay import ReplayCache
+from .wire import ACL_WIRE_FLAGS
+
+DEFAULT_SKEW_S = 5.0
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+
+
+@dataclass
+class VerifiedBundle:
+    """A bundle whose signature, audience, freshness and records were checked."""
+
+    bundle: Bundle
+    peer: Peer
+    sections: dict[str, np.ndarray | bytes]
+    verified_at_ms: int
+
+    @property
+    def migration_id(self) -> bytes:
+        return self.bundle.migration_id
+
+    @property
+    def seq(self) -> int:
+        return self.bundle.seq
+
+    @property
+    def vm(self) -> int:
+        return self.bundle.vm
+
+    @property
+    def vm_ip(self) -> str:
+        return self.bundle.vm_ip
+
+
+def _host_port(v: np.ndarray) -> np.ndarray:
+    return np.asarray(v, dtype=np.uint16).byteswap()
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def _describe_session(rec: np.void) -> str:
+    return (
+        f"proto {int(rec['proto'])} {be32_to_ip(int(rec['addr_lo']))}:"
+        f"{int(_host_port(np.array([rec['port_lo']]))[0])} <-> "
+        f"{be32_to_ip(int(rec['addr_hi']))}:{int(_host_port(np.array([rec['port_hi']]))[0])}"
+    )
+
+
+def check_sessions(rec: np.ndarray, vm: int, n_states: int, what: str = "session") -> None:
+    if not len(rec):
+        return
+    foreign = (rec["addr_lo"] != vm) & (rec["addr_hi"] != vm)
+    if foreign.any():
+        i = _first(foreign)
+        raise PoisonedRecordError(
+            f"{what} record {i} ({_describe_session(rec[i])}) does not involve VM "
+            f"{be32_to_ip(vm)}"
+        )
+    lo = np.asarray(rec["addr_lo"], dtype=np.uint32).byteswap()
+    hi = np.asarray(rec["addr_hi"], dtype=np.uint32).byteswap()
+    plo, phi = _host_port(rec["port_lo"]), _host_port(rec["port_hi"])
+    proto = rec["proto"]
+    icmp = proto == IPPROTO_ICMP
+    ported = (proto == IPPROTO_TCP) | (proto == IPPROTO_UDP)
+    normal = np.where(
+        icmp,
+        (lo <= hi) & (phi == 0),
+        (lo < hi) | ((lo == hi) & (plo <= phi)),
+    )
+    normal &= ported | icmp | ((plo == 0) & (phi == 0))
+    if not normal.all():
+        i = _first(~normal)
+        raise InvalidRecordError(f"{what} record {i} ({_describe_session(rec[i])}) has a "
+                                 "key that is not normalised as the datapath builds it")
+    if what != "session":
+        return
+    state = rec["state"]
+    ok = (state >= 1) & (state < n_states)
+    ok &= np.where(
+        proto == IPPROTO_TCP,
+        (state >= 1) & (state <= 7),
+        np.where(icmp, state == 10, (state == 8) | (state == 9)),
+    )
+    if not ok.all():
+        i = _first(~ok)
+        raise InvalidRecordError(
+            f"session record {i} has state {int(state[i])}, invalid for protocol "
+            f"{int(proto[i])}"
+        )
+    if (rec["initiator"] > 1).any():
+        i = _first(rec["initiator"] > 1)
+        raise InvalidRecordError(f"session record {i} has initiator {int(rec['initiator'][i])}")
+    if (rec["flags"] & ~np.uint8(0x1F)).any():
+        i = _first((rec["flags"] & ~np.uint8(0x1F)) != 0)
+        raise InvalidRecordError(f"session record {i} has unknown flags {int(rec['flags'][i]):#x}")
+
+
+def check_records(b: Bundle, sections: dict[str, np.ndarray | bytes]) -> None:
+    """Every record belongs to the header's VM and holds valid values."""
+    layout = load_layout()
+    c = layout.consts
+    vm = b.vm
+    vm_ip = be32_to_ip(vm)
+    sessions = sections["sessions"]
+    assert isinstance(sessions, np.ndarray)
+    check_sessions(sessions, vm, c["SAMIXDP_N_STATES"])
+
+    syn = sections["syn"]
+    assert isinstance(syn, np.ndarray)
+    if len(syn):
+        bad = syn["dst"] != vm
+        if bad.any():
+            i = _first(bad)
+            raise PoisonedRecordError(
+                f"SYN counter record {i} is towards {be32_to_ip(int(syn['dst'][i]))}, "
+                f"not VM {vm_ip}"
+            )
+        if (syn["count"] > syn["total"]).any():
+            raise InvalidRecordError("a SYN counter has a window count above its total")
+
+    bl = sections["blacklist"]
+    assert isinstance(bl, np.ndarray)
+    if len(bl):
+        bad = bl["vm"] != vm
+        if bad.any():
+            i = _first(bad)
+            raise PoisonedRecordError(
+                f"blacklist record {i} ({be32_to_ip(int(bl['src'][i]))}) was triggered by "
+                f"{be32_to_ip(int(bl['vm'][i]))}, not VM {vm_ip}"
+            )
+        if (bl["remaining_ms"] == 0).any():
+            raise InvalidRecordError("a blacklist record has no ban time left")
+
+    acl = sections["acl"]
+    if b.has_acl and isinstance(acl, np.ndarray):
+        cap = c["SAMIXDP_ACL_MAX_RULES_PER_SET"]
+        if len(acl) > cap:
+            raise InvalidRecordError(f"{len(acl)} ACL rules for one VM, at most {cap}")
+        bad = ~np.isin(acl["action"], (c["ACL_ACT_ALLOW"], c["ACL_ACT_DENY"]))
+        bad |= acl["dport_lo"] > acl["dport_hi"]
+        bad |= (acl["src_addr"] & ~acl["src_mask"]) != 0
+        bad |= acl["vlan"] > 4095
+        bad |= (acl["flags"] & ~np.uint32(ACL_WIRE_FLAGS)) != 0
+        if bad.any():
+            raise InvalidRecordError(f"ACL rule {_first(bad)} is invalid")
+
+    check_sessions(sections["del_sessions"], vm, 0, what="deleted-session")  # type: ignore[arg-type]
+    dsyn = sections["del_syn"]
+    dbl = sections["del_blacklist"]
+    assert isinstance(dsyn, np.ndarray) and isinstance(dbl, np.ndarray)
+    if len(dsyn) and (dsyn["dst"] != vm).any():
+        raise PoisonedRecordError(f"a deleted SYN counter is not towards VM {vm_ip}")
+    if len(dbl) and (dbl["vm"] != vm).any():
+        raise PoisonedRecordError(f"a deleted blacklist entry does not belong to VM {vm_ip}")
+
+
+def check_counts(b: Bundle) -> None:
+    h = b.header
+    flags = b.flags
+    raw = expected_raw_len(h)
+    if raw > MAX_RAW_BODY:
+        raise CountMismatchError(f"bundle announces {raw} bytes of records, over the limit")
+    if raw != int(h["raw_body_len"]):
+        raise CountMismatchError(
+            f"record counts make {raw} bytes, header says the body holds {int(h['raw_body_len'])}"
+        )
+    if int(h["compression"]) == COMP_NONE and int(h["body_len"]) != raw:
+        raise CountMismatchError("uncompressed body length differs from the record sections")
+    if not flags & FLAG_ACL and (int(h["n_acl"]) or int(h["acl_blob_len"])):
+        raise CountMismatchError("ACL records present but the ACL flag is not set")
+    if flags & FLAG_ACL_BLOB and (int(h["n_acl"]) or not flags & FLAG_ACL):
+        raise CountMismatchError("ACL blob flag set with ACL records or without the ACL flag")
+    if not flags & FLAG_ACL_BLOB and int(h["acl_blob_len"]):
+        raise CountMismatchError("ACL blob length set without the blob flag")
+    if not flags & FLAG_DELTA and (
+        int(h["n_del_sessions"]) or int(h["n_del_syn"]) or int(h["n_del_blacklist"])
+    ):
+        raise CountMismatchError("a full bundle carries delete lists")
+
+
+def verify_bundle(
+    data: bytes | bytearray | memoryview | Bundle,
+    trust: TrustStore,
+    host_id: str | None,
+    replay: ReplayCache | None = None,
+    *,
+    now_ms: int | None = None,
+    skew_s: float = DEFAULT_SKEW_S,
+    layout_version: int | None = None,
+) -> VerifiedBundle:
+    """Raises a BundleRefused subclass naming the first failed check.
+
+    `host_id` None skips the audience check (inspection without an identity);
+    `replay` None skips the replay check. Nothing is recorded anywhere."""
+    b = data if isinstance(data, Bundle) else parse_bundle(data)
+    peer = trust.by_key_id(b.key_id)
+    if peer is None:
+        raise UnknownSignerError(
+            f"bundle signed by unknown key {b.key_id.hex()}: no trusted peer has it"
+        )
+    if not peer.verify(b.signature, bytes(b.signed_part)):
+        raise SignatureError(
+            f"bad signature: bundle is not signed by {peer.name}'s key (tampered or forged)"
+        )
+    source = b.source
+    if source != peer.name:
+        raise SignerMismatchError(
+            f"bundle claims source host {source!r} but is signed by peer {peer.name!r}"
+        )
+    audience = b.audience
+    if host_id is not None and audience != host_id:
+        raise AudienceError(f"bundle is addressed to {audience!r}, this host is {host_id!r}")
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    skew = int(skew_s * 1000)
+    if b.expires_at_ms < b.issued_at_ms or b.expires_at_ms - b.issued_at_ms > MAX_VALIDITY_S * 1000:
+        raise BundleFormatError("bundle validity window is negative or longer than a day")
+    if now > b.expires_at_ms + skew:
+        raise ExpiredError(
+            f"bundle expired {(now - b.expires_at_ms) / 1000:.1f} s ago (issued "
+            f"{(now - b.issued_at_ms) / 1000:.1f} s ago)"
+        )
+    if b.issued_at_ms > now + skew:
+        raise NotYetValidError(
+            f"bundle issued {(b.issued_at_ms - now) / 1000:.1f} s in the future (clock skew?)"
+        )
+    want_layout = layout_version or load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
+    if int(b.header["layout_version"]) != want_layout:
+        raise LayoutVersionError(
+            f"bundle has map layout version {int(b.header['layout_version'])}, this host "
+            f"uses {want_layout}"
+        )
+    if replay is not None:
+        replay.check(b.migration_id, b.seq)
+    check_counts(b)
+    sections = b.sections()
+    if b.has_acl:
+        acl = sections["acl"]
+        raw = acl if isinstance(acl, bytes) else acl.tobytes()  # type: ignore[union-attr]
+        if ruleset_digest(raw) != b.ruleset_digest:
+            raise CountMismatchError("ACL section does not match the header's ruleset digest")
+    check_records(b, sections)
+    return VerifiedBundle(bundle=b, peer=peer, sections=sections, verified_at_ms=now)
+
+
+def inspect_bundle(
+    data: bytes,
+    trust: TrustStore,
+    host_id: str | None,
+    replay: ReplayCache | None = None,
+    *,
+    now_ms: int | None = None,
+) -> dict[str, object]:
+    """Verifies without consuming anything and summarises the bundle.
+
+    Header fields are reported even when verification fails (then they are
+    unauthenticated claims: `valid` is False and `reason` says why)."""
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    out: dict[str, object] = {"bytes": len(data), "valid": False}
+    try:
+        b = parse_bundle(data)
+    except BundleFormatError as exc:
+        out["reason"] = str(exc)
+        out["refusal"] = exc.reason
+        return out
+    counts = b.counts()
+    out.update(
+        {
+            "migration_id": b.migration_id.hex(),
+            "seq": b.seq,
+            "kind": b.kind,
+            "vm": b.vm_ip,
+            "compression": b.compression,
+            "layout_version": int(b.header["layout_version"]),
+            "key_id": b.key_id.hex(),
+            "issued_at_ms": b.issued_at_ms,
+            "expires_at_ms": b.expires_at_ms,
+            "age_s": round((now - b.issued_at_ms) / 1000, 3),
+            "expires_in_s": round((b.expires_at_ms - now) / 1000, 3),
+            "counts": counts,
+            "acl": ("blob" if b.flags & FLAG_ACL_BLOB else "records") if b.has_acl else "absent",
+            "ruleset_digest": b.ruleset_digest.hex(),
+            "bytes_per_session": round(len(data) / counts["sessions"], 2)
+            if counts["sessions"] else None,
+        }
+    )
+    for field_name, fn in (("source", lambda: b.source), ("audience", lambda: b.audience)):
+        try:
+            out[field_name] = fn()
+        except BundleFormatError:
+            out[field_name] = None
+    peer = trust.by_key_id(b.key_id)
+    out["signer"] = peer.name if peer else None
+    try:
+        verify_bundle(b, trust, host_id, replay, now_ms=now)
+    except BundleRefused as exc:
+        out["reason"] = str(exc)
+        out["refusal"] = exc.reason
+        return out
+    out["valid"] = True
+    out["reason"] = None
+    notes = []
+    if host_id is None:
+        notes.append("no local host identity: audience not checked")
+    if replay is None:
+        notes.append("no replay cache here: replay not checked")
+    notes.append("map capacity is checked at import")
+    out["notes"] = notes
+    return out

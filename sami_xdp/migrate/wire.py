@@ -1,0 +1,353 @@
+"""Fixed-size wire records of a bundle and their conversion to/from map entries.
+
+All wire dtypes are explicit little-endian. Addresses and ports keep the map's
+convention (the u32/u16 field holds the network-order bytes), so an address
+appears on the wire in network byte order. ACL ports are host order as in
+`struct acl_rule`.
+
+Times never travel as clock values: the datapath's times are per-host
+CLOCK_MONOTONIC, so export turns them into ages (ms before the export
+instant) or remaining durations, and import rebases them on the local clock.
+
+What the session record drops compared to `struct session_value` (56 B + 16 B
+key -> 32 B):
+  * ifindex (local to the source host, never migrated) and padding;
+  * counter precision: the four packet/byte counters are 16-bit
+    floating-point codes (exact below 2048, otherwise truncated with a
+    relative error below 1/1024, i.e. never overstated);
+  * created/idle ages are whole milliseconds, saturating at 2^32-1 ms
+    (~49.7 days; a longer-lived session arrives younger than it is).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ---- record dtypes ----------------------------------------------------------------
+
+SESSION_WIRE = np.dtype(
+    [
+        ("addr_lo", "<u4"),
+        ("addr_hi", "<u4"),
+        ("port_lo", "<u2"),
+        ("port_hi", "<u2"),
+        ("proto", "u1"),
+        ("state", "u1"),
+        ("flags", "u1"),  # SESS_F_* of the source
+        ("initiator", "u1"),  # SIDE_LO / SIDE_HI
+        ("created_age_ms", "<u4"),
+        ("idle_age_ms", "<u4"),
+        ("packets", "<u2", (2,)),  # f16 codes, [0] initiator->responder
+        ("bytes", "<u2", (2,)),
+    ]
+)
+
+SYN_WIRE = np.dtype(
+    [
+        ("src", "<u4"),
+        ("dst", "<u4"),  # must be the VM
+        ("window_age_ms", "<u4"),
+        ("count", "<u4"),
+        ("total", "<u8"),
+    ]
+)
+
+BLACKLIST_WIRE = np.dtype(
+    [
+        ("src", "<u4"),  # the banned source (map key)
+        ("vm", "<u4"),  # must be the VM
+        ("banned_age_ms", "<u4"),
+        ("remaining_ms", "<u4"),
+        ("dropped", "<u8"),
+    ]
+)
+
+# One ACL rule of the VM's effective rule list. No destination field: a rule
+# in a bundle is by construction a rule for the header's VM.
+ACL_WIRE = np.dtype(
+    [
+        ("priority", "<u4"),
+        ("src_addr", "<u4"),
+        ("src_mask", "<u4"),
+        ("dport_lo", "<u2"),
+        ("dport_hi", "<u2"),
+        ("vlan", "<u2"),
+        ("proto", "u1"),
+        ("action", "u1"),
+        ("flags", "<u4"),  # ACL_WF_*
+        ("hits", "<u8"),
+    ]
+)
+ACL_WF_WAS_IFACE_BOUND = 1  # the source rule was bound to an ingress interface
+ACL_WIRE_FLAGS = ACL_WF_WAS_IFACE_BOUND
+
+DEL_SESSION_WIRE = np.dtype(
+    [
+        ("addr_lo", "<u4"),
+        ("addr_hi", "<u4"),
+        ("port_lo", "<u2"),
+        ("port_hi", "<u2"),
+        ("proto", "u1"),
+    ]
+)  # 13 bytes, packed
+DEL_SYN_WIRE = np.dtype([("src", "<u4"), ("dst", "<u4")])
+DEL_BLACKLIST_WIRE = np.dtype([("src", "<u4"), ("vm", "<u4")])
+
+assert SESSION_WIRE.itemsize == 32
+assert SYN_WIRE.itemsize == 24 and BLACKLIST_WIRE.itemsize == 24
+assert ACL_WIRE.itemsize == 32 and DEL_SESSION_WIRE.itemsize == 13
+
+# Sections of the body, in wire order: (name, dtype, header count field).
+SECTIONS: tuple[tuple[str, np.dtype, str], ...] = (
+    ("sessions", SESSION_WIRE, "n_sessions"),
+    ("syn", SYN_WIRE, "n_syn"),
+    ("blacklist", BLACKLIST_WIRE, "n_blacklist"),
+    ("acl", ACL_WIRE, "n_acl"),
+    ("del_sessions", DEL_SESSION_WIRE, "n_del_sessions"),
+    ("del_syn", DEL_SYN_WIRE, "n_del_syn"),
+    ("del_blacklist", DEL_BLACKLIST_WIRE, "n_del_blacklist"),
+)
+
+U32_MAX = np.uint64(0xFFFFFFFF)
+NS_PER_MS = 1_000_000
+
+# ---- 16-bit counter codes -----------------------------------------------------------
+
+
+def encode_counter16(values: np.ndarray) -> np.ndarray:
+    """u64 -> u16 code: exact below 2048; else 10 mantissa bits and a shift.
+
+    code = e << 10 | m; e == 0: value m; e >= 1: value (1024 | m) << (e - 1).
+    Truncates (never overstates); relative error < 2^-10; covers all of u64."""
+    v = np.asarray(values, dtype=np.uint64)
+    one = np.uint64(1)
+    # bit length from the float64 exponent; rounding may add one near 2^k
+    bl = (v.astype(np.float64).view(np.uint64) >> np.uint64(52)).astype(np.int64) - 1022
+    shift = np.maximum(bl - 11, 0).astype(np.uint64)
+    top = v >> shift
+    shift -= ((top < 1024) & (shift > 0)).astype(np.uint64)
+    top = v >> shift
+    code = ((shift + one) << np.uint64(10)) | (top & np.uint64(1023))
+    return np.where(v < 1024, v, code).astype(np.uint16)
+
+
+def decode_counter16(codes: np.ndarray) -> np.ndarray:
+    c = np.asarray(codes, dtype=np.uint64)
+    e = c >> np.uint64(10)
+    m = c & np.uint64(1023)
+    big = e > 0
+    out = m.copy()
+    eb = e[big]
+    out[big] = (m[big] | np.uint64(1024)) << (eb - np.uint64(1))
+    return out
+
+
+# ---- times ----------------------------------------------------------------------------
+
+
+def age_ms(now_ns: int, then_ns: np.ndarray) -> np.ndarray:
+    """Milliseconds between a map timestamp and `now` (0 if in the future), as u32."""
+    then = np.asarray(then_ns, dtype=np.uint64)
+    now = np.uint64(now_ns)
+    diff = np.where(then < now, now - np.minimum(then, now), np.uint64(0))
+    return np.minimum(diff // np.uint64(NS_PER_MS), U32_MAX).astype(np.uint32)
+
+
+def remaining_ms(now_ns: int, until_ns: np.ndarray) -> np.ndarray:
+    until = np.asarray(until_ns, dtype=np.uint64)
+    now = np.uint64(now_ns)
+    diff = np.where(until > now, until - np.minimum(until, now), np.uint64(0))
+    # round up: a ban with 0.4 ms left is still a ban
+    ms = (diff + np.uint64(NS_PER_MS - 1)) // np.uint64(NS_PER_MS)
+    return np.minimum(ms, U32_MAX).astype(np.uint32)
+
+
+def rebase(base_ns: int, age_ms_: np.ndarray) -> np.ndarray:
+    """Local monotonic ns of an instant `age_ms_` before `base_ns` (clamped at 0)."""
+    t = np.int64(base_ns) - np.asarray(age_ms_, dtype=np.int64) * np.int64(NS_PER_MS)
+    return np.maximum(t, 0).astype(np.uint64)
+
+
+# ---- map entries -> wire records ---------------------------------------------------------
+
+
+def sessions_to_wire(keys: np.ndarray, values: np.ndarray, now_ns: int) -> np.ndarray:
+    out = np.empty(len(keys), dtype=SESSION_WIRE)
+    for f in ("addr_lo", "addr_hi", "port_lo", "port_hi", "proto"):
+        out[f] = keys[f]
+    out["state"] = values["state"]
+    out["flags"] = values["flags"]
+    out["initiator"] = values["initiator"]
+    out["created_age_ms"] = age_ms(now_ns, values["created_ns"])
+    out["idle_age_ms"] = age_ms(now_ns, values["last_seen_ns"])
+    out["packets"] = encode_counter16(values["packets"])
+    out["bytes"] = encode_counter16(values["bytes"])
+    return out
+
+
+def syn_to_wire(keys: np.ndarray, values: np.ndarray, now_ns: int) -> np.ndarray:
+    out = np.empty(len(keys), dtype=SYN_WIRE)
+    out["src"] = keys["src"]
+    out["dst"] = keys["dst"]
+    out["window_age_ms"] = age_ms(now_ns, values["window_start_ns"])
+    out["count"] = values["count"]
+    out["total"] = values["total"]
+    return out
+
+
+def blacklist_to_wire(keys: np.ndarray, values: np.ndarray, now_ns: int) -> np.ndarray:
+    out = np.empty(len(keys), dtype=BLACKLIST_WIRE)
+    out["src"] = keys
+    out["vm"] = values["vm"]
+    out["banned_age_ms"] = age_ms(now_ns, values["banned_ns"])
+    out["remaining_ms"] = remaining_ms(now_ns, values["expires_ns"])
+    out["dropped"] = values["dropped"]
+    return out
+
+
+def session_keys_to_del(keys: np.ndarray) -> np.ndarray:
+    out = np.empty(len(keys), dtype=DEL_SESSION_WIRE)
+    for f in DEL_SESSION_WIRE.names:
+        out[f] = keys[f]
+    return out
+
+
+# ---- wire records -> map entries -----------------------------------------------------------
+
+
+def wire_to_session_keys(rec: np.ndarray, key_dtype: np.dtype) -> np.ndarray:
+    keys = np.zeros(len(rec), dtype=key_dtype)
+    for f in ("addr_lo", "addr_hi", "port_lo", "port_hi", "proto"):
+        keys[f] = rec[f]
+    return keys
+
+
+def wire_to_session_values(
+    rec: np.ndarray, value_dtype: np.dtype, base_ns: int, extra_flags: int
+) -> np.ndarray:
+    vals = np.zeros(len(rec), dtype=value_dtype)
+    vals["created_ns"] = rebase(base_ns, rec["created_age_ms"])
+    vals["last_seen_ns"] = rebase(base_ns, rec["idle_age_ms"])
+    vals["packets"] = decode_counter16(rec["packets"])
+    vals["bytes"] = decode_counter16(rec["bytes"])
+    vals["state"] = rec["state"]
+    vals["initiator"] = rec["initiator"]
+    vals["flags"] = rec["flags"] | np.uint8(extra_flags)
+    return vals  # ifindex stays 0: set by the datapath on the next packet
+
+
+def wire_to_syn(
+    rec: np.ndarray, key_dtype: np.dtype, value_dtype: np.dtype, base_ns: int
+) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.zeros(len(rec), dtype=key_dtype)
+    keys["src"] = rec["src"]
+    keys["dst"] = rec["dst"]
+    vals = np.zeros(len(rec), dtype=value_dtype)
+    vals["window_start_ns"] = rebase(base_ns, rec["window_age_ms"])
+    vals["count"] = rec["count"]
+    vals["total"] = rec["total"]
+    return keys, vals
+
+
+def wire_to_blacklist(
+    rec: np.ndarray, key_dtype: np.dtype, value_dtype: np.dtype, base_ns: int
+) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.asarray(rec["src"], dtype=key_dtype)
+    vals = np.zeros(len(rec), dtype=value_dtype)
+    vals["banned_ns"] = rebase(base_ns, rec["banned_age_ms"])
+    vals["expires_ns"] = np.uint64(base_ns) + rec["remaining_ms"].astype(np.uint64) * np.uint64(
+        NS_PER_MS
+    )
+    vals["dropped"] = rec["dropped"]
+    vals["vm"] = rec["vm"]
+    return keys, vals
+
+
+# ---- key matching without a Python object per entry -----------------------------------------
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(33))
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    x ^= x >> np.uint64(33)
+    return x
+
+
+def _words(keys: np.ndarray) -> np.ndarray:
+    """Keys as rows of little-endian u64 words (zero padded to a multiple of 8 bytes)."""
+    keys = np.ascontiguousarray(keys)
+    size = keys.dtype.itemsize
+    n = len(keys)
+    if size % 8 == 0:
+        return keys.view("<u8").reshape(n, size // 8)
+    words = -(-size // 8)
+    padded = np.zeros((n, words * 8), dtype=np.uint8)
+    padded[:, :size] = keys.view(np.uint8).reshape(n, size)
+    return padded.view("<u8").reshape(n, words)
+
+
+def key_u64(keys: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A u64 per key: the key itself when it fits in 8 bytes (exact), else a hash."""
+    w = _words(keys)
+    if w.shape[1] == 1:
+        return np.ascontiguousarray(w[:, 0]), True
+    with np.errstate(over="ignore"):
+        h = w[:, 0].copy()
+        for i in range(1, w.shape[1]):
+            h ^= w[:, i] * np.uint64(0x9E3779B97F4A7C15)
+            h = _mix64(h)
+    return h, False
+
+
+class KeyIndex:
+    """Sorted index over a set of map keys, for vectorised membership tests."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.keys = np.ascontiguousarray(keys)
+        h, self.exact = key_u64(self.keys)
+        self.order = np.argsort(h)
+        self.sorted = h[self.order]
+        self._words = _words(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, index into self.keys) for each key of `want`.
+
+        Hash collisions are resolved by comparing the key words, scanning the
+        run of equal hashes; a run longer than one is astronomically rare."""
+        want = np.ascontiguousarray(want, dtype=self.keys.dtype)
+        n = len(want)
+        if n == 0 or len(self.keys) == 0:
+            return np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
+        h, _ = key_u64(want)
+        # searching sorted queries is an order of magnitude faster (cache)
+        q = np.argsort(h)
+        pos = np.empty(n, dtype=np.int64)
+        pos[q] = np.searchsorted(self.sorted, h[q])
+        np.minimum(pos, len(self.sorted) - 1, out=pos)
+        cand = self.sorted[pos] == h
+        idx = self.order[pos]
+        if self.exact:
+            return cand, idx
+        ww = _words(want)
+        same = cand.copy()
+        for i in range(ww.shape[1]):
+            same &= self._words[idx, i] == ww[:, i]
+        odd = np.nonzero(cand & ~same)[0]
+        for i in odd:  # equal hash, different key: look along the run
+            j = pos[i] + 1
+            while j < len(self.sorted) and self.sorted[j] == h[i]:
+                k = self.order[j]
+                if (self._words[k] == ww[i]).all():
+                    same[i] = True
+                    idx[i] = k
+                    break
+                j += 1
+        return same, idx
+
+    def contains(self, want: np.ndarray) -> np.ndarray:
+        return self.find(want)[0]
