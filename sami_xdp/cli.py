@@ -338,7 +338,7 @@ def _register_optional() -> None:
     """Policy and migration commands live in their own modules."""
     import importlib
 
-    for mod in ("sami_xdp.cli_policy", "sami_xdp.cli_migrate"):
+    for mod in ("sami_xdp.cli_policy", "sami_xdp.cli_migrate", "sami_xdp.cli_agent"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as exc:
@@ -364,3 +364,7 @@ def main() -> None:
     except OSError as exc:
         typer.echo(f"samixdp: error: {exc.strerror or exc}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

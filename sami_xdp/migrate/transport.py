@@ -124,7 +124,9 @@ class Connection:
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
-            raise TransportError(f"cannot reach peer at {host}:{port}: {exc.strerror or exc}") from exc
+            raise TransportError(
+                f"cannot reach peer at {host}:{port}: {exc.strerror or exc}"
+            ) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ctx = tls.client_context() if tls else None
         self.sock: socket.socket = ctx.wrap_socket(sock) if ctx else sock

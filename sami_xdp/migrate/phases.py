@@ -1,0 +1,406 @@
+"""The source side of a migration, phase by phase (VM pre-copy style).
+
+preflight -> full copy -> delta rounds -> final delta -> source cleanup.
+
+The source keeps serving the VM throughout: nothing is deleted here until the
+destination has acknowledged the final delta *and* the VM's traffic has left
+this host for a grace period (cleanup runs in a detached helper process, so
+`migrate` may return before the hypervisor cuts over). An abort at any phase
+leaves the source untouched and asks the destination to drop what it
+imported for this migration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..loader.pinned import Firewall
+from ..netutil import ip_to_be32
+from ..sessions import read_sessions, vm_mask
+from .bundle import build_bundle, new_migration_id
+from .control import ControlError, sign_control, verify_control
+from .errors import MigrateError
+from .keys import HostIdentity, Peer, TrustStore
+from .select import ExportState
+from .transport import (
+    MSG_ABORT,
+    MSG_ACK,
+    MSG_BUNDLE,
+    MSG_PREFLIGHT,
+    MSG_PREFLIGHT_REPLY,
+    Connection,
+    TlsConfig,
+    TransportError,
+)
+
+
+class MigrationRefused(MigrateError):
+    exit_code = 12
+
+
+@dataclass
+class PhaseReport:
+    name: str
+    seconds: float
+    bytes: int = 0
+    exported: dict[str, int] = field(default_factory=dict)
+    imported: dict[str, int] = field(default_factory=dict)
+    deleted: dict[str, int] = field(default_factory=dict)
+    refused: str = ""
+
+
+@dataclass
+class MigrationReport:
+    migration_id: str
+    vm: str
+    peer: str
+    phases: list[PhaseReport] = field(default_factory=list)
+    outcome: str = "running"
+    cleanup: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.bytes for p in self.phases)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(p.seconds for p in self.phases)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        d["total_seconds"] = round(self.total_seconds, 4)
+        return d
+
+
+@dataclass
+class MigrateOptions:
+    delta_rounds: int = 1
+    interval_s: float = 0.5
+    until_cutover: bool = False
+    pickup_s: float = 10.0  # informational: the destination agent owns its pickup window
+    source_grace_s: float = 30.0
+    keep_source: bool = False
+    compression: str = "none"
+    max_wait_s: float = 3600.0  # longest a cleanup helper waits for the VM to leave
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+def resolve_peer(trust: TrustStore, peer: str) -> Peer:
+    """NAME from the peers file, or HOST:PORT of a peer listed there."""
+    names = {p.name: p for p in trust.peers()}
+    if peer in names:
+        return names[peer]
+    by_addr = [p for p in trust.peers() if p.address == peer]
+    if by_addr:
+        return by_addr[0]
+    raise MigrateError(
+        f"unknown peer {peer!r}: add it with `samixdp peers add NAME --address HOST:PORT "
+        "--key PUBKEY` (its key is needed to verify its acknowledgements)"
+    )
+
+
+def _ack(
+    conn: Connection,
+    identity: HostIdentity,
+    trust: TrustStore,
+    peer: Peer,
+    msg_type: int,
+    payload: bytes,
+) -> dict[str, Any]:
+    reply = conn.request(msg_type, payload)
+    if reply.type not in (MSG_ACK, MSG_PREFLIGHT_REPLY):
+        try:
+            reason = json.loads(reply.payload).get("reason", "refused")
+        except ValueError:
+            reason = "refused"
+        raise MigrationRefused(f"{peer.name} refused: {reason}")
+    try:
+        _, body = verify_control(reply.payload, trust, identity.host_id, expect_from=peer.name)
+    except ControlError as exc:
+        raise MigrationRefused(f"cannot trust {peer.name}'s answer: {exc}") from exc
+    return body
+
+
+def vm_session_count(fw: Firewall, vm: str) -> int:
+    t = read_sessions(fw)
+    return int(vm_mask(t.keys, vm).sum())
+
+
+class Migration:
+    """One migration of one VM from this host to `peer`."""
+
+    def __init__(
+        self,
+        fw: Firewall,
+        identity: HostIdentity,
+        trust: TrustStore,
+        peer: Peer,
+        vm: str,
+        opts: MigrateOptions,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.fw, self.identity, self.trust, self.peer = fw, identity, trust, peer
+        self.vm, self.opts = vm, opts
+        self.mid = new_migration_id()
+        self.seq = 0
+        self.state = ExportState()
+        self.report = MigrationReport(self.mid.hex(), vm, peer.name)
+        self.progress = progress or (lambda _msg: None)
+        self.conn: Connection | None = None
+        self.cutover = False
+
+    # ---- phases ------------------------------------------------------------------
+
+    def _connect(self) -> Connection:
+        if self.conn is None:
+            self.conn = Connection(self.peer.address, tls=self.opts.tls)
+        return self.conn
+
+    def preflight(self) -> None:
+        t0 = time.perf_counter()
+        self.progress(f"preflight: contacting {self.peer.name} at {self.peer.address}")
+        conn = self._connect()
+        payload = sign_control(
+            self.identity,
+            {
+                "type": "preflight",
+                "to": self.peer.name,
+                "vm": self.vm,
+                "migration_id": self.mid.hex(),
+                "layout_version": self.fw.const("SAMIXDP_LAYOUT_VERSION"),
+                "sessions": vm_session_count(self.fw, self.vm),
+            },
+        )
+        body = _ack(conn, self.identity, self.trust, self.peer, MSG_PREFLIGHT, payload)
+        phase = PhaseReport("preflight", time.perf_counter() - t0)
+        self.report.phases.append(phase)
+        if not body.get("ok"):
+            phase.refused = str(body.get("reason"))
+            raise MigrationRefused(f"preflight refused by {self.peer.name}: {body.get('reason')}")
+
+    def send_round(self, kind: str) -> PhaseReport:
+        self.seq += 1
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        data = build_bundle(
+            self.fw,
+            self.vm,
+            self.peer.name,
+            self.seq,
+            self.mid,
+            kind=kind,  # type: ignore[arg-type]
+            since_state=self.state,
+            identity=self.identity,
+            compression=self.opts.compression,
+            timings=timings,
+        )
+        from .bundle import parse_bundle
+
+        exported = parse_bundle(data).counts()
+        t1 = time.perf_counter()
+        body = _ack(self._connect(), self.identity, self.trust, self.peer, MSG_BUNDLE, data)
+        name = (
+            "full copy"
+            if kind == "full"
+            else ("final delta" if kind == "final" else f"delta {self.seq - 1}")
+        )
+        phase = PhaseReport(name, time.perf_counter() - t0, bytes=len(data), exported=exported)
+        phase_timings = {"export_s": t1 - t0, "send_ack_s": time.perf_counter() - t1}
+        self.report.phases.append(phase)
+        if not body.get("ok"):
+            phase.refused = str(body.get("reason"))
+            raise MigrationRefused(f"{self.peer.name} refused round {self.seq}: {phase.refused}")
+        phase.imported = dict(body.get("counts", {}))
+        phase.deleted = dict(body.get("deleted", {}))
+        del phase_timings
+        self.progress(
+            f"{name}: {sum(exported.values())} records, {len(data)} bytes, "
+            f"{phase.seconds * 1000:.1f} ms"
+        )
+        return phase
+
+    def run(self) -> MigrationReport:
+        try:
+            self.preflight()
+            self.send_round("full")
+            if self.opts.until_cutover:
+                self.progress("syncing deltas until cutover (SIGUSR1 or `migrate --final`)")
+                while not self.cutover:
+                    deadline = time.monotonic() + self.opts.interval_s
+                    while not self.cutover and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    if not self.cutover:
+                        self.send_round("delta")
+            else:
+                for _ in range(self.opts.delta_rounds):
+                    time.sleep(self.opts.interval_s)
+                    self.send_round("delta")
+            self.send_round("final")
+        except (MigrateError, TransportError) as exc:
+            self.report.outcome = f"failed: {exc}"
+            self._try_abort()
+            raise
+        finally:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+        self.report.outcome = "completed"
+        return self.report
+
+    def _try_abort(self) -> None:
+        if self.seq == 0:
+            return
+        try:
+            send_abort(self.identity, self.trust, self.peer, self.mid.hex(), self.opts.tls)
+        except (MigrateError, TransportError):
+            pass  # best effort: the destination's pickup window and expiry bound the damage
+
+
+def send_abort(
+    identity: HostIdentity, trust: TrustStore, peer: Peer, mid: str, tls: TlsConfig | None = None
+) -> dict[str, Any]:
+    payload = sign_control(identity, {"type": "abort", "to": peer.name, "migration_id": mid})
+    with Connection(peer.address, tls=tls) as conn:
+        return _ack(conn, identity, trust, peer, MSG_ABORT, payload)
+
+
+# ---- the source's cleanup ------------------------------------------------------------
+
+
+def vm_last_seen_ns(fw: Firewall, vm: str) -> int:
+    t = read_sessions(fw)
+    mine = vm_mask(t.keys, vm)
+    return int(t.values["last_seen_ns"][mine].max()) if mine.any() else 0
+
+
+def delete_vm_state(fw: Firewall, vm: str) -> dict[str, int]:
+    """Removes the VM's sessions, SYN counters, the bans it triggered and its rules."""
+    from .. import acl
+
+    removed: dict[str, int] = {}
+    be = ip_to_be32(vm)
+    for name in ("sessions", "halfopen"):
+        keys, _ = fw.maps[name].dump()
+        mine = keys[(keys["addr_lo"] == be) | (keys["addr_hi"] == be)]
+        removed[name] = fw.maps[name].delete_many(mine) if len(mine) else 0
+    keys, _ = fw.maps["syn_counters"].dump()
+    mine = keys[keys["dst"] == be]
+    removed["syn_counters"] = fw.maps["syn_counters"].delete_many(mine) if len(mine) else 0
+    keys, values = fw.maps["blacklist"].dump()
+    mine = keys[values["vm"] == be]
+    removed["blacklist"] = fw.maps["blacklist"].delete_many(mine) if len(mine) else 0
+    ids = acl.vm_entries(fw, vm)["rule"]["id"]
+    removed["acl_rules"] = acl.delete_rules(fw, [int(i) for i in ids]) if len(ids) else 0
+    fw.maps["pickup"].delete(np.array([be], np.uint32))
+    return removed
+
+
+def wait_and_cleanup(
+    fw: Firewall,
+    vm: str,
+    grace_s: float,
+    max_wait_s: float,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, int] | None:
+    """Deletes the VM's state once no packet of it was seen for `grace_s`.
+
+    Returns None (and deletes nothing) if that did not happen within max_wait_s."""
+    say = progress or (lambda _m: None)
+    grace_ns = int(grace_s * 1e9)
+    give_up = time.monotonic() + max_wait_s
+    while time.monotonic() < give_up:
+        last = vm_last_seen_ns(fw, vm)
+        idle = time.monotonic_ns() - last if last else grace_ns
+        if idle >= grace_ns:
+            removed = delete_vm_state(fw, vm)
+            say(f"source cleanup: VM {vm} idle {idle / 1e9:.1f} s here, removed {removed}")
+            return removed
+        time.sleep(min(1.0, (grace_ns - idle) / 1e9 + 0.05))
+    say(f"source cleanup: VM {vm} still active here after {max_wait_s:.0f} s; state kept")
+    return None
+
+
+def spawn_cleanup(bpffs: Path, vm: str, grace_s: float, max_wait_s: float, log: Path) -> int:
+    """Detached helper process, so `migrate` can return before the cutover."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sami_xdp.cli",
+        "--bpffs",
+        str(bpffs),
+        "migrate-cleanup",
+        "--vm",
+        vm,
+        "--grace",
+        str(grace_s),
+        "--max-wait",
+        str(max_wait_s),
+    ]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+# ---- the running-migration record (for --final / --abort from another shell) --------
+
+
+def record_path(state_dir: Path, vm: str) -> Path:
+    return state_dir / "migrations" / f"{vm}.json"
+
+
+def write_record(state_dir: Path, vm: str, doc: dict[str, Any]) -> None:
+    path = record_path(state_dir, vm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def read_record(state_dir: Path, vm: str) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(record_path(state_dir, vm).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def signal_running(state_dir: Path, vm: str, sig: int) -> dict[str, Any]:
+    doc = read_record(state_dir, vm)
+    if not doc or doc.get("status") != "running":
+        raise MigrateError(f"no running migration of {vm} on this host")
+    try:
+        os.kill(int(doc["pid"]), sig)
+    except ProcessLookupError as exc:
+        raise MigrateError(f"the migration process of {vm} is gone") from exc
+    return doc
+
+
+def wait_finished(state_dir: Path, vm: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        doc = read_record(state_dir, vm)
+        if doc and doc.get("status") != "running":
+            return doc
+        time.sleep(0.05)
+    raise MigrateError(f"migration of {vm} did not finish within {timeout_s:.0f} s")
+
+
+SIG_FINAL = signal.SIGUSR1
