@@ -6,8 +6,8 @@ reason moved, by one packet and the frame's length in bytes, and that the XDP
 action agrees with the reason (pass-* -> XDP_PASS, drop-* -> XDP_DROP). Map
 contents are read back through the pinned maps (sami_xdp.sessions / fw.maps).
 
-Known datapath bugs are pinned down by `xfail(strict=True)` tests: they turn
-into failures (XPASS) as soon as the datapath is fixed, so the marker goes too.
+Regression tests for datapath bugs found by this suite (fixed in 37bca57) say
+so in their docstrings.
 """
 
 from __future__ import annotations
@@ -419,13 +419,14 @@ def _to_closed(fw: Firewall) -> None:
 
 @pytest.mark.parametrize("close", [_to_time_wait, _to_closed], ids=["time-wait", "closed"])
 def test_port_reuse_after_close_reopens(pfw, close):
+    """A SYN on a TIME_WAIT/CLOSED tuple is a new connection: half-open again."""
     fw = pfw
     close(fw)
     _, old = find(fw, TCP, VM, 40000, CLIENT, 80)
     t0 = time.monotonic_ns()
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)).startswith("pass-")
-    _, v = find(fw, TCP, VM, 40000, CLIENT, 80)
-    assert v["state"] == ST["SYN_SENT"]
+    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
+    where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
+    assert where == "halfopen" and v["state"] == ST["SYN_SENT"]
     assert v["created_ns"] >= t0 > old["created_ns"], "a reopened session is a new connection"
     assert v["initiator"] == side_of(VM, 40000, CLIENT, 80)
     assert not v["flags"] & (fw.const("SESS_F_FIN_LO") | fw.const("SESS_F_FIN_HI"))
@@ -436,42 +437,48 @@ def test_port_reuse_after_close_reopens(pfw, close):
     assert where == "sessions" and v["state"] == ST["ESTABLISHED"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: advance_session() (bpf/fw_xdp.c, reopen branch for TIME_WAIT/CLOSED) keeps the "
-    "previous connection's packets/bytes when a SYN reopens the 5-tuple"))
 def test_reopened_session_starts_with_fresh_counters(pfw):
+    """Regression: the reopen used to keep the old connection's packets/bytes."""
     fw = pfw
     _to_time_wait(fw)
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)).startswith("pass-")
+    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
     _, v = find(fw, TCP, VM, 40000, CLIENT, 80)
     assert list(v["packets"]) == [1, 0] and list(v["bytes"]) == [40, 0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: advance_session() (bpf/fw_xdp.c) reopens a TIME_WAIT/CLOSED session on an "
-    "*inbound* SYN as pass-session, skipping SYN accounting and the ACL (default drop)"))
 @pytest.mark.parametrize("close", [_to_time_wait, _to_closed], ids=["time-wait", "closed"])
 def test_inbound_syn_on_closed_tuple_still_needs_the_acl(pfw, close):
+    """Regression: an inbound SYN used to reopen a TIME_WAIT/CLOSED tuple as
+    pass-session, skipping SYN accounting and the ACL."""
     fw = pfw
     close(fw)
     # the former server now opens a connection *to* the VM on the same 5-tuple;
     # there is no ACL rule for VM:40000, so the default inbound policy applies
     assert run(fw, P.tcp(CLIENT, 80, VM, 40000, P.SYN)) == "drop-acl-default"
+    syn_key = np.zeros(1, dtype=fw.maps["syn_counters"].key_dtype)
+    syn_key["src"], syn_key["dst"] = ip_to_be32(CLIENT), ip_to_be32(VM)
+    counted = fw.maps["syn_counters"].lookup(syn_key)
+    assert counted is not None and counted["total"] == 1, "the SYN went through SYN accounting"
+    assert find(fw, TCP, VM, 40000, CLIENT, 80) == (None, None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: advance_session() (bpf/fw_xdp.c) promotes a half-open entry to the main "
-    "`sessions` table when a RST moves it to CLOSED: refused/aborted handshakes consume "
-    "never-evicted main-table slots"))
 @pytest.mark.parametrize("rst", [
     P.tcp(CLIENT, 80, VM, 40000, P.RST | P.ACK),  # connection refused by the peer
     P.tcp(VM, 40000, CLIENT, 80, P.RST),  # initiator aborts its own SYN
 ], ids=["refused", "aborted"])
 def test_rst_during_handshake_stays_out_of_main_table(pfw, rst):
+    """Regression: a RST on a half-open entry used to promote it (CLOSED) into the
+    never-evicted main table, so refused or aborted handshakes consumed its slots."""
     fw = pfw
     assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
     assert run(fw, rst) == "pass-session"
-    assert fw.maps["sessions"].lookup(key_of(fw, TCP, VM, 40000, CLIENT, 80)) is None
+    where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
+    assert where == "halfopen" and v["state"] == ST["CLOSED"]
+    # the tuple can be reused at once
+    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
+    where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
+    assert where == "halfopen" and v["state"] == ST["SYN_SENT"]
+    assert list(v["packets"]) == [1, 0]
 
 
 # ---- expiry and GC ----------------------------------------------------------------
@@ -541,12 +548,10 @@ def test_short_timeout_expires_on_the_real_clock(pfw):
     assert run(fw, P.udp(CLIENT, 53, VM, 6000)) == "drop-acl-default"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: is_live() (bpf/fw_xdp.c) computes now - last_seen_ns unsigned; when another CPU "
-    "stored a later last_seen_ns after this packet read its clock, it wraps and a live "
-    "session becomes a miss (sessions.expired_mask clamps the same case to idle 0)"))
 def test_session_touched_just_after_our_clock_read_is_live(pfw):
-    """Simulates the multi-CPU race: last_seen_ns slightly ahead of this packet's `now`."""
+    """Simulates the multi-CPU race: last_seen_ns slightly ahead of this packet's `now`.
+    Regression: is_live() computed now - last_seen_ns unsigned, so it wrapped and a live
+    session became a miss (sessions.expired_mask clamps the same case to idle 0)."""
     fw = pfw
     handshake(fw)
     key = key_of(fw, TCP, VM, 40000, CLIENT, 80)
@@ -645,13 +650,12 @@ def test_truncated_vlan_tag_is_malformed(pfw):
     assert run(pfw, frame) == "drop-malformed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: parse_packet() (bpf/lib/parse.h) stops after two VLAN tags and reports the frame "
-    "as PARSE_NON_IP, so IPv4 under a third tag passes unfiltered as pass-non-ip"))
 def test_ipv4_under_three_vlan_tags_is_not_passed_unfiltered(pfw):
+    """Regression: a third tag used to make the frame pass-non-ip, unfiltered."""
     tags = ((P.TPID_8021AD, 10), (P.TPID_8021Q, 20), (P.TPID_8021Q, 30))
     frame = P.eth_tags(P.ipv4(CLIENT, VM, 6, P.tcp_seg(5555, 22, P.ACK)), tags)
-    assert run(pfw, frame).startswith("drop-")
+    assert run(pfw, frame) == "drop-malformed"
+    assert run(pfw, P.eth_tags(P.ipv4(VM, CLIENT, 17, P.udp_seg(1, 2)), tags)) == "drop-malformed"
 
 
 def test_transit_passes_and_is_counted(pfw):

@@ -7,11 +7,13 @@ into:
   malformed  - a header the parser needs is missing or invalid: must be
                drop-malformed;
   ok         - every header present and consistent: must NOT be drop-malformed;
-  truncated  - headers readable, but the IPv4 packet claims more bytes than the
-               frame holds (tot_len > frame, TCP data offset past the packet):
-               any verdict today; `test_truncated_packets_are_malformed` pins
-               the bug (strict xfail);
+  outside    - a UDP/ICMP header or ICMP-error quote lies in the frame but past
+               the IPv4 total length (in Ethernet padding): any verdict today;
+               `test_l4_header_outside_the_datagram_is_malformed` pins the bug
+               (strict xfail);
   non-ip     - must be pass-non-ip.
+Truncated datagrams (tot_len > frame, TCP data offset past tot_len) and frames
+with more VLAN tags than parsed are malformed (regressions, fixed in 37bca57).
 BPF_PROG_TEST_RUN rejects frames shorter than an Ethernet header (14 bytes).
 """
 
@@ -32,7 +34,7 @@ from sami_xdp.loader.pinned import Firewall
 
 pytestmark = pytest.mark.needs_root
 
-VM, CLIENT, OUTSIDE = "10.1.1.1", "192.0.2.10", "198.51.100.1"
+VM, CLIENT, OUTSIDE, ROUTER = "10.1.1.1", "192.0.2.10", "198.51.100.1", "198.51.100.254"
 ADDRS = (VM, CLIENT, OUTSIDE)
 ETH_MIN = 14
 TAG_TPIDS = (0x8100, 0x88A8)
@@ -48,7 +50,7 @@ FUZZ = settings(
 
 
 def expected(frame: bytes) -> str:
-    """Reference classification: "malformed", "truncated", "ok" or "non-ip"."""
+    """Reference classification: "malformed", "outside", "ok" or "non-ip"."""
     n = len(frame)
     if n < ETH_MIN:
         return "malformed"
@@ -61,6 +63,8 @@ def expected(frame: bytes) -> str:
             return "malformed"
         (proto,) = struct.unpack_from("!H", frame, off + 2)
         off += 4
+    if proto in TAG_TPIDS:
+        return "malformed"  # more tags than parsed: never passed unfiltered
     if proto != 0x0800:
         return "non-ip"
     if n < off + 20:
@@ -69,37 +73,32 @@ def expected(frame: bytes) -> str:
     if version != 4 or ihl < 5:
         return "malformed"
     (tot_len,) = struct.unpack_from("!H", frame, off + 2)
-    if tot_len < ihl * 4:
+    if tot_len < ihl * 4 or off + tot_len > n:  # inconsistent or truncated datagram
         return "malformed"
-    truncated = off + tot_len > n
     (frag_off,) = struct.unpack_from("!H", frame, off + 6)
     if frag_off & 0x1FFF:
-        return "truncated" if truncated else "ok"  # no L4 header in later fragments
+        return "ok"  # no L4 header in later fragments
     l4 = off + ihl * 4
-    l4_len = tot_len - ihl * 4
+    ip_end = off + tot_len
     ip_proto = frame[off + 9]
-    if ip_proto in L4_MIN:
-        if n < l4 + L4_MIN[ip_proto]:
-            return "malformed"
-        if l4_len < L4_MIN[ip_proto]:
-            truncated = True
+    need = l4 + L4_MIN.get(ip_proto, 0)
+    if need > n:
+        return "malformed"
     if ip_proto == 6:
         doff = frame[l4 + 12] >> 4
-        if doff < 5:
+        if doff < 5 or l4 + doff * 4 > ip_end:
             return "malformed"
-        if doff * 4 > l4_len:
-            truncated = True
     elif ip_proto == 1 and frame[l4] in ICMP_ERRORS:
         q = l4 + 8
         if n < q + 20:
             return "malformed"
         if frame[q] >> 4 != 4 or frame[q] & 0x0F < 5:
             return "malformed"
-        if n < q + (frame[q] & 0x0F) * 4 + 8:
+        need = q + (frame[q] & 0x0F) * 4 + 8
+        if need > n:
             return "malformed"
-    elif ip_proto not in L4_MIN and l4 > n:
-        truncated = True
-    return "truncated" if truncated else "ok"
+    # headers the parser read lie in the frame; do they lie in the datagram?
+    return "outside" if need > ip_end else "ok"
 
 
 def verdict(fw: Firewall, frame: bytes) -> str:
@@ -147,11 +146,14 @@ def test_reference_parser_on_known_frames():
     assert expected(P.tcp(VM, 1, CLIENT, 2, P.SYN)) == "ok"
     assert expected(P.tcp(VM, 1, CLIENT, 2, P.SYN, vlans=(1, 2))) == "ok"
     assert expected(P.arp()) == "non-ip"
-    assert expected(P.tcp(VM, 1, CLIENT, 2, P.ACK, b"abc")[:-1]) == "truncated"
+    assert expected(P.tcp(VM, 1, CLIENT, 2, P.ACK, b"abc")[:-1]) == "malformed"
     assert expected(P.tcp(VM, 1, CLIENT, 2, P.ACK)[:-1]) == "malformed"
     assert expected(P.eth(P.ipv4_raw(VM, CLIENT, 6, P.tcp_seg(1, 2, 0), ihl=4))) == "malformed"
     assert expected(P.eth(P.ipv4(VM, CLIENT, 6, P.tcp_seg_raw(1, 2, 0, doff=4)))) == "malformed"
-    assert expected(P.eth(P.ipv4(VM, CLIENT, 6, P.tcp_seg_raw(1, 2, 0, doff=6)))) == "truncated"
+    assert expected(P.eth(P.ipv4(VM, CLIENT, 6, P.tcp_seg_raw(1, 2, 0, doff=6)))) == "malformed"
+    assert expected(P.eth_tags(P.ipv4(VM, CLIENT, 17, P.udp_seg(1, 2)),
+                               ((0x88A8, 1), (0x8100, 2), (0x8100, 3)))) == "malformed"
+    assert expected(P.eth(P.ipv4_raw(VM, CLIENT, 17, P.udp_seg(1, 2), tot_len=24))) == "outside"
     assert expected(P.eth(P.ipv4(VM, CLIENT, 17, P.udp_seg(1, 2))) + b"\0" * 20) == "ok"
 
 
@@ -189,10 +191,11 @@ def test_truncation_at_every_length(pfw, name):
 
 
 def _truncated_cases() -> list[bytes]:
+    """Valid frames cut inside their payload: headers complete, datagram truncated."""
     out = []
     for frame in _templates().values():
         out += [frame[:cut] for cut in range(ETH_MIN, len(frame))
-                if expected(frame[:cut]) == "truncated"]
+                if _ip_end(frame[:cut]) > len(frame[:cut])]
     # headers complete, but the IPv4/TCP lengths claim more than there is
     out.append(P.eth(P.ipv4_raw(VM, CLIENT, 17, P.udp_seg(1, 2), tot_len=1500)))
     out.append(P.eth(P.ipv4(CLIENT, VM, 6, P.tcp_seg_raw(80, 40000, P.ACK, doff=15))))
@@ -200,18 +203,50 @@ def _truncated_cases() -> list[bytes]:
     return out
 
 
-def test_truncated_cases_exist():
+def _ip_end(frame: bytes) -> int:
+    """Where the IPv4 datagram claims to end (0 if no complete IPv4 header)."""
+    off = ETH_MIN
+    for _ in range(2):
+        if frame[off - 2:off] not in (b"\x81\x00", b"\x88\xa8"):
+            break
+        off += 4
+    if len(frame) < off + 20:
+        return 0
+    return off + struct.unpack_from("!H", frame, off + 2)[0]
+
+
+def test_truncated_datagrams_are_malformed(pfw):
+    """Regression: parse_packet() did not check tot_len against the frame (nor TCP
+    doff against tot_len), so truncated datagrams passed with their claimed length."""
     cases = _truncated_cases()
-    assert len(cases) > 50 and all(expected(c) == "truncated" for c in cases)
+    assert len(cases) > 50
+    for case in cases:
+        assert expected(case) == "malformed", case.hex()
+        assert verdict(pfw, case) == "drop-malformed", case.hex()
+
+
+def _outside_cases() -> list[bytes]:
+    quoted = P.ipv4(VM, CLIENT, 17, P.udp_seg(5353, 53))
+    return [
+        # UDP header in the frame, but tot_len covers only 4 of its 8 bytes
+        P.eth(P.ipv4_raw(VM, CLIENT, 17, P.udp_seg(5353, 53, b""), tot_len=24)),
+        P.eth(P.ipv4_raw(CLIENT, VM, 17, P.udp_seg(53, 5353, b""), tot_len=20)),
+        # ICMP echo header past tot_len
+        P.eth(P.ipv4_raw(VM, CLIENT, 1, P.icmp_msg(8, 0, b"\0\1\0\1"), tot_len=24)),
+        # ICMP error whose quoted ports lie past tot_len
+        P.eth(P.ipv4_raw(ROUTER, VM, 1, P.icmp_msg(3, 3, payload=quoted[:28]), tot_len=48)),
+    ]
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "bug: parse_packet() (bpf/lib/parse.h) never checks IPv4 tot_len against the frame "
-    "(nor TCP doff*4 against the IPv4 payload), so truncated packets pass and their "
-    "claimed tot_len is counted in the session bytes"))
-def test_truncated_packets_are_malformed(pfw):
-    bad = [c.hex() for c in _truncated_cases() if verdict(pfw, c) != "drop-malformed"]
-    assert bad == []
+    "bug: parse_packet()/parse_icmp_quote() (bpf/lib/parse.h) bound the UDP header, ICMP "
+    "header and ICMP-error quote by data_end, not by the IPv4 datagram end (iph + tot_len): "
+    "ports are read from Ethernet padding"))
+def test_l4_header_outside_the_datagram_is_malformed(pfw):
+    cases = _outside_cases()
+    assert all(expected(c) == "outside" for c in cases)
+    got = [verdict(pfw, c) for c in cases]
+    assert got == ["drop-malformed"] * len(cases)
 
 
 def test_ethernet_padding_is_not_truncation(pfw):
@@ -240,9 +275,12 @@ def test_random_bytes_after_valid_ipv4_header(pfw, src, dst, vlans, proto, frag,
 
 @FUZZ
 @given(src=addr, dst=addr, ihl=st.integers(0, 15), version=st.sampled_from([4, 4, 4, 0, 6, 15]),
-       opt_len=st.integers(0, 44), proto=st.sampled_from([6, 17, 1, 47]),
-       tot_len=st.one_of(st.none(), st.integers(0, 200)), payload=st.binary(max_size=24))
+       opt_len=st.one_of(st.none(), st.integers(0, 44)), proto=st.sampled_from([6, 17, 1, 47]),
+       tot_len=st.one_of(st.none(), st.none(), st.integers(0, 200)),
+       payload=st.binary(max_size=24))
 def test_bad_ihl_and_version(pfw, src, dst, ihl, version, opt_len, proto, tot_len, payload):
+    if opt_len is None:  # options that agree with the IHL
+        opt_len = max(0, ihl - 5) * 4
     l4 = {6: P.tcp_seg(1000, 80, P.SYN, payload), 17: P.udp_seg(1000, 53, payload),
           1: P.icmp_msg(8, 0, b"\0\1\0\1", payload), 47: payload}[proto]
     ip = P.ipv4_raw(src, dst, proto, l4, ihl=ihl, version=version, tot_len=tot_len,
