@@ -20,9 +20,9 @@ KDIR := /lib/modules/$(KREL)
 APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 python3-venv \
 	python3-dev ethtool hping3 nftables conntrack tcpdump
 PYTEST_ARGS ?=
-DEMO ?= scripts/demo_core.sh
+DEMO_ARGS ?=
 
-.PHONY: help setup apt-packages kernel-headers venv test demo bench lint clean distclean
+.PHONY: help setup apt-packages kernel-headers venv test demo demo-core bench lint clean distclean
 
 help:
 	@echo "targets: setup test demo bench lint clean distclean   (test/demo/setup need root)"
@@ -97,7 +97,10 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup
-	bash $(DEMO)
+	$(PY) scripts/demo_migrate.py $(DEMO_ARGS)
+
+demo-core: setup
+	bash scripts/demo_core.sh
 
 bench: setup
 	@if [[ -f bench/run_all.sh ]]; then bash bench/run_all.sh; \
