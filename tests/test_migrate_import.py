@@ -1,0 +1,643 @@
+"""Export from host A's maps, verify and import into host B's maps (real BPF maps).
+
+Host A is the shared `fw` fixture; host B is a second firewall compiled once
+for this module in the same test bpffs, emptied per test. A's state is made
+by the real program (PROG_TEST_RUN): handshakes, UDP, ICMP, an ACL-allowed
+inbound SYN and a SYN flood that gets a source banned for the VM.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import packets as P
+import pytest
+from conftest import TEST_LIMITS, reset_firewall, run_frame
+from typer.testing import CliRunner
+
+from sami_xdp import acl, protect, stats
+from sami_xdp.layout import load_layout
+from sami_xdp.loader.pinned import Firewall, PinnedMap, unpin_all
+from sami_xdp.migrate import (
+    ExportState,
+    HostIdentity,
+    ImportRecords,
+    ReplayCache,
+    TrustStore,
+    abort_import,
+    build_bundle,
+    import_vm_state,
+    new_migration_id,
+    receive_bundle,
+    verify_bundle,
+)
+from sami_xdp.migrate.bundle import encode_bundle, parse_bundle
+from sami_xdp.migrate.errors import (
+    AudienceError,
+    BundleRefused,
+    CapacityError,
+    ExpiredError,
+    ImportFailed,
+    PoisonedRecordError,
+    ReplayError,
+    SignatureError,
+)
+from sami_xdp.migrate.select import export_vm_state
+from sami_xdp.netutil import ip_to_be32, port_be
+
+pytestmark = pytest.mark.needs_root
+
+VM, VM2, CLIENT, ATTACKER = "10.1.1.1", "10.1.1.2", "192.0.2.10", "198.51.100.7"
+PREFIX = "10.1.1.0/24"
+MIGRATED = 1
+STATE_MAPS = ("sessions", "halfopen", "syn_counters", "blacklist", "pickup")
+LAYOUT = load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
+
+
+# ---- two hosts -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def firewall_b(test_bpffs: Path) -> Iterator[Firewall]:
+    fw = Firewall.create(test_bpffs / "fw-b", TEST_LIMITS)
+    yield fw
+    fw.close()
+    unpin_all(test_bpffs / "fw-b")
+
+
+@pytest.fixture
+def fw_a(fw: Firewall) -> Firewall:
+    protect.add_protected(fw, PREFIX)
+    return fw
+
+
+@pytest.fixture
+def fw_b(firewall_b: Firewall) -> Firewall:
+    reset_firewall(firewall_b)
+    protect.add_protected(firewall_b, PREFIX)
+    return firewall_b
+
+
+class Hosts:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.a = HostIdentity.init(root / "a", "host-a")
+        self.b = HostIdentity.init(root / "b", "host-b")
+        ta = TrustStore.load(root / "a")
+        ta.add("host-b", "127.0.0.1:7801", self.b.public_b64)
+        ta.save()
+        tb = TrustStore.load(root / "b")
+        tb.add("host-a", "127.0.0.1:7800", self.a.public_b64)
+        tb.save()
+        self.trust_b = TrustStore.load(root / "b")
+        self.state_b = root / "b-state"
+        self.replay = ReplayCache(self.state_b)
+
+    def reopen_replay(self) -> None:
+        self.replay.close()
+        self.replay = ReplayCache(self.state_b)
+
+    def receive(self, fw_b: Firewall, data: bytes, **kw: Any) -> Any:
+        return receive_bundle(fw_b, data, self.trust_b, self.replay, "host-b", **kw)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    h = Hosts(tmp_path)
+    yield h
+    h.replay.close()
+
+
+def make_state_a(fw: Firewall) -> None:
+    """The VM's state on A, made by the datapath itself."""
+    fw.set_config(fw.const("CFG_SYN_RATE"), 2)
+    fw.set_config(fw.const("CFG_SYN_WINDOW_MS"), 60_000)
+    acl.add_rules(
+        fw,
+        [
+            acl.make_rule(fw, vm=VM, proto="tcp", dport="22", action="allow", priority=10),
+            acl.make_rule(fw, vm=VM, proto="udp", action="deny", priority=20),
+            acl.make_rule(fw, vm=VM2, proto="tcp", dport="80", priority=10),
+        ],
+    )
+    ok = [
+        # outbound TCP, established
+        P.tcp(VM, 40000, CLIENT, 80, P.SYN),
+        P.tcp(CLIENT, 80, VM, 40000, P.SYN | P.ACK),
+        P.tcp(VM, 40000, CLIENT, 80, P.ACK),
+        P.tcp(VM, 40000, CLIENT, 80, P.ACK | P.PSH, b"x" * 100),
+        # outbound TCP, half-open
+        P.tcp(VM, 40001, CLIENT, 80, P.SYN),
+        # inbound TCP allowed by the ACL, half-open
+        P.tcp(CLIENT, 50000, VM, 22, P.SYN),
+        # UDP both ways, ICMP echo
+        P.udp(VM, 5353, CLIENT, 53),
+        P.udp(CLIENT, 53, VM, 5353),
+        P.icmp_echo(VM, CLIENT, 7),
+        # another VM: must not travel
+        P.tcp(VM2, 40000, CLIENT, 80, P.SYN),
+        P.tcp(CLIENT, 80, VM2, 40000, P.SYN | P.ACK),
+        P.tcp(VM2, 40000, CLIENT, 80, P.ACK),
+    ]
+    for frame in ok:
+        assert run_frame(fw, frame) == "PASS"
+    # SYN flood towards the VM: the third SYN crosses the rate, the source is banned
+    for i in range(3):
+        run_frame(fw, P.tcp(ATTACKER, 1000 + i, VM, 80, P.SYN))
+    assert run_frame(fw, P.tcp(ATTACKER, 2000, VM2, 80, P.SYN)) == "DROP"
+
+
+def vm_entries(fw: Firewall, vm: str = VM) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each state map's entries of one VM, sorted by key bytes."""
+    be = ip_to_be32(vm)
+    out = {}
+    for name in ("sessions", "halfopen", "syn_counters", "blacklist"):
+        k, v = fw.maps[name].dump()
+        if name in ("sessions", "halfopen"):
+            mask = (k["addr_lo"] == be) | (k["addr_hi"] == be)
+        elif name == "syn_counters":
+            mask = k["dst"] == be
+        else:
+            mask = v["vm"] == be
+        k, v = k[mask], v[mask]
+        order = np.argsort([x.tobytes() for x in k]) if len(k) else np.zeros(0, int)
+        out[name] = (k[order], v[order])
+    return out
+
+
+def snapshot(fw: Firewall) -> dict[str, set[bytes]]:
+    """Every entry of every state map as raw bytes, plus the ACL rule table."""
+    snap = {}
+    for name in STATE_MAPS:
+        k, v = fw.maps[name].dump()
+        snap[name] = {a.tobytes() + b.tobytes() for a, b in zip(k, v, strict=True)}
+    snap["acl_rules"] = {e.tobytes() for e in acl.read_rules(fw)}
+    return snap
+
+
+def full_bundle(
+    fw_a: Firewall,
+    hosts: Hosts,
+    mid: bytes | None = None,
+    seq: int = 1,
+    state: ExportState | None = None,
+    **kw: Any,
+) -> bytes:
+    return build_bundle(
+        fw_a,
+        VM,
+        "host-b",
+        seq,
+        mid or new_migration_id(),
+        "full",
+        state if state is not None else ExportState(),
+        identity=hosts.a,
+        **kw,
+    )
+
+
+# ---- round trip -------------------------------------------------------------------------------
+
+
+def test_round_trip_sessions_syn_blacklist_acl(fw_a, fw_b, hosts):
+    make_state_a(fw_a)
+    before = vm_entries(fw_a)
+    assert len(before["sessions"][0]) == 3  # TCP established, UDP, ICMP
+    assert len(before["halfopen"][0]) == 2  # outbound SYN, ACL-allowed inbound SYN
+    # SYNs towards the VM: the ACL-allowed client's one and the attacker's three
+    assert sorted(before["syn_counters"][1]["count"].tolist()) == [1, 3]
+    assert len(before["blacklist"][0]) == 1
+    assert len(vm_entries(fw_a, VM2)["sessions"][0]) == 1
+
+    data = full_bundle(fw_a, hosts)
+    res = hosts.receive(fw_b, data, pickup_s=0)
+    assert res.counts == {
+        "sessions": 3,
+        "halfopen": 2,
+        "syn_counters": 2,
+        "blacklist": 1,
+        "acl_rules": 2,
+    }
+    assert not res.warnings
+    after = vm_entries(fw_b)
+    for name in ("sessions", "halfopen"):
+        ka, va = before[name]
+        kb, vb = after[name]
+        assert ka.tobytes() == kb.tobytes(), name
+        for f in ("state", "initiator"):
+            assert (va[f] == vb[f]).all(), (name, f)
+        assert (vb["flags"] == (va["flags"] | MIGRATED)).all()
+        assert (va["packets"] == vb["packets"]).all() and (va["bytes"] == vb["bytes"]).all()
+        assert (vb["ifindex"] == 0).all()
+        # same machine, same CLOCK_MONOTONIC: rebased times land where they were
+        for f in ("created_ns", "last_seen_ns"):
+            diff = vb[f].astype(np.int64) - va[f].astype(np.int64)
+            assert (np.abs(diff) < 20_000_000).all(), (name, f, diff)
+    (sa, sva), (sb, svb) = before["syn_counters"], after["syn_counters"]
+    assert sa.tobytes() == sb.tobytes()
+    assert svb["count"].tolist() == sva["count"].tolist()
+    assert svb["total"].tolist() == sva["total"].tolist()
+    (ba, bva), (bb, bvb) = before["blacklist"], after["blacklist"]
+    assert ba.tolist() == bb.tolist() == [ip_to_be32(ATTACKER)]
+    assert abs(int(bvb["expires_ns"][0]) - int(bva["expires_ns"][0])) < 20_000_000
+    assert bvb["dropped"].tolist() == bva["dropped"].tolist()
+    assert len(vm_entries(fw_b, VM2)["sessions"][0]) == 0  # the other VM stayed on A
+
+    rules_b = acl.vm_entries(fw_b, VM)
+    assert [
+        (
+            int(r["rule"]["proto"]),
+            int(r["rule"]["dport_lo"]),
+            int(r["rule"]["action"]),
+            int(r["priority"]),
+        )
+        for r in rules_b
+    ] == [(6, 22, 1, 10), (17, 0, 2, 20)]
+    assert len(acl.vm_entries(fw_b, VM2)) == 0
+
+
+def test_imported_state_passes_traffic_on_b(fw_a, fw_b, hosts):
+    """The datapath on B finds the imported entries: mid-flow TCP passes as a session
+    (not a pickup), the banned source stays banned, the ACL applies."""
+    make_state_a(fw_a)
+    assert run_frame(fw_b, P.tcp(CLIENT, 80, VM, 40000, P.ACK)) == "DROP"  # before: unknown
+    hosts.receive(fw_b, full_bundle(fw_a, hosts), pickup_s=0)
+    assert run_frame(fw_b, P.tcp(CLIENT, 80, VM, 40000, P.ACK | P.PSH, b"y")) == "PASS"
+    assert run_frame(fw_b, P.tcp(VM, 40000, CLIENT, 80, P.ACK)) == "PASS"
+    assert run_frame(fw_b, P.tcp(CLIENT, 80, VM, 40001, P.SYN | P.ACK)) == "PASS"  # half-open
+    assert run_frame(fw_b, P.udp(CLIENT, 53, VM, 5353)) == "PASS"
+    assert run_frame(fw_b, P.tcp(ATTACKER, 3000, VM, 22, P.SYN)) == "DROP"  # banned
+    assert run_frame(fw_b, P.tcp("192.0.2.77", 3000, VM, 22, P.SYN)) == "PASS"  # ACL allow
+    assert run_frame(fw_b, P.udp("192.0.2.77", 3000, VM, 9)) == "DROP"  # ACL deny
+    counts = stats.verdict_packets(fw_b)
+    assert counts["pass-pickup"] == 0 and counts["pass-session"] >= 4
+    assert counts["drop-blacklist"] == 1
+
+
+def test_pickup_window_is_set(fw_a, fw_b, hosts):
+    make_state_a(fw_a)
+    t0 = time.monotonic_ns()
+    res = hosts.receive(fw_b, full_bundle(fw_a, hosts), pickup_s=7)
+    deadline = int(fw_b.maps["pickup"].lookup(np.array([ip_to_be32(VM)], np.uint32)))
+    assert deadline == res.pickup_until_ns
+    assert t0 + 7e9 <= deadline <= time.monotonic_ns() + 7e9
+    # mid-flow TCP of an unknown connection of the VM is picked up inside the window
+    assert run_frame(fw_b, P.tcp(CLIENT, 81, VM, 41000, P.ACK)) == "PASS"
+    assert stats.verdict_packets(fw_b)["pass-pickup"] == 1
+
+
+def test_clock_rebasing_on_another_clock(fw_a, fw_b, hosts):
+    """B's CLOCK_MONOTONIC is 1000 s ahead and the bundle spent 2 s in transit:
+    ages and remaining ban time are preserved relative to B's clock."""
+    make_state_a(fw_a)
+    before = vm_entries(fw_a)
+    data = full_bundle(fw_a, hosts)
+    b = parse_bundle(data)
+    vb = verify_bundle(data, hosts.trust_b, "host-b", now_ms=b.issued_at_ms + 2000)
+    a_now = time.monotonic_ns()  # ~ the export instant on A's clock
+    shift = 1000 * 10**9
+    import_vm_state(
+        fw_b, vb, hosts.state_b, pickup_s=0, now_ns=a_now + shift, now_ms=b.issued_at_ms + 2000
+    )
+    after = vm_entries(fw_b)
+    tol = 30_000_000  # 30 ms: ms truncation + the time between export and a_now
+    for name in ("sessions", "halfopen"):
+        va, vbv = before[name][1], after[name][1]
+        for f in ("created_ns", "last_seen_ns"):
+            expect = va[f].astype(np.int64) + shift - 2 * 10**9
+            assert (np.abs(vbv[f].astype(np.int64) - expect) < tol).all(), (name, f)
+    exp_a = int(before["blacklist"][1]["expires_ns"][0])
+    exp_b = int(after["blacklist"][1]["expires_ns"][0])
+    assert abs(exp_b - (exp_a + shift - 2 * 10**9)) < tol
+    win_a = before["syn_counters"][1]["window_start_ns"].astype(np.int64)
+    win_b = after["syn_counters"][1]["window_start_ns"].astype(np.int64)
+    assert (np.abs(win_b - (win_a + shift - 2 * 10**9)) < tol).all()
+
+
+# ---- refusals change nothing ----------------------------------------------------------------
+
+
+def _poisoned(hosts: Hosts, section: str) -> bytes:
+    from sami_xdp.migrate import wire
+
+    rec = np.zeros(2, dtype=wire.SESSION_WIRE)
+    rec["addr_lo"], rec["addr_hi"] = ip_to_be32(VM), ip_to_be32(CLIENT)
+    rec["port_lo"], rec["port_hi"] = port_be(22), [port_be(5000), port_be(5001)]
+    rec["proto"], rec["state"] = 6, 3
+    secs: dict[str, Any] = {"sessions": rec}
+    if section == "sessions":
+        rec["addr_lo"][1] = ip_to_be32(VM2)  # a session of another VM
+    else:
+        bl = np.zeros(1, dtype=wire.BLACKLIST_WIRE)
+        bl["src"], bl["vm"], bl["remaining_ms"] = ip_to_be32(ATTACKER), ip_to_be32(VM2), 60_000
+        secs["blacklist"] = bl  # a ban that belongs to another VM
+    return encode_bundle(
+        secs,
+        identity=hosts.a,
+        vm=ip_to_be32(VM),
+        audience="host-b",
+        seq=1,
+        migration_id=new_migration_id(),
+        layout_version=LAYOUT,
+    )
+
+
+@pytest.mark.parametrize("section", ["sessions", "blacklist"])
+def test_poisoned_record_refused_maps_unchanged(fw_b, hosts, section):
+    run_frame(fw_b, P.tcp(VM2, 40000, CLIENT, 80, P.SYN))  # B has state of its own
+    before = snapshot(fw_b)
+    with pytest.raises(PoisonedRecordError):
+        hosts.receive(fw_b, _poisoned(hosts, section))
+    assert snapshot(fw_b) == before
+    assert hosts.replay.count() == 0
+    assert ImportRecords(hosts.state_b).list() == []
+
+
+@pytest.mark.parametrize("kind", ["audience", "expired", "tampered", "replay", "unknown"])
+def test_refusals_leave_maps_unchanged(fw_a, fw_b, hosts, kind):
+    make_state_a(fw_a)
+    data = full_bundle(fw_a, hosts)
+    if kind == "audience":
+        data = build_bundle(fw_a, VM, "host-c", 1, new_migration_id(), identity=hosts.a)
+    elif kind == "expired":
+        data = full_bundle(fw_a, hosts, validity_s=0.001)
+        # (the skew allowance is 5 s: verified below with a clock 6 s past expiry)
+    elif kind == "tampered":
+        bad = bytearray(data)
+        bad[300] ^= 1
+        data = bytes(bad)
+    elif kind == "replay":
+        hosts.receive(fw_b, data)
+        hosts.reopen_replay()  # the agent restarted
+    elif kind == "unknown":
+        data = build_bundle(
+            fw_a, VM, "host-b", 1, new_migration_id(), identity=HostIdentity.generate("host-a")
+        )
+    before = snapshot(fw_b)
+    expected = {
+        "audience": AudienceError,
+        "expired": ExpiredError,
+        "tampered": SignatureError,
+        "replay": ReplayError,
+        "unknown": BundleRefused,
+    }[kind]
+    with pytest.raises(expected):
+        if kind == "expired":
+            vb = parse_bundle(data)
+            verify_bundle(
+                data, hosts.trust_b, "host-b", hosts.replay, now_ms=vb.expires_at_ms + 6000
+            )
+        else:
+            hosts.receive(fw_b, data)
+    assert snapshot(fw_b) == before
+
+
+def test_capacity_refusal_writes_nothing(fw_a, fw_b, hosts):
+    make_state_a(fw_a)  # 3 established sessions of the VM
+    m = fw_b.maps["sessions"]
+    cap = m.info.max_entries
+    n = cap - 2  # room for two more
+    k = np.zeros(n, m.key_dtype)
+    k["addr_lo"] = np.arange(n, dtype=np.uint32)
+    k["addr_hi"] = ip_to_be32("172.16.0.1")
+    k["proto"] = 17
+    v = np.zeros(n, m.value_dtype)
+    v["state"] = 8
+    v["last_seen_ns"] = time.monotonic_ns()
+    m.update_many(k, v)
+    before = snapshot(fw_b)
+    with pytest.raises(CapacityError, match="sessions"):
+        hosts.receive(fw_b, full_bundle(fw_a, hosts))
+    assert snapshot(fw_b) == before
+    assert hosts.replay.count() == 0
+    assert ImportRecords(hosts.state_b).list() == []
+    # one entry less on B: now it fits
+    m.delete(k[:1])
+    res = hosts.receive(fw_b, full_bundle(fw_a, hosts))
+    assert res.counts["sessions"] == 3
+    assert len(m.dump()[0]) == cap
+
+
+def _preexisting_on_b(fw_b: Firewall, fw_a: Firewall) -> None:
+    """B already holds one of the VM's session keys (other value), one of its SYN
+    counter keys, and unrelated entries: overwritten ones must come back."""
+    k, v = fw_a.maps["sessions"].dump()
+    mine = (k["addr_lo"] == ip_to_be32(VM)) & (k["proto"] == 6)
+    old = v[mine][:1].copy()
+    old["state"] = 5
+    old["packets"] = [[111, 222]]
+    fw_b.maps["sessions"].update_many(k[mine][:1], old)
+    sk, sv = fw_a.maps["syn_counters"].dump()
+    sv2 = sv.copy()
+    sv2["total"] = 999
+    fw_b.maps["syn_counters"].update_many(sk, sv2)
+    run_frame(fw_b, P.tcp(VM2, 40000, CLIENT, 80, P.SYN))
+    run_frame(fw_b, P.udp(VM2, 1, CLIENT, 2))
+    acl.add_rules(fw_b, [acl.make_rule(fw_b, vm=VM, proto="tcp", dport="8080")])
+
+
+@pytest.mark.parametrize("how", ["second-call", "mid-batch", "acl"])
+def test_failure_mid_load_rolls_everything_back(fw_a, fw_b, hosts, monkeypatch, how):
+    make_state_a(fw_a)
+    data = full_bundle(fw_a, hosts)
+    _preexisting_on_b(fw_b, fw_a)
+    before = snapshot(fw_b)
+    real = PinnedMap.update_many
+    calls = {"n": 0}
+
+    def flaky(self: PinnedMap, keys: np.ndarray, values: np.ndarray, flags: int = 0) -> int:
+        calls["n"] += 1
+        if how == "second-call" and calls["n"] == 2:
+            raise OSError(28, "injected failure")
+        if how == "mid-batch" and calls["n"] == 1:
+            real(self, keys[: len(keys) // 2], values[: len(keys) // 2], flags)
+            raise OSError(28, "injected failure after half the batch")
+        return real(self, keys, values, flags)
+
+    monkeypatch.setattr(PinnedMap, "update_many", flaky)
+    if how == "acl":  # the last step fails; its own rollback (a second call) works
+        real_replace = acl.replace_rules
+
+        def broken(fw: Firewall, entries: np.ndarray) -> None:
+            calls["acl"] = calls.get("acl", 0) + 1
+            if calls["acl"] == 1:
+                raise RuntimeError("injected ACL failure")
+            real_replace(fw, entries)
+
+        monkeypatch.setattr(acl, "replace_rules", broken)
+    with pytest.raises(ImportFailed, match="rolled back"):
+        hosts.receive(fw_b, data, pickup_s=5)
+    monkeypatch.undo()
+    assert snapshot(fw_b) == before
+    assert ImportRecords(hosts.state_b).list()[0]["rounds"] == []
+    assert not list((hosts.state_b / "migrations").rglob("undo-*.npz"))
+
+
+# ---- abort and deltas ---------------------------------------------------------------------
+
+
+def test_delta_rounds_apply_changes_and_deletes(fw_a, fw_b, hosts):
+    make_state_a(fw_a)
+    time.sleep(0.1)  # entries heard from just before a round are re-sent by the next one
+    mid = new_migration_id()
+    src = ExportState()
+    hosts.receive(fw_b, full_bundle(fw_a, hosts, mid, 1, src), pickup_s=0)
+    # A moves on: the half-open outbound SYN completes, UDP is removed, a new session
+    # appears, the ban is lifted, the ACL changes
+    assert run_frame(fw_a, P.tcp(CLIENT, 80, VM, 40001, P.SYN | P.ACK)) == "PASS"
+    assert run_frame(fw_a, P.tcp(VM, 40001, CLIENT, 80, P.ACK)) == "PASS"
+    udp = [k for k in fw_a.maps["sessions"].dump()[0] if int(k["proto"]) == 17]
+    fw_a.maps["sessions"].delete(udp[0])
+    assert run_frame(fw_a, P.tcp(VM, 40002, CLIENT, 443, P.SYN)) == "PASS"
+    fw_a.maps["blacklist"].delete(np.array([ip_to_be32(ATTACKER)], np.uint32))
+    acl.add_rules(fw_a, [acl.make_rule(fw_a, vm=VM, proto="tcp", dport="443", priority=5)])
+    time.sleep(0.1)
+
+    data = build_bundle(fw_a, VM, "host-b", 2, mid, "delta", src, identity=hosts.a)
+    b = parse_bundle(data)
+    assert b.is_delta and b.has_acl
+    c = b.counts()
+    assert c["del_sessions"] == 1 and c["del_blacklist"] == 1
+    assert c["sessions"] == 2  # the completed handshake and the new SYN, nothing else
+    res = hosts.receive(fw_b, data, pickup_s=0)
+    assert res.deleted.get("sessions") == 1 and res.deleted.get("blacklist") == 1
+    # B now equals A for this VM (modulo rebased times and the migrated flag)
+    a, bb = vm_entries(fw_a), vm_entries(fw_b)
+    for name in ("sessions", "halfopen", "syn_counters", "blacklist"):
+        assert a[name][0].tobytes() == bb[name][0].tobytes(), name
+    assert a["sessions"][1]["state"].tolist() == bb["sessions"][1]["state"].tolist()
+    assert len(bb["halfopen"][0]) == 2  # inbound SYN to :22 and the new outbound SYN
+    assert [int(r["rule"]["dport_lo"]) for r in acl.vm_entries(fw_b, VM)] == [443, 22, 0]
+
+    # an unchanged round carries nothing but the ACL digest
+    quiet = build_bundle(fw_a, VM, "host-b", 3, mid, "final", src, identity=hosts.a)
+    qb = parse_bundle(quiet)
+    assert qb.kind == "delta+final" and not qb.has_acl
+    assert sum(qb.counts().values()) == 0
+    hosts.receive(fw_b, quiet, pickup_s=0)
+
+
+def test_abort_removes_exactly_the_imported_entries(fw_a, fw_b, hosts):
+    make_state_a(fw_a)
+    _preexisting_on_b(fw_b, fw_a)
+    before = snapshot(fw_b)
+    mid = new_migration_id()
+    src = ExportState()
+    hosts.receive(fw_b, full_bundle(fw_a, hosts, mid, 1, src))
+    run_frame(fw_a, P.tcp(VM, 40009, CLIENT, 80, P.SYN))
+    hosts.receive(fw_b, build_bundle(fw_a, VM, "host-b", 2, mid, "delta", src, identity=hosts.a))
+    assert snapshot(fw_b) != before
+    counts = abort_import(fw_b, mid, hosts.state_b, replay=hosts.replay)
+    assert counts["sessions.removed"] >= 2 and counts["sessions.restored"] >= 1
+    assert snapshot(fw_b) == before  # imported gone, overwritten back, the rest untouched
+    meta = ImportRecords(hosts.state_b).meta(mid)
+    assert meta is not None and meta["status"] == "aborted"
+    # the migration is closed: a later bundle of it is refused, also after a restart
+    hosts.reopen_replay()
+    with pytest.raises(ReplayError, match="aborted"):
+        hosts.receive(fw_b, build_bundle(fw_a, VM, "host-b", 3, mid, "full", identity=hosts.a))
+    assert snapshot(fw_b) == before
+    assert abort_import(fw_b, mid, hosts.state_b) == {}  # idempotent
+
+
+def test_selection_ignores_other_vms_and_expired(fw_a, hosts):
+    make_state_a(fw_a)
+    st = export_vm_state(fw_a, VM)
+    assert len(st.sess_keys) == 5 and len(st.syn_keys) == 2 and len(st.bl_keys) == 1
+    assert isinstance(st.acl, np.ndarray) and len(st.acl) == 2
+    fw_a.set_config(fw_a.const("ST_UDP_REPLIED"), 0)  # UDP timeout 0 s: expired at once
+    time.sleep(0.01)
+    assert len(export_vm_state(fw_a, VM).sess_keys) == 4
+
+
+# ---- the CLI, two hosts on one machine --------------------------------------------------------
+
+
+def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
+    from sami_xdp.cli import app
+
+    make_state_a(fw_a)
+    runner = CliRunner()
+    cfg = {h: tmp_path / f"cfg-{h}" for h in "ab"}
+    st = {h: tmp_path / f"state-{h}" for h in "ab"}
+    bpffs = {"a": fw_a.path, "b": fw_b.path}
+
+    def run(h: str, *args: str, ok: bool = True) -> Any:
+        res = runner.invoke(
+            app,
+            [
+                "--config-dir",
+                str(cfg[h]),
+                "--state-dir",
+                str(st[h]),
+                "--bpffs",
+                str(bpffs[h]),
+                *args,
+            ],
+        )
+        if ok:
+            assert res.exit_code == 0, (args, res.output, res.exception)
+        return res
+
+    run("a", "keys", "init", "--host-id", "host-a")
+    run("b", "keys", "init", "--host-id", "host-b")
+    key_a = run("a", "keys", "show").output
+    key_b = run("b", "keys", "show").output
+    assert key_a.count("\n") == 1 and len(key_a.strip()) == 44  # alone on one line
+    run("a", "peers", "add", "host-b", "--address", "127.0.0.1:7801", "--key", key_b.strip())
+    run("b", "peers", "add", "host-a", "--address", "127.0.0.1:7800", "--key", key_a.strip())
+    peers = json.loads(run("b", "peers", "list", "--json").output)
+    assert [p["name"] for p in peers] == ["host-a"]
+
+    out = tmp_path / "vm.bundle"
+    run("a", "export", "--vm", VM, "--to", "host-b", "-o", str(out))
+    assert out.stat().st_mode & 0o777 == 0o600
+    for _ in range(2):  # inspecting twice: the replay cache is not consumed
+        info = json.loads(run("b", "bundle", "inspect", str(out), "--json").output)
+        assert info["valid"] and info["signer"] == "host-a" and info["audience"] == "host-b"
+        assert info["counts"]["sessions"] == 5 and info["vm"] == VM
+    assert "valid" in run("b", "bundle", "inspect", str(out)).output
+    res = run("a", "bundle", "inspect", str(out), ok=False)  # A is not the audience
+    assert res.exit_code == 11 and "host-b" in res.output
+
+    imp = json.loads(run("b", "import", str(out), "--pickup", "0", "--json").output)
+    assert imp["counts"]["sessions"] == 3 and imp["counts"]["halfopen"] == 2
+    assert len(vm_entries(fw_b)["sessions"][0]) == 3
+    again = run("b", "import", str(out), ok=False)
+    assert isinstance(again.exception, ReplayError)
+    res = run("b", "bundle", "inspect", str(out), ok=False)
+    assert res.exit_code == 11 and "replay" in res.output
+
+    # through cli.main(): one line on stderr and the refusal's exit code
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from sami_xdp.cli import main; main()",
+            "--config-dir",
+            str(cfg["b"]),
+            "--state-dir",
+            str(st["b"]),
+            "--bpffs",
+            str(bpffs["b"]),
+            "import",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 11
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("samixdp: error: replay")
+
+    listed = json.loads(run("b", "imports", "list", "--json").output)
+    assert len(listed) == 1 and listed[0]["vm"] == VM
+    run("b", "imports", "abort", listed[0]["migration_id"])
+    assert all(len(k) == 0 for k, _ in vm_entries(fw_b).values())
