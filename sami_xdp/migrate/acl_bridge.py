@@ -41,7 +41,7 @@ AclToken = np.ndarray | bytes | None
 def acl_records_dtype(layout: Layout | None = None) -> np.dtype:
     """struct acl_rule + priority (lower first) + hits."""
     base = (layout or load_layout()).dtype("acl_rule")
-    fields = [(n, base.fields[n][0]) for n in base.names]
+    fields = [(n, base[n]) for n in base.names or ()]
     return np.dtype(fields + [("priority", "<u4"), ("hits", "<u8")])
 
 
@@ -98,8 +98,17 @@ def rules_to_wire(rules: np.ndarray) -> np.ndarray:
 
 def wire_to_rules(wire: np.ndarray) -> np.ndarray:
     out = np.zeros(len(wire), dtype=acl_records_dtype())
-    for f in ("priority", "src_addr", "src_mask", "dport_lo", "dport_hi", "vlan", "proto",
-              "action", "hits"):
+    for f in (
+        "priority",
+        "src_addr",
+        "src_mask",
+        "dport_lo",
+        "dport_hi",
+        "vlan",
+        "proto",
+        "action",
+        "hits",
+    ):
         out[f] = wire[f]
     return out  # id and ifindex 0: the destination's ACL owner assigns ids
 
@@ -148,8 +157,9 @@ class AclModuleHooks:
 
     def _entries(self, fw: Firewall, vm: str, rules: np.ndarray, ids: list[int]) -> np.ndarray:
         e = np.zeros(len(rules), dtype=fw.maps["acl_rules"].value_dtype)
-        for f in e["rule"].dtype.names:
-            if f in rules.dtype.names:
+        have = rules.dtype.names or ()
+        for f in e["rule"].dtype.names or ():
+            if f in have:
                 e["rule"][f] = rules[f]
         e["rule"]["id"] = ids
         e["rule"]["ifindex"] = 0
@@ -203,8 +213,9 @@ class AclModuleHooks:
         self.acl.replace_rules(fw, np.concatenate([keep, old]))  # type: ignore[attr-defined]
 
     def hooks(self) -> AclHooks:
-        return AclHooks(self.export, self.replace, self.snapshot, self.restore, name=self.name,
-                        check=self.check)
+        return AclHooks(
+            self.export, self.replace, self.snapshot, self.restore, name=self.name, check=self.check
+        )
 
 
 def _no_acl_export(fw: Firewall, vm: str) -> None:

@@ -248,9 +248,7 @@ class Bundle:
             if not d.eof or d.unused_data or d.unconsumed_tail:
                 raise BundleFormatError("bundle body has trailing or missing compressed data")
         if len(raw) != raw_len:
-            raise CountMismatchError(
-                f"bundle body is {len(raw)} bytes, header says {raw_len}"
-            )
+            raise CountMismatchError(f"bundle body is {len(raw)} bytes, header says {raw_len}")
         out: dict[str, np.ndarray | bytes] = {}
         off = 0
         dtypes = {name: dt for name, dt, _ in SECTIONS}
@@ -277,8 +275,7 @@ def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
         raise BundleFormatError("not a sami-xdp bundle (bad magic)")
     if int(h["format_version"]) != FORMAT_VERSION:
         raise BundleFormatError(
-            f"bundle format version {int(h['format_version'])}, this samixdp reads "
-            f"{FORMAT_VERSION}"
+            f"bundle format version {int(h['format_version'])}, this samixdp reads {FORMAT_VERSION}"
         )
     if int(h["header_size"]) != HEADER_SIZE:
         raise BundleFormatError(f"bundle header size {int(h['header_size'])} != {HEADER_SIZE}")

@@ -199,7 +199,7 @@ class ImportRecords:
         path = d / f"undo-{seq:010d}.npz"
         fd, tmp = tempfile.mkstemp(prefix=".undo.", suffix=".npz", dir=d)
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **undo)
+            np.savez(fh, **undo)  # type: ignore[arg-type]
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -275,8 +275,13 @@ def _unpack_token(undo: dict[str, np.ndarray]) -> AclToken:
     return undo["acl_token"]
 
 
-def _undo_record(plans: list[MapPlan], pickup_touched: bool, pickup_old: np.ndarray | None,
-                 acl_token: AclToken | None, acl_touched: bool) -> dict[str, np.ndarray]:
+def _undo_record(
+    plans: list[MapPlan],
+    pickup_touched: bool,
+    pickup_old: np.ndarray | None,
+    acl_token: AclToken | None,
+    acl_touched: bool,
+) -> dict[str, np.ndarray]:
     rec: dict[str, np.ndarray] = {}
     for p in plans:
         rec[f"{p.name}.created"] = p.created_keys
@@ -290,8 +295,13 @@ def _undo_record(plans: list[MapPlan], pickup_touched: bool, pickup_old: np.ndar
     return rec
 
 
-def apply_undo(fw: Firewall, vm: int, undo: dict[str, np.ndarray],
-               acl: AclHooks | None, steps: int | None = None) -> tuple[dict[str, int], list[str]]:
+def apply_undo(
+    fw: Firewall,
+    vm: int,
+    undo: dict[str, np.ndarray],
+    acl: AclHooks | None,
+    steps: int | None = None,
+) -> tuple[dict[str, int], list[str]]:
     """Deletes created keys and restores old values; returns (counts, errors).
 
     `steps` limits the undo to the first N write steps (rollback of a
@@ -424,7 +434,10 @@ def import_vm_state(
         dbl = sec["del_blacklist"]
         assert isinstance(dbl, np.ndarray)
         p, fills["blacklist"] = plan_map(
-            bl_m, bl_k, bl_v, np.asarray(dbl["src"], dtype=bl_m.key_dtype),
+            bl_m,
+            bl_k,
+            bl_v,
+            np.asarray(dbl["src"], dtype=bl_m.key_dtype),
             keep_delete=lambda old: old["vm"] == vm,
         )
         plans.append(p)
@@ -462,10 +475,8 @@ def import_vm_state(
         # ---- commit point ---------------------------------------------------------
         if replay is not None:
             replay.consume(mid, b.seq, b.expires_at_ms)
-        undo = _undo_record(
-            plans, pickup_s > 0, np.array([pickup_old], np.uint64) if pickup_old is not None else None,
-            acl_token, b.has_acl,
-        )
+        old_pickup = np.array([pickup_old], np.uint64) if pickup_old is not None else None
+        undo = _undo_record(plans, pickup_s > 0, old_pickup, acl_token, b.has_acl)
         info = {"vm": vm_ip, "source": b.source, "kind": b.kind}
         records.begin_round(mid, b.seq, info, undo)
         t_undo = time.perf_counter()
@@ -502,8 +513,9 @@ def import_vm_state(
             "halfopen": len(plans[1].write_keys),
             "syn_counters": len(plans[2].write_keys),
             "blacklist": len(plans[3].write_keys),
-            "acl_rules": (len(sec["acl"]) if b.has_acl and isinstance(sec["acl"], np.ndarray)
-                          else 0),
+            "acl_rules": (
+                len(sec["acl"]) if b.has_acl and isinstance(sec["acl"], np.ndarray) else 0
+            ),
         }
         records.end_round(mid, b.seq, ok=True, counts=counts)
     if not is_protected(fw, vm_ip):
@@ -546,7 +558,11 @@ def receive_bundle(
     vb = verify_bundle(data, trust, host_id, replay_cache)
     t1 = time.perf_counter()
     res = import_vm_state(
-        fw, vb, state_dir or replay_cache.state_dir, replay=replay_cache, pickup_s=pickup_s,
+        fw,
+        vb,
+        state_dir or replay_cache.state_dir,
+        replay=replay_cache,
+        pickup_s=pickup_s,
         acl=acl,
     )
     res.timings = {"verify_s": t1 - t0, **res.timings, "receive_total_s": time.perf_counter() - t0}

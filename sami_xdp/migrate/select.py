@@ -27,7 +27,7 @@ from ..loader.pinned import Firewall
 from ..netutil import ip_to_be32
 from ..sessions import expired_mask, read_sessions
 from . import wire
-from .acl_bridge import AclHooks, AclRules, default_acl_hooks, ruleset_digest, rules_to_wire
+from .acl_bridge import AclHooks, AclRules, default_acl_hooks, rules_to_wire, ruleset_digest
 
 WATERMARK_MARGIN_NS = 50_000_000  # 50 ms: packets in flight during the dump
 
@@ -184,8 +184,9 @@ class ExportState:
         self.acl_digest = cur.acl_digest
 
 
-def _changed_rows(prev_k: np.ndarray, prev_v: np.ndarray, cur_k: np.ndarray,
-                  cur_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _changed_rows(
+    prev_k: np.ndarray, prev_v: np.ndarray, cur_k: np.ndarray, cur_v: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(mask of current rows new or changed, mask of previous rows now gone)."""
     if len(prev_k) == 0:
         return np.ones(len(cur_k), bool), np.zeros(0, bool)
@@ -219,8 +220,7 @@ def delta_since(prev: ExportState, cur: VmState) -> VmState:
 
     assert prev.syn_keys is not None and prev.syn_values is not None
     assert prev.bl_keys is not None and prev.bl_values is not None
-    syn_chg, syn_gone = _changed_rows(prev.syn_keys, prev.syn_values, cur.syn_keys,
-                                      cur.syn_values)
+    syn_chg, syn_gone = _changed_rows(prev.syn_keys, prev.syn_values, cur.syn_keys, cur.syn_values)
     bl_chg, bl_gone = _changed_rows(prev.bl_keys, prev.bl_values, cur.bl_keys, cur.bl_values)
     del_bl = np.empty(int(bl_gone.sum()), dtype=wire.DEL_BLACKLIST_WIRE)
     del_bl["src"] = prev.bl_keys[bl_gone]

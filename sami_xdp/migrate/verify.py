@@ -33,8 +33,8 @@ from .bundle import (
 )
 from .errors import (
     AudienceError,
-    BundleRefused,
     BundleFormatError,
+    BundleRefused,
     CountMismatchError,
     ExpiredError,
     InvalidRecordError,
@@ -102,8 +102,7 @@ def check_sessions(rec: np.ndarray, vm: int, n_states: int, what: str = "session
     if foreign.any():
         i = _first(foreign)
         raise PoisonedRecordError(
-            f"{what} record {i} ({_describe_session(rec[i])}) does not involve VM "
-            f"{be32_to_ip(vm)}"
+            f"{what} record {i} ({_describe_session(rec[i])}) does not involve VM {be32_to_ip(vm)}"
         )
     lo = np.asarray(rec["addr_lo"], dtype=np.uint32).byteswap()
     hi = np.asarray(rec["addr_hi"], dtype=np.uint32).byteswap()
@@ -119,8 +118,10 @@ def check_sessions(rec: np.ndarray, vm: int, n_states: int, what: str = "session
     normal &= ported | icmp | ((plo == 0) & (phi == 0))
     if not normal.all():
         i = _first(~normal)
-        raise InvalidRecordError(f"{what} record {i} ({_describe_session(rec[i])}) has a "
-                                 "key that is not normalised as the datapath builds it")
+        raise InvalidRecordError(
+            f"{what} record {i} ({_describe_session(rec[i])}) has a "
+            "key that is not normalised as the datapath builds it"
+        )
     if what != "session":
         return
     state = rec["state"]
@@ -133,8 +134,7 @@ def check_sessions(rec: np.ndarray, vm: int, n_states: int, what: str = "session
     if not ok.all():
         i = _first(~ok)
         raise InvalidRecordError(
-            f"session record {i} has state {int(state[i])}, invalid for protocol "
-            f"{int(proto[i])}"
+            f"session record {i} has state {int(state[i])}, invalid for protocol {int(proto[i])}"
         )
     if (rec["initiator"] > 1).any():
         i = _first(rec["initiator"] > 1)
@@ -284,7 +284,7 @@ def verify_bundle(
     sections = b.sections()
     if b.has_acl:
         acl = sections["acl"]
-        raw = acl if isinstance(acl, bytes) else acl.tobytes()  # type: ignore[union-attr]
+        raw = acl if isinstance(acl, bytes) else acl.tobytes()
         if ruleset_digest(raw) != b.ruleset_digest:
             raise CountMismatchError("ACL section does not match the header's ruleset digest")
     check_records(b, sections)
@@ -329,7 +329,8 @@ def inspect_bundle(
             "acl": ("blob" if b.flags & FLAG_ACL_BLOB else "records") if b.has_acl else "absent",
             "ruleset_digest": b.ruleset_digest.hex(),
             "bytes_per_session": round(len(data) / counts["sessions"], 2)
-            if counts["sessions"] else None,
+            if counts["sessions"]
+            else None,
         }
     )
     for field_name, fn in (("source", lambda: b.source), ("audience", lambda: b.audience)):

@@ -207,7 +207,7 @@ def blacklist_to_wire(keys: np.ndarray, values: np.ndarray, now_ns: int) -> np.n
 
 def session_keys_to_del(keys: np.ndarray) -> np.ndarray:
     out = np.empty(len(keys), dtype=DEL_SESSION_WIRE)
-    for f in DEL_SESSION_WIRE.names:
+    for f in ("addr_lo", "addr_hi", "port_lo", "port_hi", "proto"):
         out[f] = keys[f]
     return out
 
@@ -338,13 +338,13 @@ class KeyIndex:
         for i in range(ww.shape[1]):
             same &= self._words[idx, i] == ww[:, i]
         odd = np.nonzero(cand & ~same)[0]
-        for i in odd:  # equal hash, different key: look along the run
-            j = pos[i] + 1
-            while j < len(self.sorted) and self.sorted[j] == h[i]:
+        for r in odd.tolist():  # equal hash, different key: look along the run
+            j = int(pos[r]) + 1
+            while j < len(self.sorted) and self.sorted[j] == h[r]:
                 k = self.order[j]
-                if (self._words[k] == ww[i]).all():
-                    same[i] = True
-                    idx[i] = k
+                if (self._words[k] == ww[r]).all():
+                    same[r] = True
+                    idx[r] = k
                     break
                 j += 1
         return same, idx
