@@ -368,18 +368,22 @@ def encode_bundle(
             buf = arr.tobytes()
             itemsize = dtype.itemsize
         parts.append(_shuffle(buf, itemsize) if comp == COMP_ZLIB_SHUFFLE else buf)
-    raw = b"".join(parts)
-    h["raw_body_len"] = len(raw)
+    raw_len = sum(len(p) for p in parts)
+    h["raw_body_len"] = raw_len
     t1 = time.perf_counter()
-    body = raw if comp == COMP_NONE else zlib.compress(raw, 1)
-    h["body_len"] = len(body)
+    if comp == COMP_NONE:
+        h["body_len"] = raw_len
+        signed = b"".join([h.tobytes(), *parts])  # the only copy of the records
+    else:
+        body = zlib.compress(b"".join(parts), 1)
+        h["body_len"] = len(body)
+        signed = b"".join((h.tobytes(), body))
     t2 = time.perf_counter()
-    signed = b"".join((h.tobytes(), body))
     sig = identity.sign(signed)
     t3 = time.perf_counter()
     if timings is not None:
         timings.update(serialise_s=t1 - t0, compress_s=t2 - t1, sign_s=t3 - t2)
-    return signed + sig
+    return b"".join((signed, sig))
 
 
 def new_migration_id() -> bytes:

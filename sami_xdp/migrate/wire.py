@@ -114,32 +114,45 @@ NS_PER_MS = 1_000_000
 # ---- 16-bit counter codes -----------------------------------------------------------
 
 
+_F64_BIAS = np.uint64(1032 << 10)  # (1023 exponent bias + 9) in code units
+_EXACT_F64 = np.uint64(1 << 53)
+CODE16_MAX = 54 << 10 | 1023  # e = 54, m = 1023: the largest valid code
+
+
 def encode_counter16(values: np.ndarray) -> np.ndarray:
     """u64 -> u16 code: exact below 2048; else 10 mantissa bits and a shift.
 
     code = e << 10 | m; e == 0: value m; e >= 1: value (1024 | m) << (e - 1).
-    Truncates (never overstates); relative error < 2^-10; covers all of u64."""
+    Truncates (never overstates); relative error < 2^-10; covers all of u64.
+    For v < 2^53 the code is read straight off the float64 bits (exponent and
+    top 10 mantissa bits), which is exact; larger values take a slow path."""
     v = np.asarray(values, dtype=np.uint64)
-    one = np.uint64(1)
-    # bit length from the float64 exponent; rounding may add one near 2^k
-    bl = (v.astype(np.float64).view(np.uint64) >> np.uint64(52)).astype(np.int64) - 1022
-    shift = np.maximum(bl - 11, 0).astype(np.uint64)
+    code = v.astype(np.float64).view(np.uint64) >> np.uint64(42)
+    code -= _F64_BIAS  # wraps for v < 1024, replaced below
+    out = np.where(v < 1024, v, code).astype(np.uint16)
+    huge = v >= _EXACT_F64
+    if huge.any():
+        out[huge] = _encode_slow(v[huge])
+    return out
+
+
+def _encode_slow(v: np.ndarray) -> np.ndarray:
+    bl = np.zeros(v.shape, dtype=np.uint64)
+    x = v.copy()
+    for s in (32, 16, 8, 4, 2, 1):
+        big = (x >> np.uint64(s)) != 0
+        bl[big] += np.uint64(s)
+        x[big] >>= np.uint64(s)
+    bl += (x != 0).astype(np.uint64)  # bit length
+    shift = bl - np.uint64(11)
     top = v >> shift
-    shift -= ((top < 1024) & (shift > 0)).astype(np.uint64)
-    top = v >> shift
-    code = ((shift + one) << np.uint64(10)) | (top & np.uint64(1023))
-    return np.where(v < 1024, v, code).astype(np.uint16)
+    return (((shift + np.uint64(1)) << np.uint64(10)) | (top & np.uint64(1023))).astype(np.uint16)
 
 
 def decode_counter16(codes: np.ndarray) -> np.ndarray:
-    c = np.asarray(codes, dtype=np.uint64)
-    e = c >> np.uint64(10)
-    m = c & np.uint64(1023)
-    big = e > 0
-    out = m.copy()
-    eb = e[big]
-    out[big] = (m[big] | np.uint64(1024)) << (eb - np.uint64(1))
-    return out
+    c = np.minimum(np.asarray(codes, dtype=np.uint64), np.uint64(CODE16_MAX))
+    big = ((c + _F64_BIAS) << np.uint64(42)).view(np.float64).astype(np.uint64)
+    return np.where(c < 1024, c, big)
 
 
 # ---- times ----------------------------------------------------------------------------
