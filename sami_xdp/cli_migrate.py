@@ -25,10 +25,12 @@ from .migrate import (
     TrustStore,
     abort_import,
     build_bundle,
+    import_vm_state,
     new_migration_id,
-    receive_bundle,
+    verify_bundle,
 )
 from .migrate.bundle import COMPRESSIONS, DEFAULT_VALIDITY_S, MAX_VALIDITY_S
+from .migrate.errors import UnknownMigrationError
 from .migrate.importer import DEFAULT_PICKUP_S, ImportRecords
 from .migrate.replay import REPLAY_FILE
 from .migrate.verify import inspect_bundle
@@ -250,10 +252,11 @@ def import_cmd(
     data = _read_file(file)
     ident = HostIdentity.load(c.config_dir)
     trust = TrustStore.load(c.config_dir)
-    with ReplayCache(c.state_dir) as replay, c.open() as fw:
-        res = receive_bundle(
-            fw, data, trust, replay, ident.host_id, state_dir=c.state_dir, pickup_s=pickup
-        )
+    with ReplayCache(c.state_dir) as replay:
+        # refusals need no firewall: verify first, then open the maps
+        vb = verify_bundle(data, trust, ident.host_id, replay)
+        with c.open() as fw:
+            res = import_vm_state(fw, vb, c.state_dir, replay=replay, pickup_s=pickup)
     if json_:
         _echo_json(res.as_dict())
         return
@@ -374,6 +377,8 @@ def imports_abort(
         mid = b""
     if len(mid) != 16:
         raise InvalidArgument("migration id must be 32 hex digits")
+    if ImportRecords(c.state_dir).meta(mid) is None:
+        raise UnknownMigrationError(f"no import of migration {mid.hex()} in {c.state_dir}")
     with c.open() as fw:
         counts = abort_import(fw, mid, c.state_dir)
     if json_:
