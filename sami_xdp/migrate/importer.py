@@ -498,9 +498,11 @@ def import_vm_state(
             if b.has_acl:
                 assert hooks is not None
                 hooks.replace(fw, vm_ip, acl_rules)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C mid-load too: leave nothing half-written
             undone, errors = apply_undo(fw, vm, undo, hooks, steps=step)
             records.end_round(mid, b.seq, ok=False)
+            if not isinstance(exc, Exception):
+                raise
             if errors:
                 raise RollbackIncomplete(
                     f"import failed ({exc}) and rollback failed too: {'; '.join(errors)}"
