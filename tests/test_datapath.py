@@ -13,9 +13,12 @@ so in their docstrings.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
+import subprocess
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import packets as P
@@ -142,13 +145,23 @@ def handshake(fw: Firewall, vm: str = VM, vport: int = 40000, peer: str = CLIENT
 
 
 @pytest.fixture
-def other_ifindex() -> int:
+def other_ifindex() -> Iterator[int]:
     """A real, non-loopback device of this netns for ingress_ifindex (PROG_TEST_RUN
-    looks it up; without a ctx the kernel reports loopback)."""
+    looks it up; without a ctx the kernel reports loopback). Uses an existing one, or
+    makes a veth pair for the test."""
     for idx, _name in socket.if_nameindex():
         if idx != LO_IFINDEX:
-            return idx
-    pytest.skip("no non-loopback interface in this netns")
+            yield idx
+            return
+    name = f"sxdp{os.getpid() % 100000}"
+    made = subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name",
+                           name + "p"], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no non-loopback interface and cannot add one: {made.stderr.strip()}")
+    try:
+        yield socket.if_nametoindex(name)
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
 
 
 # ---- TCP handshake, counters, times, ifindex ----------------------------------
