@@ -205,9 +205,20 @@ def main() -> None:
         "repeat_per_run": args.repeat,
         "runs": args.runs,
         "max_sessions": args.max_sessions,
+        "datapath": _datapath_version(),
         "results": results,
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def _datapath_version() -> dict:
+    """The commit the measured bpf/ sources come from, and whether they were edited."""
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+    return {"head": git("rev-parse", "--short", "HEAD"),
+            "bpf_last_commit": git("log", "-1", "--format=%h", "--", "bpf"),
+            "bpf_dirty": bool(git("status", "--porcelain", "--", "bpf"))}
 
 
 def _cpu_model() -> str:
