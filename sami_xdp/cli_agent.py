@@ -125,10 +125,10 @@ def migrate_cmd(
         raise InvalidArgument("--final and --abort exclude each other")
     if final:
         phases.signal_running(c.state_dir, vm, phases.SIG_FINAL)
-        doc = phases.wait_finished(c.state_dir, vm)
-        _print_report(doc["report"], json_)
-        if doc["status"] != "completed":
-            raise phases.MigrationRefused(doc["report"]["outcome"])
+        done = phases.wait_finished(c.state_dir, vm)
+        _print_report(done["report"], json_)
+        if done["status"] != "completed":
+            raise phases.MigrationRefused(done["report"]["outcome"])
         return
     identity = HostIdentity.load(c.config_dir)
     trust = TrustStore.load(c.config_dir)
@@ -136,8 +136,8 @@ def migrate_cmd(
         doc = phases.read_record(c.state_dir, vm)
         if doc and doc.get("status") == "running":
             phases.signal_running(c.state_dir, vm, signal.SIGTERM)
-            doc = phases.wait_finished(c.state_dir, vm)
-            typer.echo(f"aborted migration {doc['migration_id'][:12]} of {vm}")
+            done = phases.wait_finished(c.state_dir, vm)
+            typer.echo(f"aborted migration {done['migration_id'][:12]} of {vm}")
             return
         if not doc:
             raise InvalidArgument(f"no migration of {vm} recorded on this host")
