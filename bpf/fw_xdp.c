@@ -32,6 +32,7 @@
 
 #define NS_PER_S 1000000000ULL
 #define NS_PER_MS 1000000ULL
+#define FRAG_TIMEOUT_NS (30 * NS_PER_S)
 
 /* Established (and UDP/ICMP) sessions: a plain hash, never evicted. A full
  * table refuses new sessions instead. */
@@ -176,6 +177,9 @@ static __always_inline __u32 advance_session(struct session_key *k, struct sessi
         v->state = next;
         return REASON_PASS_SESSION;
     }
+    if (p->proto == IPPROTO_ICMP &&
+        p->icmp_type != (from_init ? ICMP_ECHO_T : ICMP_ECHOREPLY_T))
+        return REASON_DROP_INVALID; /* e.g. a request from the pinged side */
     if (p->proto == IPPROTO_UDP && !from_init)
         v->state = ST_UDP_REPLIED;
     count_packet(v, from_init, p->l3_len, now, ifindex);
@@ -286,14 +290,16 @@ static __always_inline __u32 handle_icmp_error(struct fw_config *cfg, struct pkt
 {
     struct session_key k = {};
     int in_halfopen;
+    /* an error is about a packet its receiver sent (as conntrack requires) */
+    int addressed = dir == DIR_OUTBOUND || p->daddr == p->in_saddr;
     make_key(&k, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto);
-    if (find_session(cfg, &k, now, &in_halfopen))
+    if (addressed && find_session(cfg, &k, now, &in_halfopen))
         return REASON_PASS_RELATED;
     /* unrelated errors: a VM may send them, nobody may send them to a VM */
     return dir == DIR_OUTBOUND ? REASON_PASS_OUTBOUND : REASON_DROP_NO_SESSION;
 }
 
-static __always_inline __u32 handle_fragment(struct fw_config *cfg, struct pkt *p)
+static __always_inline __u32 handle_fragment(struct fw_config *cfg, struct pkt *p, __u64 now)
 {
     __u64 policy = cfg->slot[CFG_FRAG_POLICY];
     if (policy == 1)
@@ -301,7 +307,11 @@ static __always_inline __u32 handle_fragment(struct fw_config *cfg, struct pkt *
     if (policy == 2)
         return REASON_DROP_FRAGMENT;
     struct frag_key fk = {.src = p->saddr, .dst = p->daddr, .id = p->ip_id, .proto = p->proto};
-    return fragments.lookup(&fk) ? REASON_PASS_FRAGMENT : REASON_DROP_FRAGMENT;
+    u64 *first_seen = fragments.lookup(&fk);
+    /* like the kernel's reassembly timeout: followers come within 30 s */
+    if (first_seen && now - *first_seen < FRAG_TIMEOUT_NS)
+        return REASON_PASS_FRAGMENT;
+    return REASON_DROP_FRAGMENT;
 }
 
 static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
@@ -331,7 +341,7 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
         }
     }
     if (p->frag == 2)
-        return handle_fragment(cfg, p);
+        return handle_fragment(cfg, p, now);
     if (p->is_icmp_err)
         return handle_icmp_error(cfg, p, now, dir);
 
@@ -408,7 +418,7 @@ int xdp_firewall(struct xdp_md *ctx)
     if (reason == REASON_NEED_ACL)
         reason = acl_stage(ctx, &p);
 
-    if (p.frag == 1 && reason < SAMIXDP_FIRST_DROP) {
+    if (p.frag == 1 && reason < SAMIXDP_FIRST_DROP && reason != REASON_PASS_TRANSIT) {
         /* remember an accepted first fragment so its followers may pass */
         struct frag_key fk = {.src = p.saddr, .dst = p.daddr, .id = p.ip_id, .proto = p.proto};
         u64 ts = bpf_ktime_get_ns();

@@ -83,6 +83,15 @@ def firewall(test_bpffs: Path) -> Iterator[Firewall]:
     unpin_all(test_bpffs / "fw")
 
 
+@pytest.fixture(scope="session")
+def firewall_b(test_bpffs: Path, firewall: Firewall) -> Iterator[Firewall]:
+    """A second host's firewall (migration destination) in the same test bpffs."""
+    fw = Firewall.create(test_bpffs / "fw-b", TEST_LIMITS)
+    yield fw
+    fw.close()
+    unpin_all(test_bpffs / "fw-b")
+
+
 def reset_firewall(fw: Firewall) -> None:
     """Empties every map and restores the default config."""
     for name in RESETTABLE:

@@ -743,10 +743,6 @@ def test_icmp_error_quoting_echo_request_passes_related(pfw):
     assert run(fw, P.icmp_error(ROUTER, VM, req, icmp_type=11, code=0)) == "pass-related"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: handle_icmp_error() (bpf/fw_xdp.c) matches only the quoted 5-tuple, never that "
-    "the error is addressed to the quoted packet's sender: anyone who knows one live "
-    "session can send ICMP errors to every VM"))
 def test_icmp_error_must_go_to_the_quoted_packets_sender(pfw):
     fw = pfw
     vm2_out = P.ipv4(VM2, CLIENT, 17, P.udp_seg(5353, 53))
@@ -834,10 +830,6 @@ def test_followers_of_a_dropped_first_fragment_dropped(pfw):
     assert run(fw, _later(CLIENT, VM, 66)) == "drop-fragment"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: xdp_firewall() (bpf/fw_xdp.c) records every passed first fragment in the "
-    "`fragments` LRU, transit ones included, although transit followers never consult it: "
-    "transit fragments can evict the entries protected flows need"))
 def test_transit_first_fragments_are_not_tracked(pfw):
     fw = pfw
     assert run(fw, _first(OUT_A, OUT_B, 99)) == "pass-transit"
@@ -918,3 +910,23 @@ def test_full_table_refuses_new_sessions_keeps_established(pfw):
     assert run(fw, P.udp(VM, 5355, CLIENT, 53)) == "drop-table-full"
     counts = stats.verdict_packets(fw)
     assert counts["drop-table-full"] == 4
+
+
+def test_echo_request_from_the_pinged_side_does_not_ride_the_ping_session(pfw):
+    fw = pfw
+    assert run(fw, P.icmp_echo(VM, CLIENT, 4242)) == "pass-outbound"
+    # same identifier, but a *request* from the pinged host: a new inbound flow
+    assert run(fw, P.icmp_echo(CLIENT, VM, 4242)) == "drop-invalid"
+    assert run(fw, P.icmp_echo(CLIENT, VM, 4242, reply=True)) == "pass-session"
+
+
+def test_fragment_followers_expire_after_30s(pfw):
+    fw = pfw
+    first = P.eth(P.ipv4(VM, CLIENT, 17, P.udp_seg(5000, 53) + b"x" * 16, frag=0x2000, ident=77))
+    later = P.eth(P.ipv4(VM, CLIENT, 17, b"y" * 16, frag=3, ident=77))
+    assert run(fw, first).startswith("pass-")
+    assert run(fw, later) == "pass-fragment"
+    m = fw.maps["fragments"]
+    keys, _ = m.dump()
+    m.update(keys[:1], np.array([time.monotonic_ns() - 31 * 10**9], dtype=np.uint64))
+    assert run(fw, later) == "drop-fragment"

@@ -8,9 +8,8 @@ into:
                drop-malformed;
   ok         - every header present and consistent: must NOT be drop-malformed;
   outside    - a UDP/ICMP header or ICMP-error quote lies in the frame but past
-               the IPv4 total length (in Ethernet padding): any verdict today;
-               `test_l4_header_outside_the_datagram_is_malformed` pins the bug
-               (strict xfail);
+               the IPv4 total length (in Ethernet padding): must be
+               drop-malformed (`test_l4_header_outside_the_datagram_is_malformed`);
   non-ip     - must be pass-non-ip.
 Truncated datagrams (tot_len > frame, TCP data offset past tot_len) and frames
 with more VLAN tags than parsed are malformed (regressions, fixed in 37bca57).
@@ -238,10 +237,6 @@ def _outside_cases() -> list[bytes]:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: parse_packet()/parse_icmp_quote() (bpf/lib/parse.h) bound the UDP header, ICMP "
-    "header and ICMP-error quote by data_end, not by the IPv4 datagram end (iph + tot_len): "
-    "ports are read from Ethernet padding"))
 def test_l4_header_outside_the_datagram_is_malformed(pfw):
     cases = _outside_cases()
     assert all(expected(c) == "outside" for c in cases)

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import packets as P
 import pytest
-from conftest import TEST_LIMITS, reset_firewall, run_frame
+from conftest import reset_firewall, run_frame
 from typer.testing import CliRunner
 
 from sami_xdp import acl, protect, stats
 from sami_xdp.layout import load_layout
-from sami_xdp.loader.pinned import Firewall, PinnedMap, unpin_all
+from sami_xdp.loader.pinned import Firewall, PinnedMap
 from sami_xdp.migrate import (
     ExportState,
     HostIdentity,
@@ -62,14 +62,6 @@ LAYOUT = load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
 
 
 # ---- two hosts -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def firewall_b(test_bpffs: Path) -> Iterator[Firewall]:
-    fw = Firewall.create(test_bpffs / "fw-b", TEST_LIMITS)
-    yield fw
-    fw.close()
-    unpin_all(test_bpffs / "fw-b")
 
 
 @pytest.fixture

@@ -61,13 +61,16 @@ static __always_inline int is_icmp_error(__u8 type)
 }
 
 /* Parses the IPv4 header and ports quoted inside an ICMP error. */
-static __always_inline int parse_icmp_quote(struct pkt *p, void *inner, void *data_end)
+static __always_inline int parse_icmp_quote(struct pkt *p, void *inner, void *data_end,
+                                            __u32 room)
 {
     struct iphdr *iph = inner;
     if ((void *)(iph + 1) > data_end)
         return PARSE_MALFORMED;
     if (iph->version != 4 || iph->ihl < 5)
         return PARSE_MALFORMED;
+    if (iph->ihl * 4 + 8 > room)
+        return PARSE_MALFORMED; /* the quote must lie inside the ICMP payload */
     __u8 *l4 = (__u8 *)iph + (iph->ihl * 4);
     if ((void *)(l4 + 8) > data_end)
         return PARSE_MALFORMED;
@@ -141,6 +144,9 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
         p->frag = 1;
 
     __u8 *l4 = (__u8 *)iph + ihl_bytes;
+    __u32 l4_len = tot_len - ihl_bytes;
+    if ((p->proto == IPPROTO_UDP || p->proto == IPPROTO_ICMP) && l4_len < 8)
+        return PARSE_MALFORMED; /* the header would come from padding */
     if (p->proto == IPPROTO_TCP) {
         struct tcphdr *th = (void *)l4;
         if ((void *)(th + 1) > data_end)
@@ -165,7 +171,7 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
             p->sport = ih->un.echo.id;
             p->dport = 0;
         } else if (is_icmp_error(ih->type)) {
-            return parse_icmp_quote(p, ih + 1, data_end);
+            return parse_icmp_quote(p, ih + 1, data_end, l4_len - 8);
         }
     }
     /* other IP protocols: a session on addresses and protocol alone */

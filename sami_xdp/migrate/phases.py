@@ -338,7 +338,7 @@ def spawn_cleanup(bpffs: Path, vm: str, grace_s: float, max_wait_s: float, log: 
     cmd = [
         sys.executable,
         "-m",
-        "sami_xdp.cli",
+        "sami_xdp",
         "--bpffs",
         str(bpffs),
         "migrate-cleanup",
