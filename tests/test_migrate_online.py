@@ -77,7 +77,8 @@ def _wait_line(proc: subprocess.Popen[str], needle: str, timeout: float = 15) ->
                 return line
         elif proc.poll() is not None:
             break
-    raise AssertionError(f"no {needle!r} from agent; stderr: {proc.stderr.read() if proc.stderr else ''}")
+    err = proc.stderr.read() if proc.stderr else ""
+    raise AssertionError(f"no {needle!r} from agent; stderr: {err}")
 
 
 @pytest.fixture
