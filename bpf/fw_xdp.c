@@ -30,6 +30,12 @@
 #define MAX_BLACKLIST 65536
 #endif
 
+/* The coarse clock (CLOCK_MONOTONIC_COARSE, one tick resolution) is a
+ * fraction of the cost of bpf_ktime_get_ns() and plenty for timeouts of
+ * seconds; it shares CLOCK_MONOTONIC's base, so userspace compares with
+ * time.monotonic_ns(). */
+#define NOW() bpf_ktime_get_coarse_ns()
+
 #define NS_PER_S 1000000000ULL
 #define NS_PER_MS 1000000ULL
 #define FRAG_TIMEOUT_NS (30 * NS_PER_S)
@@ -52,7 +58,9 @@ BPF_TABLE("hash", u32, struct acl_entry, acl_rules, SAMIXDP_ACL_MAX_RULE_ID);
 /* VM address -> end of its migration pickup window (bpf_ktime_get_ns). */
 BPF_TABLE("hash", u32, u64, pickup, SAMIXDP_MAX_PROTECTED);
 BPF_TABLE("lru_hash", struct frag_key, u64, fragments, SAMIXDP_FRAG_ENTRIES);
-BPF_ARRAY(config, struct fw_config, 1);
+/* [0]: settings written by userspace; [CFG_ENTRY_RUNTIME]: hints the
+ * datapath writes (kept apart so a settings rewrite cannot clobber them). */
+BPF_ARRAY(config, struct fw_config, 2);
 BPF_ARRAY(meta, struct samixdp_meta, 1);
 BPF_PERCPU_ARRAY(verdicts, struct verdict_counter, SAMIXDP_N_REASONS);
 
@@ -106,12 +114,15 @@ static __always_inline int is_live(struct fw_config *cfg, struct session_value *
     return seen >= now || now - seen <= timeout_ns(cfg, v->state);
 }
 
+/* Plain (not atomic) increments: each direction of a flow is normally
+ * handled by one CPU (RSS), so a lost update is rare and only costs a count;
+ * a locked add on every packet costs more than the whole lookup. */
 static __always_inline void count_packet(struct session_value *v, int from_init, __u32 len,
                                          __u64 now, __u32 ifindex)
 {
     int d = from_init ? 0 : 1;
-    __sync_fetch_and_add(&v->packets[d], 1);
-    __sync_fetch_and_add(&v->bytes[d], len);
+    v->packets[d] += 1;
+    v->bytes[d] += len;
     v->last_seen_ns = now;
     v->ifindex = ifindex;
 }
@@ -127,6 +138,22 @@ static __always_inline int direction(__u32 saddr, __u32 daddr)
     return DIR_TRANSIT;
 }
 
+/* Is `src` banned? Counts the drop. The config hint skips the lookup while
+ * no ban exists, which is the common case. */
+static __always_inline int banned(__u32 src, __u64 now)
+{
+    __u32 idx = CFG_ENTRY_RUNTIME;
+    struct fw_config *rt = config.lookup(&idx);
+    if (rt && !rt->slot[RT_BANS_HINT])
+        return 0;
+    struct blacklist_value *bv = blacklist.lookup(&src);
+    if (bv && now < bv->expires_ns) {
+        __sync_fetch_and_add(&bv->dropped, 1);
+        return 1;
+    }
+    return 0;
+}
+
 /* Creates a session; TCP starts half-open. Returns a pass reason or
  * REASON_DROP_TABLE_FULL. */
 static __always_inline __u32 open_session(struct session_key *k, struct pkt *p, __u8 side,
@@ -134,6 +161,12 @@ static __always_inline __u32 open_session(struct session_key *k, struct pkt *p, 
                                           __u32 pass_reason)
 {
     struct session_value v = {};
+    struct lpm_v4_key pk = {.prefixlen = 32, .addr = k->addr_lo};
+    if (protected.lookup(&pk))
+        flags |= SESS_F_VM_LO;
+    pk.addr = k->addr_hi;
+    if (protected.lookup(&pk))
+        flags |= SESS_F_VM_HI;
     v.created_ns = now;
     v.last_seen_ns = now;
     v.packets[0] = 1;
@@ -232,6 +265,10 @@ static __always_inline int syn_over_rate(struct fw_config *cfg, struct pkt *p, _
     bv.dropped = 1;
     bv.vm = p->daddr;
     blacklist.update(&p->saddr, &bv);
+    __u32 idx = CFG_ENTRY_RUNTIME;
+    struct fw_config *rt = config.lookup(&idx);
+    if (rt)
+        rt->slot[RT_BANS_HINT] = 1; /* after the insert: see blacklist.gc() */
     return 1;
 }
 
@@ -322,35 +359,44 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
     if (rc != PARSE_OK)
         return REASON_DROP_MALFORMED;
 
-    int dir = direction(p->saddr, p->daddr);
-    if (dir == DIR_TRANSIT)
-        return REASON_PASS_TRANSIT;
-
     __u32 zero = 0;
     struct fw_config *cfg = config.lookup(&zero);
     if (!cfg)
         return REASON_DROP_MALFORMED; /* unreachable: arrays always hold index 0 */
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = NOW();
     __u32 ifindex = ctx->ingress_ifindex;
+    struct session_key k = {};
+    __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
+    __u8 syn_only = p->proto == IPPROTO_TCP &&
+                    (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
 
-    if (dir == DIR_INBOUND) {
-        struct blacklist_value *bv = blacklist.lookup(&p->saddr);
-        if (bv && now < bv->expires_ns) {
-            __sync_fetch_and_add(&bv->dropped, 1);
-            return REASON_DROP_BLACKLIST;
+    /* Fast path: a live established session. Its flags say which ends are
+     * protected, so no prefix lookup is needed; packets towards a VM still
+     * meet the blacklist first. */
+    if (p->frag != 2 && !p->is_icmp_err) {
+        struct session_value *v = sessions.lookup(&k);
+        if (v && is_live(cfg, v, now) &&
+            !(syn_only && (v->state == ST_TIME_WAIT || v->state == ST_CLOSED))) {
+            if ((v->flags & (side == SIDE_LO ? SESS_F_VM_HI : SESS_F_VM_LO)) &&
+                banned(p->saddr, now))
+                return REASON_DROP_BLACKLIST;
+            return advance_session(&k, v, p, side, 0, now, ifindex);
         }
     }
+
+    int dir = direction(p->saddr, p->daddr);
+    if (dir == DIR_TRANSIT)
+        return REASON_PASS_TRANSIT;
+
+    if (dir == DIR_INBOUND && banned(p->saddr, now))
+        return REASON_DROP_BLACKLIST;
     if (p->frag == 2)
         return handle_fragment(cfg, p, now);
     if (p->is_icmp_err)
         return handle_icmp_error(cfg, p, now, dir);
 
-    struct session_key k = {};
-    __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
     int in_halfopen;
     struct session_value *v = find_session(cfg, &k, now, &in_halfopen);
-    __u8 syn_only = p->proto == IPPROTO_TCP &&
-                    (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
     if (v && syn_only && (v->state == ST_TIME_WAIT || v->state == ST_CLOSED)) {
         /* port reuse after close: a new connection, judged like any other */
         if (in_halfopen)
@@ -407,7 +453,7 @@ static __always_inline __u32 acl_stage(struct xdp_md *ctx, struct pkt *p)
     __u8 state = p->proto == IPPROTO_TCP    ? ST_SYN_SENT
                  : p->proto == IPPROTO_ICMP ? ST_ICMP
                                             : ST_UDP_NEW;
-    return open_session(&k, p, side, state, SESS_F_INBOUND, bpf_ktime_get_ns(), ifindex,
+    return open_session(&k, p, side, state, SESS_F_INBOUND, NOW(), ifindex,
                         REASON_PASS_ACL);
 }
 
@@ -421,7 +467,7 @@ int xdp_firewall(struct xdp_md *ctx)
     if (p.frag == 1 && reason < SAMIXDP_FIRST_DROP && reason != REASON_PASS_TRANSIT) {
         /* remember an accepted first fragment so its followers may pass */
         struct frag_key fk = {.src = p.saddr, .dst = p.daddr, .id = p.ip_id, .proto = p.proto};
-        u64 ts = bpf_ktime_get_ns();
+        u64 ts = NOW();
         fragments.update(&fk, &ts);
     }
     struct verdict_counter *c = verdicts.lookup(&reason);

@@ -7,7 +7,7 @@
  * Bump SAMIXDP_LAYOUT_VERSION whenever any struct below changes.
  */
 
-#define SAMIXDP_LAYOUT_VERSION 4
+#define SAMIXDP_LAYOUT_VERSION 5
 
 /* ---- verdict reasons (index into the `verdicts` per-CPU array) ----------
  * Reasons below SAMIXDP_FIRST_DROP pass the packet, the rest drop it. */
@@ -55,6 +55,9 @@
 #define SESS_F_INBOUND 4    /* opened from outside towards a protected VM */
 #define SESS_F_FIN_LO 8     /* lo side sent FIN */
 #define SESS_F_FIN_HI 16    /* hi side sent FIN */
+#define SESS_F_VM_LO 32     /* lo address was protected when the session opened */
+#define SESS_F_VM_HI 64     /* hi address was protected when the session opened */
+#define SESS_F_ALL 127      /* every flag above */
 
 /* ---- map capacities (defaults; the loader may override with -D) ---------- */
 #define SAMIXDP_MAX_PROTECTED 1024
@@ -70,6 +73,9 @@
 #define CFG_BAN_S 18            /* blacklist duration */
 #define CFG_ACL_GEN 19          /* which ACL rule-set map is live: 0 or 1 */
 #define CFG_FRAG_POLICY 20      /* 0 = track first fragments, 1 = pass all, 2 = drop all */
+/* `config` entry 1 belongs to the datapath (userspace rewrites entry 0 whole) */
+#define CFG_ENTRY_RUNTIME 1
+#define RT_BANS_HINT 0          /* entry 1 slot: non-zero when a live ban may exist */
 #define SAMIXDP_N_CONFIG 32 /* = length of fw_config.slot */
 
 /* ---- ACL ----------------------------------------------------------------- */

@@ -57,6 +57,7 @@ def ban(fw: Firewall, ip: str, vm: str, seconds: int) -> None:
     value["expires_ns"] = now + seconds * 1_000_000_000
     value["vm"] = ip_to_be32(vm)
     fw.maps["blacklist"].update(np.array([ip_to_be32(ip)], np.uint32), value)
+    fw.set_bans_hint(True)
 
 
 def gc(fw: Firewall, now_ns: int | None = None) -> dict[str, int]:
@@ -65,6 +66,12 @@ def gc(fw: Firewall, now_ns: int | None = None) -> dict[str, int]:
     keys, values = fw.maps["blacklist"].dump()
     dead = keys[values["expires_ns"] <= now]
     removed["blacklist"] = fw.maps["blacklist"].delete_many(dead) if len(dead) else 0
+    # clear the datapath's hint, then look again: a ban inserted meanwhile
+    # either shows up here or sets the hint itself after its insert
+    fw.set_bans_hint(False)
+    _, values = fw.maps["blacklist"].dump()
+    if (values["expires_ns"] > np.uint64(time.monotonic_ns())).any():
+        fw.set_bans_hint(True)
     keys, values = fw.maps["syn_counters"].dump()
     start = np.minimum(values["window_start_ns"], now)
     dead = keys[(now - start) > np.uint64(SYN_COUNTER_IDLE_NS)]

@@ -292,6 +292,16 @@ class Firewall:
         slots[index] = value
         self.write_config(slots)
 
+    def set_bans_hint(self, on: bool) -> None:
+        """The datapath skips blacklist lookups while this runtime hint is 0:
+        set it after inserting a ban from userspace."""
+        idx = np.array([self.const("CFG_ENTRY_RUNTIME")], np.uint32)
+        m = self.maps["config"]
+        value = m.lookup(idx)
+        assert value is not None
+        value["slot"][self.const("RT_BANS_HINT")] = 1 if on else 0
+        m.update(idx, value)
+
     def prog_id(self) -> int:
         return bpfsys.prog_info(self.prog_fd).id
 

@@ -491,6 +491,8 @@ def import_vm_state(
                     deleted[plan.name] = m.delete_many(plan.delete_keys)
                 if len(plan.write_keys):
                     m.update_many(plan.write_keys, plan.write_values)
+                    if plan.name == "blacklist":
+                        fw.set_bans_hint(True)  # the datapath checks bans only when set
             step += 1
             if pickup_s > 0:
                 pm.update(pkey, np.array([pickup_until], np.uint64))

@@ -139,8 +139,9 @@ def check_sessions(rec: np.ndarray, vm: int, n_states: int, what: str = "session
     if (rec["initiator"] > 1).any():
         i = _first(rec["initiator"] > 1)
         raise InvalidRecordError(f"session record {i} has initiator {int(rec['initiator'][i])}")
-    if (rec["flags"] & ~np.uint8(0x1F)).any():
-        i = _first((rec["flags"] & ~np.uint8(0x1F)) != 0)
+    known = np.uint8(load_layout().consts["SESS_F_ALL"])
+    if (rec["flags"] & ~known).any():
+        i = _first((rec["flags"] & ~known) != 0)
         raise InvalidRecordError(f"session record {i} has unknown flags {int(rec['flags'][i]):#x}")
 
 
