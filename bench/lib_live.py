@@ -46,38 +46,55 @@ _libc.syscall.restype = ctypes.c_long
 
 class _AttrTestRun(ctypes.Structure):
     _fields_ = [
-        ("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
 class _XdpMd(ctypes.Structure):
     _fields_ = [
-        ("data", ctypes.c_uint32), ("data_end", ctypes.c_uint32),
-        ("data_meta", ctypes.c_uint32), ("ingress_ifindex", ctypes.c_uint32),
-        ("rx_queue_index", ctypes.c_uint32), ("egress_ifindex", ctypes.c_uint32),
+        ("data", ctypes.c_uint32),
+        ("data_end", ctypes.c_uint32),
+        ("data_meta", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("rx_queue_index", ctypes.c_uint32),
+        ("egress_ifindex", ctypes.c_uint32),
     ]
 
 
 @dataclass(frozen=True)
 class LiveRun:
-    wall_s: float          # wall time of the bpf(2) call
+    wall_s: float  # wall time of the bpf(2) call
     kernel_ns_per_pkt: int  # the kernel's mean per repeat (excludes time rescheduled)
-    interrupted: bool      # the seconds bound hit (EINTR) before `repeat` frames
+    interrupted: bool  # the seconds bound hit (EINTR) before `repeat` frames
 
 
 def _alarm(_signum: int, _frame: object) -> None:
     pass  # only there to interrupt the syscall (EINTR)
 
 
-def live_run(prog_fd: int, frame: bytes, repeat: int, ingress_ifindex: int,
-             max_seconds: float, batch_size: int = 64) -> LiveRun:
+def live_run(
+    prog_fd: int,
+    frame: bytes,
+    repeat: int,
+    ingress_ifindex: int,
+    max_seconds: float,
+    batch_size: int = 64,
+) -> LiveRun:
     """Sends `repeat` frames through `prog_fd` (which returns XDP_TX) out of
     `ingress_ifindex`, which is looked up in the caller's current netns.
 
@@ -87,16 +104,25 @@ def live_run(prog_fd: int, frame: bytes, repeat: int, ingress_ifindex: int,
     buf = ctypes.create_string_buffer(frame, len(frame))
     ctx = _XdpMd(data=0, data_end=len(frame), ingress_ifindex=ingress_ifindex)
     attr = _AttrTestRun(
-        prog_fd=prog_fd, data_size_in=len(frame), data_in=ctypes.addressof(buf),
-        repeat=repeat, ctx_size_in=ctypes.sizeof(ctx), ctx_in=ctypes.addressof(ctx),
-        flags=BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=batch_size,
+        prog_fd=prog_fd,
+        data_size_in=len(frame),
+        data_in=ctypes.addressof(buf),
+        repeat=repeat,
+        ctx_size_in=ctypes.sizeof(ctx),
+        ctx_in=ctypes.addressof(ctx),
+        flags=BPF_F_TEST_XDP_LIVE_FRAMES,
+        batch_size=batch_size,
     )
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, max_seconds)
     try:
         t0 = time.perf_counter()
-        rc = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(BPF_PROG_TEST_RUN),
-                           ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+        rc = _libc.syscall(
+            ctypes.c_long(nr),
+            ctypes.c_int(BPF_PROG_TEST_RUN),
+            ctypes.byref(attr),
+            ctypes.c_uint(ctypes.sizeof(attr)),
+        )
         wall = time.perf_counter() - t0
         err = ctypes.get_errno()
     finally:
@@ -235,8 +261,9 @@ class Generator:
 
     HDR_LEN = 56
 
-    def configure(self, frame: bytes, nflows: int, addr_base: str, port_base: int,
-                  port_span: int, l4: int) -> None:
+    def configure(
+        self, frame: bytes, nflows: int, addr_base: str, port_base: int, port_span: int, l4: int
+    ) -> None:
         """`frame` (at least HDR_LEN bytes) is also the one given to live_run."""
         if len(frame) < self.HDR_LEN:
             raise ValueError(f"frames must have at least {self.HDR_LEN} bytes")
@@ -313,8 +340,12 @@ def with_macs(frame: bytes, dst: bytes, src: bytes) -> bytes:
 
 def link_info(netns: str, ifname: str) -> dict:
     """`ip -j -s link show` of one link (sysfs would show the root netns's links)."""
-    out = subprocess.run(["ip", "-n", netns, "-j", "-s", "link", "show", "dev", ifname],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", netns, "-j", "-s", "link", "show", "dev", ifname],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)[0]
 
 
@@ -355,8 +386,9 @@ class RxSampler(threading.Thread):
                     t0 = time.perf_counter()
                     msg = ipr.get_links(self.ifindex)[0]
                     t1 = time.perf_counter()
-                    self.samples.append(((t0 + t1) / 2,
-                                         int(msg.get_attr("IFLA_STATS64")["rx_packets"])))
+                    self.samples.append(
+                        ((t0 + t1) / 2, int(msg.get_attr("IFLA_STATS64")["rx_packets"]))
+                    )
                     self.ready.set()
                     if self.stop.wait(self.period):
                         return
@@ -365,8 +397,9 @@ class RxSampler(threading.Thread):
             self.ready.set()
 
 
-def window_rate(samples: list[tuple[float, int]], before: int, after: int,
-                min_fraction: float = 0.3) -> tuple[float, float, int] | None:
+def window_rate(
+    samples: list[tuple[float, int]], before: int, after: int, min_fraction: float = 0.3
+) -> tuple[float, float, int] | None:
     """(packets/s, window seconds, packets in window) between the first sample
     taken after the counter left `before` and the last one taken before it
     reached `after`: both ends lie strictly inside the flow of packets. None

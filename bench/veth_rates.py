@@ -18,7 +18,8 @@ P3  established traffic passed: TCP PSH|ACK cycling over 100,000 established flo
                               (`conntrack -R` file) and `ct state established,related
                               accept; policy drop`
       no filter               nothing attached
-      XDP_PASS (native)       a bare counting XDP_PASS program (reference only)
+      XDP_PASS (native, generic)  a bare counting XDP_PASS program (reference only:
+                              the floor of each mode; generic skips GRO)
 
 Generator (bench/lib_live.py). A bcc XDP program returning XDP_TX, run with
 BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES (repeat = frames per run), ctx
@@ -77,6 +78,7 @@ import ipaddress
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -149,8 +151,8 @@ def flow(i: np.ndarray | int, base: str) -> tuple:
 class Receiver:
     tag: str
     ns: Netns
-    ifname: str      # receiving veth (in ns)
-    gen_if: str      # generator-side veth (in the generator netns)
+    ifname: str  # receiving veth (in ns)
+    gen_if: str  # generator-side veth (in the generator netns)
     gen_ifindex: int = 0
     ifindex: int = 0
     mac: bytes = b""
@@ -159,15 +161,15 @@ class Receiver:
 
 @dataclass
 class Case:
-    figure: str          # "P2" | "P3"
-    filter: str          # "ours" | "nftables" | "XDP_DROP" | "no filter" | "XDP_PASS"
-    mode: str            # "native" | "generic" | "-" (no XDP)
+    figure: str  # "P2" | "P3"
+    filter: str  # "ours" | "nftables" | "XDP_DROP" | "no filter" | "XDP_PASS"
+    mode: str  # "native" | "generic" | "-" (no XDP)
     rx: Receiver
-    count: Callable[[], int]   # the filter-level counter
-    what: str                  # what `count` counts
-    detail: Callable[[], dict] = dict   # other counters kept per run (checks)
-    reference: bool = False    # not part of the targets
-    flows: int = 0             # flows cycled (0: --flows)
+    count: Callable[[], int]  # the filter-level counter
+    what: str  # what `count` counts
+    detail: Callable[[], dict] = dict  # other counters kept per run (checks)
+    reference: bool = False  # not part of the targets
+    flows: int = 0  # flows cycled (0: --flows)
     runs: list[dict] = field(default_factory=list)
 
     @property
@@ -195,11 +197,17 @@ class Bench:
     # ---- set-up -------------------------------------------------------------
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.a.run(SAMIXDP, *args, check=check, timeout=180, env={
-            "SAMIXDP_BPFFS": str(self.bpffs),
-            "SAMIXDP_CONFIG_DIR": str(self.lab.run_dir / "config"),
-            "SAMIXDP_STATE_DIR": str(self.lab.run_dir / "state"),
-        })
+        return self.a.run(
+            SAMIXDP,
+            *args,
+            check=check,
+            timeout=180,
+            env={
+                "SAMIXDP_BPFFS": str(self.bpffs),
+                "SAMIXDP_CONFIG_DIR": str(self.lab.run_dir / "config"),
+                "SAMIXDP_STATE_DIR": str(self.lab.run_dir / "state"),
+            },
+        )
 
     def build(self) -> None:
         lab = self.lab
@@ -207,8 +215,16 @@ class Bench:
         for ns in (self.g, self.a, self.n):  # no IPv6 chatter in the counters
             for scope in ("all", "default"):
                 ns.sysctl(f"net.ipv6.conf.{scope}.disable_ipv6", 1)
-        tags = {"fwn": self.a, "fwg": self.a, "dpn": self.a, "dpg": self.a, "psn": self.a,
-                "non": self.a, "nft": self.n}
+        tags = {
+            "fwn": self.a,
+            "fwg": self.a,
+            "dpn": self.a,
+            "dpg": self.a,
+            "psn": self.a,
+            "psg": self.a,
+            "non": self.a,
+            "nft": self.n,
+        }
         self.rx: dict[str, Receiver] = {}
         for i, (tag, ns) in enumerate(tags.items()):
             r = Receiver(tag, ns, f"sxr-{tag}", f"sxg-{tag}")
@@ -236,8 +252,9 @@ class Bench:
         for tag, mode in (("fwn", "native"), ("fwg", "generic")):
             ifname = self.rx[tag].ifname
             size = ["--max-sessions", str(self.args.max_sessions)] if self.args.max_sessions else []
-            out = self.cli("attach", ifname, "--protect", VM_NET, "--mode", mode,
-                           *size).stdout.strip()
+            out = self.cli(
+                "attach", ifname, "--protect", VM_NET, "--mode", mode, *size
+            ).stdout.strip()
             self.fw_ifaces.append(ifname)
             if f"in {mode} mode" not in out:
                 raise SystemExit(f"samixdp attach {ifname} --mode {mode} said: {out!r}")
@@ -260,7 +277,9 @@ class Bench:
         vals["last_seen_ns"] = now
         vals["state"] = STATE_BY_NAME["ESTABLISHED"]
         vals["initiator"] = self.fw.const("SIDE_HI")  # the client opened it (inbound)
-        vals["flags"] = self.fw.const("SESS_F_INBOUND")
+        # as the datapath records an ACL-opened inbound session: the lo end is the VM
+        consts = self.fw.layout.consts
+        vals["flags"] = consts["SESS_F_INBOUND"] | consts.get("SESS_F_VM_LO", 0)
         t0 = time.perf_counter()
         loaded = m.update_many(keys, vals)
         self.env["ours_sessions_loaded"] = loaded
@@ -269,8 +288,13 @@ class Bench:
 
     def setup_nft(self) -> None:
         n = self.n
-        res = subprocess.run(["ip", "netns", "exec", n.name, "nft", "-f", "-"],
-                             input=NFT_RULES, text=True, capture_output=True, timeout=30)
+        res = subprocess.run(
+            ["ip", "netns", "exec", n.name, "nft", "-f", "-"],
+            input=NFT_RULES,
+            text=True,
+            capture_output=True,
+            timeout=30,
+        )
         if res.returncode != 0:
             raise SystemExit(f"nft -f failed: {res.stderr.strip()}")
         self.nft_loaded = True
@@ -282,11 +306,14 @@ class Bench:
         i = np.arange(self.args.flows)
         caddr, cport = flow(i, P3_CLIENT_BASE)
         for a, p in zip(caddr.tolist(), cport.tolist(), strict=True):
-            lines.append(f"-I -p tcp -s {ipaddress.IPv4Address(a)} -d {P3_VM} --sport {p} "
-                         f"--dport {P3_VM_PORT} --state ESTABLISHED -u ASSURED,SEEN_REPLY "
-                         f"-t 7200\n")
-        with tempfile.NamedTemporaryFile("w", dir=self.lab.run_dir, suffix=".ct",
-                                         delete=False) as fh:
+            lines.append(
+                f"-I -p tcp -s {ipaddress.IPv4Address(a)} -d {P3_VM} --sport {p} "
+                f"--dport {P3_VM_PORT} --state ESTABLISHED -u ASSURED,SEEN_REPLY "
+                f"-t 7200\n"
+            )
+        with tempfile.NamedTemporaryFile(
+            "w", dir=self.lab.run_dir, suffix=".ct", delete=False
+        ) as fh:
             fh.writelines(lines)
         t0 = time.perf_counter()
         res = n.run("conntrack", "-R", fh.name, check=False, timeout=120)
@@ -314,13 +341,17 @@ class Bench:
     def define_cases(self) -> None:
         rx = self.rx
         self.progs_by = {}
-        for tag, action, mode in (("dpn", "XDP_DROP", "native"), ("dpg", "XDP_DROP", "generic"),
-                                  ("psn", "XDP_PASS", "native")):
+        for tag, action, mode in (
+            ("dpn", "XDP_DROP", "native"),
+            ("dpg", "XDP_DROP", "generic"),
+            ("psn", "XDP_PASS", "native"),
+            ("psg", "XDP_PASS", "generic"),
+        ):
             prog = L.CountingXdp(action)
             self.progs.append(prog)
             prog.attach(rx[tag].ns.name, rx[tag].ifname, mode)
             self.progs_by[tag] = prog
-        drop_n, drop_g, pass_n = (self.progs_by[t] for t in ("dpn", "dpg", "psn"))
+        drop_n, drop_g, pass_n, pass_g = (self.progs_by[t] for t in ("dpn", "dpg", "psn", "psg"))
 
         def verdict(reason: str) -> Callable[[], int]:
             return lambda: self.verdicts()[reason]
@@ -332,41 +363,126 @@ class Bench:
             return lambda: int(L.link_info(ns.name, SINK)["stats64"]["rx"]["packets"])
 
         self.cases = [
-            Case("P2", "ours", "native", rx["fwn"], verdict("drop-acl-default"),
-                 "verdict drop-acl-default", self.verdicts),
-            Case("P2", "ours", "generic", rx["fwg"], verdict("drop-acl-default"),
-                 "verdict drop-acl-default", self.verdicts),
-            Case("P2", "nftables", "-", rx["nft"], nft("fwd_drop"),
-                 "nft counter before policy drop (forward)", self.nft_counters),
+            Case(
+                "P2",
+                "ours",
+                "native",
+                rx["fwn"],
+                verdict("drop-acl-default"),
+                "verdict drop-acl-default",
+                self.verdicts,
+            ),
+            Case(
+                "P2",
+                "ours",
+                "generic",
+                rx["fwg"],
+                verdict("drop-acl-default"),
+                "verdict drop-acl-default",
+                self.verdicts,
+            ),
+            Case(
+                "P2",
+                "nftables",
+                "-",
+                rx["nft"],
+                nft("fwd_drop"),
+                "nft counter before policy drop (forward)",
+                self.nft_counters,
+            ),
             Case("P2", "XDP_DROP", "native", rx["dpn"], drop_n.packets, "XDP program counter"),
             Case("P2", "XDP_DROP", "generic", rx["dpg"], drop_g.packets, "XDP program counter"),
-            Case("P3", "ours", "native", rx["fwn"], verdict("pass-session"),
-                 "verdict pass-session", self.verdicts),
-            Case("P3", "ours", "generic", rx["fwg"], verdict("pass-session"),
-                 "verdict pass-session", self.verdicts),
-            Case("P3", "nftables", "-", rx["nft"], nft("fwd_est"),
-                 "nft counter of ct state established accept (forward)", self.nft_counters),
+            Case(
+                "P3",
+                "ours",
+                "native",
+                rx["fwn"],
+                verdict("pass-session"),
+                "verdict pass-session",
+                self.verdicts,
+            ),
+            Case(
+                "P3",
+                "ours",
+                "generic",
+                rx["fwg"],
+                verdict("pass-session"),
+                "verdict pass-session",
+                self.verdicts,
+            ),
+            Case(
+                "P3",
+                "nftables",
+                "-",
+                rx["nft"],
+                nft("fwd_est"),
+                "nft counter of ct state established accept (forward)",
+                self.nft_counters,
+            ),
             Case("P3", "no filter", "-", rx["non"], sink(self.a), "sink packets (ifb)"),
-            Case("P3", "XDP_PASS", "native", rx["psn"], pass_n.packets, "XDP program counter",
-                 reference=True),
+            Case(
+                "P3",
+                "XDP_PASS",
+                "native",
+                rx["psn"],
+                pass_n.packets,
+                "XDP program counter",
+                reference=True,
+            ),
+            # the stack after a generic XDP program: the kernel skips GRO then
+            Case(
+                "P3",
+                "XDP_PASS",
+                "generic",
+                rx["psg"],
+                pass_g.packets,
+                "XDP program counter",
+                reference=True,
+            ),
         ]
         if not self.args.no_single_flow:
             # sensitivity: the same P2 cases with one flow (everything cache-hot)
             self.cases[5:5] = [
-                Case("P2", "ours", "native", rx["fwn"], verdict("drop-acl-default"),
-                     "verdict drop-acl-default", self.verdicts, reference=True, flows=1),
-                Case("P2", "nftables", "-", rx["nft"], nft("fwd_drop"),
-                     "nft counter before policy drop (forward)", self.nft_counters,
-                     reference=True, flows=1),
-                Case("P2", "XDP_DROP", "native", rx["dpn"], drop_n.packets,
-                     "XDP program counter", reference=True, flows=1),
+                Case(
+                    "P2",
+                    "ours",
+                    "native",
+                    rx["fwn"],
+                    verdict("drop-acl-default"),
+                    "verdict drop-acl-default",
+                    self.verdicts,
+                    reference=True,
+                    flows=1,
+                ),
+                Case(
+                    "P2",
+                    "nftables",
+                    "-",
+                    rx["nft"],
+                    nft("fwd_drop"),
+                    "nft counter before policy drop (forward)",
+                    self.nft_counters,
+                    reference=True,
+                    flows=1,
+                ),
+                Case(
+                    "P2",
+                    "XDP_DROP",
+                    "native",
+                    rx["dpn"],
+                    drop_n.packets,
+                    "XDP program counter",
+                    reference=True,
+                    flows=1,
+                ),
             ]
         self.sink_of = {id(self.a): sink(self.a), id(self.n): sink(self.n)}
 
     def frames(self, r: Receiver) -> dict[str, bytes]:
         p2 = P.udp(P2_SRC_BASE, PORT_BASE, P2_VM, P2_VM_PORT, b"u" * 18)  # 60 bytes
-        p3 = L.with_l4_checksum(P.tcp(P3_CLIENT_BASE, PORT_BASE, P3_VM, P3_VM_PORT,
-                                      P.PSH | P.ACK, b"t" * 6))  # 60 bytes
+        p3 = L.with_l4_checksum(
+            P.tcp(P3_CLIENT_BASE, PORT_BASE, P3_VM, P3_VM_PORT, P.PSH | P.ACK, b"t" * 6)
+        )  # 60 bytes
         return {"P2": L.with_macs(p2, r.mac, r.gen_mac), "P3": L.with_macs(p3, r.mac, r.gen_mac)}
 
     # ---- measuring ----------------------------------------------------------
@@ -383,10 +499,13 @@ class Bench:
         sink = self.sink_of[id(r.ns)]
 
         def snap() -> dict:
-            return {"count": case.count(), "detail": case.detail(),
-                    "arrived": int(L.link_info(r.ns.name, r.ifname)["stats64"]["rx"]["packets"]),
-                    "sent": int(L.link_info(self.g.name, r.gen_if)["stats64"]["tx"]["packets"]),
-                    "delivered": sink()}
+            return {
+                "count": case.count(),
+                "detail": case.detail(),
+                "arrived": int(L.link_info(r.ns.name, r.ifname)["stats64"]["rx"]["packets"]),
+                "sent": int(L.link_info(self.g.name, r.gen_if)["stats64"]["tx"]["packets"]),
+                "delivered": sink(),
+            }
 
         before = snap()
         sampler = L.RxSampler(r.ns.name, r.ifindex, self.args.sampler_cpu)
@@ -394,8 +513,7 @@ class Bench:
         sampler.ready.wait(5)
         try:
             with L.in_netns(self.g.name):
-                run = L.live_run(self.gen.fd, frame, packets, r.gen_ifindex,
-                                 self.args.max_seconds)
+                run = L.live_run(self.gen.fd, frame, packets, r.gen_ifindex, self.args.max_seconds)
         finally:
             sampler.stop.set()
             sampler.join(5)
@@ -403,8 +521,11 @@ class Bench:
             raise SystemExit(f"rx sampler failed: {sampler.error!r}")
         after = snap()
         d = {k: after[k] - before[k] for k in ("count", "arrived", "sent", "delivered")}
-        moved = {k: after["detail"][k] - v for k, v in before["detail"].items()
-                 if after["detail"][k] != v}
+        moved = {
+            k: after["detail"][k] - v
+            for k, v in before["detail"].items()
+            if after["detail"][k] != v
+        }
         win = L.window_rate(sampler.samples, before["arrived"], after["arrived"])
         # Frames taken off the receiving veth's ring per second, inside the flow of
         # packets when the samples allow it, else over the whole call...
@@ -420,9 +541,13 @@ class Bench:
             "window_s": round(win[1], 4) if win else None,
             "window_packets": win[2] if win else None,
             "mpps_whole_call": round(d["count"] / run.wall_s / 1e6, 4),
-            "counted": d["count"], "sent": d["sent"], "arrived": d["arrived"],
-            "delivered": d["delivered"], "other_counters_moved": moved,
-            "wall_s": round(run.wall_s, 4), "kernel_ns_per_frame": run.kernel_ns_per_pkt,
+            "counted": d["count"],
+            "sent": d["sent"],
+            "arrived": d["arrived"],
+            "delivered": d["delivered"],
+            "other_counters_moved": moved,
+            "wall_s": round(run.wall_s, 4),
+            "kernel_ns_per_frame": run.kernel_ns_per_pkt,
             "stopped_by_time_bound": run.interrupted,
         }
 
@@ -438,8 +563,11 @@ class Bench:
                 res = self.one_run(c, a.packets)
                 res["round"] = rnd
                 c.runs.append(res)
-            print(f"round {rnd + 1}/{a.runs}: " + ", ".join(
-                f"{c.key} {c.runs[-1]['mpps']:.2f}" for c in self.cases), flush=True)
+            print(
+                f"round {rnd + 1}/{a.runs}: "
+                + ", ".join(f"{c.key} {c.runs[-1]['mpps']:.2f}" for c in self.cases),
+                flush=True,
+            )
 
     # ---- teardown -----------------------------------------------------------
 
@@ -474,9 +602,11 @@ def other_conntrack(own: set[str]) -> dict[str, int]:
         name = line.split()[0] if line.split() else ""
         if not name or name in own:
             continue
-        r = subprocess.run(["ip", "netns", "exec", name, "cat",
-                            "/proc/sys/net/netfilter/nf_conntrack_count"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["ip", "netns", "exec", name, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode == 0 and r.stdout.strip().isdigit():
             out[name] = int(r.stdout)
     return {k: v for k, v in out.items() if v}
@@ -491,12 +621,17 @@ def summarise(cases: list[Case]) -> tuple[dict, dict]:
     for c in cases:
         rates = [r["mpps"] for r in c.runs]
         out[c.key] = {
-            "figure": c.figure, "filter": c.filter, "mode": c.mode, "counted": c.what,
+            "figure": c.figure,
+            "filter": c.filter,
+            "mode": c.mode,
+            "counted": c.what,
             "reference_only": c.reference,
             "median_mpps": round(statistics.median(rates), 3),
-            "min_mpps": round(min(rates), 3), "max_mpps": round(max(rates), 3),
-            "median_delivered_mpps": round(statistics.median(
-                r["delivered_mpps"] for r in c.runs), 3),
+            "min_mpps": round(min(rates), 3),
+            "max_mpps": round(max(rates), 3),
+            "median_delivered_mpps": round(
+                statistics.median(r["delivered_mpps"] for r in c.runs), 3
+            ),
             "runs": c.runs,
         }
 
@@ -510,26 +645,29 @@ def summarise(cases: list[Case]) -> tuple[dict, dict]:
                 if ra["round"] == rb["round"] and rb["mpps"]:
                     paired[ra["round"]] = ra["mpps"] / rb["mpps"]
         mb = out[den]["median_mpps"]
-        return {"num": num, "den": den,
-                "ratio_of_medians": round(out[num]["median_mpps"] / mb, 2) if mb else None,
-                "median_paired_ratio": round(statistics.median(paired.values()), 2)
-                if paired else None}
+        return {
+            "num": num,
+            "den": den,
+            "ratio_of_medians": round(out[num]["median_mpps"] / mb, 2) if mb else None,
+            "median_paired_ratio": round(statistics.median(paired.values()), 2) if paired else None,
+        }
 
     ratios = {
-        "P2 1-flow ours(native)/nftables": ratio("P2/ours (native), 1 flow",
-                                                 "P2/nftables, 1 flow"),
-        "P2 1-flow ours(native)/XDP_DROP(native)": ratio("P2/ours (native), 1 flow",
-                                                         "P2/XDP_DROP (native), 1 flow"),
+        "P2 1-flow ours(native)/nftables": ratio("P2/ours (native), 1 flow", "P2/nftables, 1 flow"),
+        "P2 1-flow ours(native)/XDP_DROP(native)": ratio(
+            "P2/ours (native), 1 flow", "P2/XDP_DROP (native), 1 flow"
+        ),
         "P2 ours(native)/nftables": ratio("P2/ours (native)", "P2/nftables"),
         "P2 ours(generic)/nftables": ratio("P2/ours (generic)", "P2/nftables"),
         "P2 ours(native)/XDP_DROP(native)": ratio("P2/ours (native)", "P2/XDP_DROP (native)"),
-        "P2 ours(generic)/XDP_DROP(generic)": ratio("P2/ours (generic)",
-                                                    "P2/XDP_DROP (generic)"),
+        "P2 ours(generic)/XDP_DROP(generic)": ratio("P2/ours (generic)", "P2/XDP_DROP (generic)"),
         "P3 ours(native)/nftables": ratio("P3/ours (native)", "P3/nftables"),
         "P3 ours(generic)/nftables": ratio("P3/ours (generic)", "P3/nftables"),
         "P3 ours(native)/no filter": ratio("P3/ours (native)", "P3/no filter"),
         "P3 ours(generic)/no filter": ratio("P3/ours (generic)", "P3/no filter"),
         "P3 nftables/no filter": ratio("P3/nftables", "P3/no filter"),
+        "P3 ours(native)/XDP_PASS(native)": ratio("P3/ours (native)", "P3/XDP_PASS (native)"),
+        "P3 ours(generic)/XDP_PASS(generic)": ratio("P3/ours (generic)", "P3/XDP_PASS (generic)"),
     }
     return out, {k: v for k, v in ratios.items() if v is not None}
 
@@ -538,12 +676,12 @@ def targets(ratios: dict) -> dict:
     def verdict(key: str, want: float) -> dict:
         got = ratios[key]["ratio_of_medians"]
         return {"ratio": got, "target": want, "met": bool(got is not None and got >= want)}
+
     return {
         "P2 ours >= 3x nftables drop-new (native)": verdict("P2 ours(native)/nftables", 3.0),
         "P2 ours >= 3x nftables drop-new (generic)": verdict("P2 ours(generic)/nftables", 3.0),
         "P3 ours >= 1.4x nftables established (native)": verdict("P3 ours(native)/nftables", 1.4),
-        "P3 ours >= 1.4x nftables established (generic)": verdict("P3 ours(generic)/nftables",
-                                                                  1.4),
+        "P3 ours >= 1.4x nftables established (generic)": verdict("P3 ours(generic)/nftables", 1.4),
     }
 
 
@@ -553,11 +691,15 @@ def check_runs(results: dict) -> list[str]:
     for key, r in results.items():
         for run in r["runs"]:
             if run["arrived"] and abs(run["counted"] - run["arrived"]) > 0.001 * run["arrived"]:
-                notes.append(f"{key} round {run['round']}: counted {run['counted']} of "
-                             f"{run['arrived']} arrived frames")
+                notes.append(
+                    f"{key} round {run['round']}: counted {run['counted']} of "
+                    f"{run['arrived']} arrived frames"
+                )
             if run["sent"] and run["arrived"] < 0.999 * run["sent"]:
-                notes.append(f"{key} round {run['round']}: {run['sent'] - run['arrived']} of "
-                             f"{run['sent']} sent frames never arrived")
+                notes.append(
+                    f"{key} round {run['round']}: {run['sent'] - run['arrived']} of "
+                    f"{run['sent']} sent frames never arrived"
+                )
     return notes
 
 
@@ -567,10 +709,17 @@ def plot(results: dict, ratios: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    colours = {"ours": "#1f77b4", "nftables": "#d62728", "XDP_DROP": "#7f7f7f",
-               "no filter": "#2ca02c", "XDP_PASS": "#bcbd22"}
-    panels = [("P2", "P2: unsolicited inbound UDP dropped"),
-              ("P3", "P3: established TCP passed, forwarded to a sink")]
+    colours = {
+        "ours": "#1f77b4",
+        "nftables": "#d62728",
+        "XDP_DROP": "#7f7f7f",
+        "no filter": "#2ca02c",
+        "XDP_PASS": "#bcbd22",
+    }
+    panels = [
+        ("P2", "P2: unsolicited inbound UDP dropped"),
+        ("P3", "P3: established TCP passed, forwarded to a sink"),
+    ]
     widths = [max(1, sum(1 for r in results.values() if r["figure"] == f)) for f, _ in panels]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.4), gridspec_kw={"width_ratios": widths})
     for ax, (fig_name, label) in zip(axes, panels, strict=True):
@@ -579,23 +728,41 @@ def plot(results: dict, ratios: dict, path: Path, title: str) -> None:
         lo = [r["median_mpps"] - r["min_mpps"] for _, r in items]
         hi = [r["max_mpps"] - r["median_mpps"] for _, r in items]
         x = np.arange(len(items))
-        bars = ax.bar(x, med, yerr=[lo, hi], capsize=3, error_kw={"elinewidth": 1},
-                      color=[colours.get(r["filter"], "#999999") for _, r in items],
-                      hatch=[("//" if r["reference_only"] else "") for _, r in items],
-                      edgecolor="white")
+        bars = ax.bar(
+            x,
+            med,
+            yerr=[lo, hi],
+            capsize=3,
+            error_kw={"elinewidth": 1},
+            color=[colours.get(r["filter"], "#999999") for _, r in items],
+            hatch=[("//" if r["reference_only"] else "") for _, r in items],
+            edgecolor="white",
+        )
         top = max(r["max_mpps"] for _, r in items) if items else 1
         for b, (_, r) in zip(bars, items, strict=True):
-            ax.text(b.get_x() + b.get_width() / 2, r["max_mpps"] + top * 0.01,
-                    f"{r['median_mpps']:.2f}", ha="center", va="bottom", fontsize=8)
+            ax.text(
+                b.get_x() + b.get_width() / 2,
+                r["max_mpps"] + top * 0.01,
+                f"{r['median_mpps']:.2f}",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         names = [k.split("/", 1)[1].replace(" (", "\n(").replace(", ", "\n") for k, _ in items]
         ax.set_xticks(x, names, fontsize=7.5)
         ax.set_ylim(0, top * 1.12)
         ax.set_ylabel("Mpps on one CPU (median; whiskers: min-max)")
         third = "XDP_DROP(native)" if fig_name == "P2" else "no filter"
-        keys = [f"{fig_name} ours(native)/nftables", f"{fig_name} ours(generic)/nftables",
-                f"{fig_name} ours(native)/{third}"]
-        sub = "; ".join(f"{k[3:]} {ratios[k]['ratio_of_medians']:.2f}x" for k in keys
-                        if k in ratios and ratios[k]["ratio_of_medians"] is not None)
+        keys = [
+            f"{fig_name} ours(native)/nftables",
+            f"{fig_name} ours(generic)/nftables",
+            f"{fig_name} ours(native)/{third}",
+        ]
+        sub = "; ".join(
+            f"{k[3:]} {ratios[k]['ratio_of_medians']:.2f}x"
+            for k in keys
+            if k in ratios and ratios[k]["ratio_of_medians"] is not None
+        )
         ax.set_title(f"{label}\n{sub}", fontsize=8.5)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title + "   (hatched: reference rows, not targets)", fontsize=8.5)
@@ -624,19 +791,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds of 1M packets")
     ap.add_argument("--runs", type=int, default=None, help="rounds (default 5, quick 3)")
-    ap.add_argument("--packets", type=int, default=None,
-                    help="frames per run (default 3M, quick 1M)")
-    ap.add_argument("--max-seconds", type=float, default=None,
-                    help="time bound of one run (default 5, quick 3)")
+    ap.add_argument(
+        "--packets", type=int, default=None, help="frames per run (default 3M, quick 1M)"
+    )
+    ap.add_argument(
+        "--max-seconds", type=float, default=None, help="time bound of one run (default 5, quick 3)"
+    )
     ap.add_argument("--cpu", type=int, default=0, help="the CPU of generator and receiver")
-    ap.add_argument("--max-sessions", type=int, default=None,
-                    help="session table size of our firewall (default: the CLI's)")
-    ap.add_argument("--ct-checksum", type=int, choices=(0, 1), default=0,
-                    help="net.netfilter.nf_conntrack_checksum in the nftables netns")
-    ap.add_argument("--no-single-flow", action="store_true",
-                    help="skip the P2 1-flow sensitivity rows")
-    ap.add_argument("--flows", type=int, default=100_000,
-                    help="flows cycled (and sessions / conntrack entries loaded for P3)")
+    ap.add_argument(
+        "--max-sessions",
+        type=int,
+        default=None,
+        help="session table size of our firewall (default: the CLI's)",
+    )
+    ap.add_argument(
+        "--ct-checksum",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="net.netfilter.nf_conntrack_checksum in the nftables netns",
+    )
+    ap.add_argument(
+        "--no-single-flow", action="store_true", help="skip the P2 1-flow sensitivity rows"
+    )
+    ap.add_argument(
+        "--flows",
+        type=int,
+        default=100_000,
+        help="flows cycled (and sessions / conntrack entries loaded for P3)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "veth_rates.json")
     ap.add_argument("--png", type=Path, default=HERE / "results" / "veth_rates.png")
     args = ap.parse_args()
@@ -651,6 +834,8 @@ def main() -> None:
     if args.flows > PORT_SPAN * 250:
         raise SystemExit(f"--flows at most {PORT_SPAN * 250}")
 
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so everything is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.sched_setaffinity(0, {args.cpu})  # children (CLI, ip, nft) inherit it too
     t_start = time.monotonic()
     b = Bench(args)
@@ -672,19 +857,27 @@ def main() -> None:
     for when in ("before", "after"):
         other = b.env.get(f"conntrack_other_netns_{when}")
         if other:
-            notes.append(f"conntrack entries in other namespaces {when} the runs (they share "
-                         f"the hash table, nftables is slower for it): {other}")
+            notes.append(
+                f"conntrack entries in other namespaces {when} the runs (they share "
+                f"the hash table, nftables is slower for it): {other}"
+            )
     total_s = time.monotonic() - t_start
 
-    print(f"\nveth packet rates, sender+receiver on CPU {args.cpu}; {args.packets} frames per run, "
-          f"median of {args.runs} rounds; {args.flows} flows cycled")
+    print(
+        f"\nveth packet rates, sender+receiver on CPU {args.cpu}; {args.packets} frames per run, "
+        f"median of {args.runs} rounds; {args.flows} flows cycled"
+    )
     print(f"{'figure':6} {'case':32} {'Mpps':>7} {'min':>6} {'max':>6} {'deliv.':>7}  counted")
     for key, r in results.items():
         name = key.split("/", 1)[1] + (" *" if r["reference_only"] else "")
-        print(f"{r['figure']:6} {name:32} {r['median_mpps']:7.2f} {r['min_mpps']:6.2f} "
-              f"{r['max_mpps']:6.2f} {r['median_delivered_mpps']:7.2f}  {r['counted']}")
-    print("  deliv. = Mpps forwarded to the sink after the filter; * reference only;"
-          " Mpps = rate inside the packet flow")
+        print(
+            f"{r['figure']:6} {name:32} {r['median_mpps']:7.2f} {r['min_mpps']:6.2f} "
+            f"{r['max_mpps']:6.2f} {r['median_delivered_mpps']:7.2f}  {r['counted']}"
+        )
+    print(
+        "  deliv. = Mpps forwarded to the sink after the filter; * reference only;"
+        " Mpps = rate inside the packet flow"
+    )
     print(f"\n{'ratio':42} {'of medians':>10} {'paired':>7}")
     for k, v in ratios.items():
         print(f"{k:42} {_f(v['ratio_of_medians']):>10} {_f(v['median_paired_ratio']):>7}")
@@ -703,20 +896,27 @@ def main() -> None:
         "pinned_cpu": args.cpu,
         "sampler_cpu": args.sampler_cpu,
         "command": " ".join([".venv/bin/python", "bench/veth_rates.py", *sys.argv[1:]]),
-        "datapath": {"head": _git("rev-parse", "--short", "HEAD"),
-                     "bpf_last_commit": _git("log", "-1", "--format=%h", "--", "bpf"),
-                     "bpf_dirty": bool(_git("status", "--porcelain", "--", "bpf"))},
-        "settings": {"rounds": args.runs, "packets_per_run": args.packets,
-                     "warmup_packets": args.warmup, "max_seconds_per_run": args.max_seconds,
-                     "flows": args.flows, "frame_bytes": 60,
-                     "p2_traffic": f"UDP {P2_SRC_BASE}.. (+{args.flows} src addr/port pairs) "
-                                   f"-> {P2_VM}:{P2_VM_PORT}, no ACL, no session",
-                     "p3_traffic": f"TCP PSH|ACK {P3_CLIENT_BASE}.. ({args.flows} flows) -> "
-                                   f"{P3_VM}:{P3_VM_PORT}, all established",
-                     "after_filter": "IPv4 forward to 10.1.0.0/16 on a dummy interface "
-                                     "(GRO on on every receiving veth)",
-                     "nf_conntrack_checksum": args.ct_checksum,
-                     "our_max_sessions": args.max_sessions or "CLI default"},
+        "datapath": {
+            "head": _git("rev-parse", "--short", "HEAD"),
+            "bpf_last_commit": _git("log", "-1", "--format=%h", "--", "bpf"),
+            "bpf_dirty": bool(_git("status", "--porcelain", "--", "bpf")),
+        },
+        "settings": {
+            "rounds": args.runs,
+            "packets_per_run": args.packets,
+            "warmup_packets": args.warmup,
+            "max_seconds_per_run": args.max_seconds,
+            "flows": args.flows,
+            "frame_bytes": 60,
+            "p2_traffic": f"UDP {P2_SRC_BASE}.. (+{args.flows} src addr/port pairs) "
+            f"-> {P2_VM}:{P2_VM_PORT}, no ACL, no session",
+            "p3_traffic": f"TCP PSH|ACK {P3_CLIENT_BASE}.. ({args.flows} flows) -> "
+            f"{P3_VM}:{P3_VM_PORT}, all established",
+            "after_filter": "IPv4 forward to 10.1.0.0/16 on an ifb sink (noqueue) "
+            "(GRO on on every receiving veth)",
+            "nf_conntrack_checksum": args.ct_checksum,
+            "our_max_sessions": args.max_sessions or "CLI default",
+        },
         "environment": b.env,
         "setup_s": round(setup_s, 1),
         "total_s": round(total_s, 1),
@@ -726,8 +926,13 @@ def main() -> None:
         "notes": notes,
     }
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    plot(results, ratios, args.png, f"sami-xdp veth rates, 1 CPU ({_cpu_model()}), kernel "
-         f"{platform.release()}, {doc['date'][:10]}, median of {args.runs}")
+    plot(
+        results,
+        ratios,
+        args.png,
+        f"sami-xdp veth rates, 1 CPU ({_cpu_model()}), kernel "
+        f"{platform.release()}, {doc['date'][:10]}, median of {args.runs}",
+    )
     print(f"wrote {args.out} and {args.png} ({total_s:.0f} s)")
 
 
