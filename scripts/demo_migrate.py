@@ -217,7 +217,10 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
               "--key", keys[a.name])
         for h in (a, b):
             for iface in h.ifaces:
-                h.cli("attach", iface, "--protect", "10.1.1.0/24", "--max-sessions", "65536")
+                # the client opens all its connections within a second: above the
+                # default SYN rate limit (200/s per source and VM), which would ban it
+                h.cli("attach", iface, "--protect", "10.1.1.0/24", "--max-sessions", "65536",
+                      "--syn-rate", str(max(200, 4 * args.conns)))
         a.cli("acl", "add", "--vm", VM_IP, "--proto", "tcp", "--dport", str(TO_VM_PORT))
         if migrate:
             agent = topo.spawn(b.ns, SAMIXDP, "--bpffs", b.bpffs, "--config-dir", b.config_dir,
