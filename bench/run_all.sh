@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# `sudo make bench`: every benchmark of issue 5, one after the other (never two at
+# once: they share two CPUs, and the conntrack table is shared by all namespaces).
+# Each writes bench/results/<name>.json (and PNGs); bench/summary.py then prints the
+# table that README.md quotes. Bounded: each step has its own packet/second limits
+# and a timeout here; the whole run takes about 10 minutes on a 2-core VM.
+#   BENCH_QUICK=1  shorter runs (smaller sizes), for a smoke test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+QUICK=()
+[[ ${BENCH_QUICK:-0} == 1 ]] && QUICK=(--quick)
+[[ $(id -u) == 0 ]] || { echo "bench: needs root (sudo make bench)" >&2; exit 1; }
+
+step() { printf '\n===== %s =====\n' "$*"; }
+start=$(date +%s)
+
+step "P1 per-packet cost (PROG_TEST_RUN)"
+timeout 600 "$PY" bench/prog_cost.py "${QUICK[@]}"
+
+step "ACL cost with other VMs' rules loaded"
+timeout 300 "$PY" bench/acl_cost.py
+
+step "P2/P3 packet rates on veth (ours vs nftables vs XDP_DROP / no filter)"
+timeout 600 "$PY" bench/veth_rates.py "${QUICK[@]}"
+
+step "P4/P5 migration speed and bundle size, map memory"
+timeout 900 "$PY" bench/migrate_speed.py "${QUICK[@]}"
+
+step "P6 survival at scale: the demo with 1,000 connections"
+conns=1000
+[[ ${BENCH_QUICK:-0} == 1 ]] && conns=200
+out=$(mktemp -d /tmp/samixdp-survival.XXXXXX)
+timeout 600 "$PY" scripts/demo_migrate.py --conns "$conns" --out "$out"
+cp "$out/demo.json" bench/results/survival_${conns}.json
+cp "$out/timeline.png" bench/results/survival_${conns}.png
+rm -rf "$out"
+
+step "summary"
+"$PY" bench/summary.py
+echo "bench: done in $(( $(date +%s) - start )) s"
