@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -294,6 +296,190 @@ def lookup_batch(
         f.memmove(token_in, token_out, len(token_in))
         first = False
     return keys[:got], values[:got]
+
+
+def _void(a: np.ndarray) -> np.ndarray:
+    """Contiguous rows as opaque records: NumPy copies, takes and concatenates
+    these several times faster than the same structured rows (field by field)."""
+    return np.ascontiguousarray(a).view(np.dtype((np.void, a.dtype.itemsize)))
+
+
+def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return _void(a).take(idx).view(a.dtype)
+
+
+def _concat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype)
+    return np.concatenate([_void(p) for p in parts]).view(dtype)
+
+
+@dataclass
+class ScanResult:
+    """What `scan_batch` kept, and how many entries it read in all."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    scanned: int  # entries read before the filter: the map's fill level
+
+
+KeepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+# Maps whose BPF_MAP_LOOKUP_BATCH token is the u32 index of the next hash bucket to
+# read and whose bucket count is max_entries rounded up to a power of two
+# (kernel/bpf/hashtab.c, unchanged since batch ops appeared in 5.6).
+_BUCKET_TOKEN_TYPES = (1, 9)  # hash, lru_hash
+SCAN_CHUNK = 32768
+SCAN_MIN_BUCKETS_PER_WORKER = 1 << 16
+_TOKEN_END = 1 << 40  # "past the last bucket" (the walk hit ENOENT)
+
+
+def scan_workers(map_type: int, max_entries: int, workers: int | None = None) -> int:
+    """How many threads `scan_batch` uses for a map (1 = one sequential walk).
+
+    SAMIXDP_SCAN_WORKERS overrides the default (the CPU count, at most 4)."""
+    if map_type not in _BUCKET_TOKEN_TYPES:
+        return 1
+    if workers is None:
+        env = os.environ.get("SAMIXDP_SCAN_WORKERS", "")
+        workers = int(env) if env.isdigit() else min(4, os.cpu_count() or 1)
+    n_buckets = 1 << max(max_entries - 1, 0).bit_length()
+    return max(1, min(workers, n_buckets // SCAN_MIN_BUCKETS_PER_WORKER))
+
+
+@dataclass
+class _Call:
+    token_in: int
+    token_out: int  # _TOKEN_END once the walk reached the end of the map
+    raw_keys: np.ndarray  # every key read by this call (for boundary de-duplication)
+    keys: np.ndarray  # the rows kept (all of them when there is no filter)
+    values: np.ndarray
+    mask: np.ndarray | None  # keep mask over raw_keys (None: all kept)
+
+
+def _scan_range(
+    fd: int,
+    key_dtype: np.dtype,
+    value_dtype: np.dtype,
+    start: int,
+    stop: int | None,
+    keep: KeepFn | None,
+    chunk: int,
+) -> list[_Call]:
+    """Batch lookups from bucket `start` until the walk reaches bucket `stop`
+    (None: the end of the map). The last call may read past `stop`."""
+    f = ffi()
+    keys = np.empty(chunk, dtype=key_dtype)
+    values = np.empty(chunk, dtype=value_dtype)
+    tok = f.new("uint8_t[]", max(key_dtype.itemsize, 8))
+    tok_out = f.new("uint8_t[]", max(key_dtype.itemsize, 8))
+    tok_u32 = f.cast("uint32_t *", tok)
+    out_u32 = f.cast("uint32_t *", tok_out)
+    calls: list[_Call] = []
+    t = start
+    while True:
+        attr = f.new("struct attr_batch *")
+        tok_u32[0] = t
+        attr.in_batch = _addr(tok)
+        attr.out_batch = _addr(tok_out)
+        attr.keys = _np_addr(keys)
+        attr.values = _np_addr(values)
+        attr.count = len(keys)
+        attr.map_fd = fd
+        rc = _bpf(BPF_MAP_LOOKUP_BATCH, attr, "map batch lookup", (errno.ENOENT, errno.ENOSPC))
+        if rc == -errno.ENOSPC and attr.count == 0:  # one bucket holds more than a chunk
+            keys = np.empty(2 * len(keys), dtype=key_dtype)
+            values = np.empty(2 * len(values), dtype=value_dtype)
+            continue
+        n = int(attr.count)
+        nt = _TOKEN_END if rc < 0 else int(out_u32[0])
+        k, v = keys[:n], values[:n]
+        kc = _void(k).copy().view(key_dtype)
+        if keep is None:
+            calls.append(_Call(t, nt, kc, kc, _void(v).copy().view(value_dtype), None))
+        else:
+            m = np.asarray(keep(k, v), dtype=bool)
+            idx = np.flatnonzero(m)
+            calls.append(_Call(t, nt, kc, _take(k, idx), _take(v, idx), m))
+        if nt == _TOKEN_END or (stop is not None and nt >= stop):
+            return calls
+        t = nt
+
+
+def _drop_rows(call: _Call, dup: np.ndarray) -> None:
+    """Removes the rows of `call` marked in `dup` (a mask over its raw keys)."""
+    kept = ~dup if call.mask is None else ~dup[call.mask]
+    call.keys = _take(call.keys, np.flatnonzero(kept))
+    call.values = _take(call.values, np.flatnonzero(kept))
+    call.raw_keys = _take(call.raw_keys, np.flatnonzero(~dup))
+
+
+def scan_batch(
+    fd: int,
+    map_type: int,
+    max_entries: int,
+    key_dtype: np.dtype,
+    value_dtype: np.dtype,
+    keep: KeepFn | None = None,
+    workers: int | None = None,
+    chunk: int = SCAN_CHUNK,
+) -> ScanResult:
+    """Reads a hash map with batch lookups, keeping only the rows `keep` selects.
+
+    `keep(keys, values)` returns a bool mask for one chunk of rows (views into a
+    reused buffer), so a large map is filtered without ever holding all of it.
+    Big hash/LRU maps are read by several threads, each walking its own range of
+    hash buckets (the batch token of these maps is a bucket index); the GIL is
+    released in the syscall and in NumPy. A thread's last call may read past its
+    range into the next one: keys read twice there are dropped from the earlier
+    range, so every key is returned once, as by one sequential walk (and, as
+    with one walk, entries changed during the scan may or may not be seen)."""
+    w = scan_workers(map_type, max_entries, workers)
+    if w <= 1:
+        parts = [_scan_range(fd, key_dtype, value_dtype, 0, None, keep, chunk)]
+    else:
+        n_buckets = 1 << max(max_entries - 1, 0).bit_length()
+        starts = [i * n_buckets // w for i in range(w)]
+        stops: list[int | None] = [*starts[1:], None]
+        results: list[list[_Call] | BaseException | None] = [None] * w
+
+        def run(i: int) -> None:
+            try:
+                results[i] = _scan_range(
+                    fd, key_dtype, value_dtype, starts[i], stops[i], keep, chunk
+                )
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                results[i] = exc
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, w)]
+        for th in threads:
+            th.start()
+        try:
+            run(0)
+        finally:
+            for th in threads:
+                th.join()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        parts = [r for r in results if isinstance(r, list)]
+        # the last call of range i may have read buckets of range i + 1
+        for i in range(w - 1):
+            last = parts[i][-1]
+            if last.token_out <= starts[i + 1] or not len(last.raw_keys):
+                continue
+            later = [c.raw_keys for c in parts[i + 1] if c.token_in < last.token_out]
+            if not later:
+                continue
+            dup = np.isin(_void(last.raw_keys), _void(_concat(later, key_dtype)))
+            if dup.any():
+                _drop_rows(last, dup)
+    calls = [c for p in parts for c in p]
+    return ScanResult(
+        _concat([c.keys for c in calls], key_dtype),
+        _concat([c.values for c in calls], value_dtype),
+        sum(len(c.raw_keys) for c in calls),
+    )
 
 
 def update_batch(fd: int, keys: np.ndarray, values: np.ndarray, flags: int = BPF_ANY) -> int:
