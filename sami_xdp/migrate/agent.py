@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import SamiError
 from ..loader.pinned import Firewall
 from .control import ControlError, sign_control, verify_control
@@ -26,6 +28,7 @@ from .errors import MigrateError
 from .importer import abort_import, receive_bundle
 from .keys import HostIdentity, TrustStore
 from .replay import ReplayCache
+from .select import scan_map
 from .transport import (
     CONTROL_MAX_MESSAGE,
     DEFAULT_MAX_MESSAGE,
@@ -54,6 +57,10 @@ class AgentConfig:
     max_message: int = DEFAULT_MAX_MESSAGE
     timeout_s: float = DEFAULT_TIMEOUT_S
     tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+def _count_only(keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
+    return np.zeros(len(keys), dtype=bool)
 
 
 def _log(event: str, **fields: Any) -> None:
@@ -93,7 +100,7 @@ class Agent:
         free = {}
         for name in ("sessions", "halfopen"):
             m = self.fw.maps[name]
-            free[name] = m.info.max_entries - len(m.dump()[0])
+            free[name] = m.info.max_entries - scan_map(m, _count_only).scanned
         need = int(body.get("sessions", 0))
         if need > free["sessions"] + free["halfopen"]:
             reasons.append(f"{me} has room for {free['sessions']} sessions, {need} needed")

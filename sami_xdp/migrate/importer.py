@@ -6,7 +6,9 @@ race each other's capacity checks):
 1. Plan, reading only: rebase ages on the local CLOCK_MONOTONIC, split
    sessions into `halfopen` (TCP SYN_SENT/SYN_RECV) and `sessions`, dump each
    touched map once (its fill level and the current values of every key we
-   will overwrite or delete), and refuse if a map lacks room.
+   will overwrite or delete), and refuse if a map lacks room. The session
+   maps are read while the records are converted, keeping only the VM's
+   rows (every key of a verified bundle has the VM at one end).
 2. Consume (migration id, seq) in the replay cache (durable).
 3. Write the undo record to the state dir (write-ahead, fsync'd): keys this
    round creates, and the old values of keys it overwrites or deletes.
@@ -26,6 +28,7 @@ import fcntl
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..loader.bpfsys import KeepFn, ScanResult
 from ..loader.pinned import Firewall, PinnedMap, possible_cpus
 from ..netutil import be32_to_ip
 from ..protect import is_protected
@@ -47,6 +51,7 @@ from .errors import (
 )
 from .keys import TrustStore
 from .replay import ReplayCache
+from .select import involves, scan_map
 from .verify import VerifiedBundle, verify_bundle
 
 DEFAULT_PICKUP_S = 10.0
@@ -102,12 +107,21 @@ def plan_map(
     write_values: np.ndarray,
     delete_keys: np.ndarray,
     keep_delete: object | None = None,
+    scan: ScanResult | None = None,
 ) -> tuple[MapPlan, int]:
-    """Snapshot what the writes/deletes touch; returns (plan, fill level afterwards)."""
+    """Snapshot what the writes/deletes touch; returns (plan, fill level afterwards).
+
+    `scan`, when given, is the map already read with a row filter that every
+    write and delete key passes (`_Snapshot`): its kept rows stand for the
+    map's content and its `scanned` count for the fill level."""
     if not len(write_keys) and not len(delete_keys):
         e = _empty(m.key_dtype)
         return MapPlan(m.name, e, _empty(m.value_dtype), e, e, e, _empty(m.value_dtype)), 0
-    dk, dv = m.dump()
+    if scan is None:
+        dk, dv = m.dump()
+        fill = len(dk)
+    else:
+        dk, dv, fill = scan.keys, scan.values, scan.scanned
     if len(dk):
         idx = wire.KeyIndex(dk)
         wf, wpos = idx.find(write_keys)
@@ -136,7 +150,46 @@ def plan_map(
         old_keys=np.concatenate([write_keys[wf], del_keys]),
         old_values=np.concatenate([dv[wpos[wf]], del_old]),
     )
-    return plan, len(dk) - len(del_keys) + len(created)
+    return plan, fill - len(del_keys) + len(created)
+
+
+def _vm_filter(vm: int, *records: np.ndarray) -> KeepFn | None:
+    """`involves(vm)` if every record given (session keys or wire records) has
+    the VM at one end, as verified bundles guarantee: then a session map's other
+    rows cannot matter to the plan. Else None (read everything)."""
+    v = np.uint32(vm)
+    for r in records:
+        if len(r) and not ((r["addr_lo"] == v) | (r["addr_hi"] == v)).all():
+            return None
+    return involves(vm)
+
+
+class _Snapshot:
+    """Both session maps read (rows passing `only`, and the fill levels) by a
+    background thread, so the reads overlap the conversion of the records."""
+
+    def __init__(self, fw: Firewall, only: KeepFn) -> None:
+        self._out: dict[str, ScanResult] = {}
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                for name in ("sessions", "halfopen"):
+                    self._out[name] = scan_map(fw.maps[name], only)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> dict[str, ScanResult]:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
 
 
 def _capacity(m: PinnedMap) -> int:
@@ -389,21 +442,33 @@ def import_vm_state(
         mig_flag = c["SESS_F_MIGRATED"]
         sm, hm = fw.maps["sessions"], fw.maps["halfopen"]
         srec = sec["sessions"]
-        assert isinstance(srec, np.ndarray)
-        half = (srec["proto"] == 6) & (
-            (srec["state"] == c["ST_SYN_SENT"]) | (srec["state"] == c["ST_SYN_RECV"])
-        )
-        skeys = wire.wire_to_session_keys(srec, sm.key_dtype)
-        svals = wire.wire_to_session_values(srec, sm.value_dtype, base, mig_flag)
         dsess = sec["del_sessions"]
-        assert isinstance(dsess, np.ndarray)
-        dkeys = wire.wire_to_session_keys(dsess, sm.key_dtype)
-        est_k, half_k = skeys[~half], skeys[half]
+        assert isinstance(srec, np.ndarray) and isinstance(dsess, np.ndarray)
+        # the session maps' snapshot is read while the records are converted
+        only = _vm_filter(vm, srec, dsess)
+        snap = _Snapshot(fw, only) if only is not None and (len(srec) or len(dsess)) else None
+        try:
+            half = (srec["proto"] == 6) & (
+                (srec["state"] == c["ST_SYN_SENT"]) | (srec["state"] == c["ST_SYN_RECV"])
+            )
+            skeys = wire.wire_to_session_keys(srec, sm.key_dtype)
+            svals = wire.wire_to_session_values(srec, sm.value_dtype, base, mig_flag)
+            dkeys = wire.wire_to_session_keys(dsess, sm.key_dtype)
+            est_k, est_v = skeys[~half], svals[~half]
+            half_k, half_v = skeys[half], svals[half]
+            scans = snap.result() if snap is not None else {}
+        finally:
+            if snap is not None:
+                snap.join()
         plans: list[MapPlan] = []
         fills: dict[str, int] = {}
-        p, fills["sessions"] = plan_map(sm, est_k, svals[~half], np.concatenate([dkeys, half_k]))
+        p, fills["sessions"] = plan_map(
+            sm, est_k, est_v, np.concatenate([dkeys, half_k]), scan=scans.get("sessions")
+        )
         plans.append(p)
-        p, fills["halfopen"] = plan_map(hm, half_k, svals[half], np.concatenate([dkeys, est_k]))
+        p, fills["halfopen"] = plan_map(
+            hm, half_k, half_v, np.concatenate([dkeys, est_k]), scan=scans.get("halfopen")
+        )
         plans.append(p)
 
         syn_m = fw.maps["syn_counters"]

@@ -27,12 +27,11 @@ import numpy as np
 
 from ..loader.pinned import Firewall
 from ..netutil import ip_to_be32
-from ..sessions import read_sessions, vm_mask
 from .bundle import build_bundle, new_migration_id
 from .control import ControlError, sign_control, verify_control
 from .errors import MigrateError
 from .keys import HostIdentity, Peer, TrustStore
-from .select import ExportState
+from .select import ExportState, involves, scan_map, vm_sessions
 from .transport import (
     MSG_ABORT,
     MSG_ACK,
@@ -134,8 +133,7 @@ def _ack(
 
 
 def vm_session_count(fw: Firewall, vm: str) -> int:
-    t = read_sessions(fw)
-    return int(vm_mask(t.keys, vm).sum())
+    return len(vm_sessions(fw, ip_to_be32(vm))[0])
 
 
 class Migration:
@@ -280,9 +278,8 @@ def send_abort(
 
 
 def vm_last_seen_ns(fw: Firewall, vm: str) -> int:
-    t = read_sessions(fw)
-    mine = vm_mask(t.keys, vm)
-    return int(t.values["last_seen_ns"][mine].max()) if mine.any() else 0
+    values = vm_sessions(fw, ip_to_be32(vm))[1]
+    return int(values["last_seen_ns"].max()) if len(values) else 0
 
 
 def delete_vm_state(fw: Firewall, vm: str) -> dict[str, int]:
@@ -292,8 +289,7 @@ def delete_vm_state(fw: Firewall, vm: str) -> dict[str, int]:
     removed: dict[str, int] = {}
     be = ip_to_be32(vm)
     for name in ("sessions", "halfopen"):
-        keys, _ = fw.maps[name].dump()
-        mine = keys[(keys["addr_lo"] == be) | (keys["addr_hi"] == be)]
+        mine = scan_map(fw.maps[name], involves(be)).keys
         removed[name] = fw.maps[name].delete_many(mine) if len(mine) else 0
     keys, _ = fw.maps["syn_counters"].dump()
     mine = keys[keys["dst"] == be]

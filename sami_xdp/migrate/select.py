@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..loader.pinned import Firewall
+from ..loader import bpfsys
+from ..loader.pinned import Firewall, PinnedMap
 from ..netutil import ip_to_be32
-from ..sessions import expired_mask, read_sessions
+from ..sessions import SESSION_MAPS, expired_mask
 from . import wire
 from .acl_bridge import AclHooks, AclRules, default_acl_hooks, rules_to_wire, ruleset_digest
 
@@ -91,6 +92,35 @@ class VmState:
         }
 
 
+def scan_map(m: PinnedMap, keep: bpfsys.KeepFn | None = None) -> bpfsys.ScanResult:
+    """A batch read of a hash map, filtered chunk by chunk (parallel on big maps)."""
+    return bpfsys.scan_batch(
+        m.fd, m.info.type, m.info.max_entries, m.key_dtype, m.value_dtype, keep=keep
+    )
+
+
+def involves(vm: int) -> bpfsys.KeepFn:
+    """Row filter: session keys with `vm` (network-order u32) at either end."""
+    v = np.uint32(vm)
+
+    def keep(keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
+        return (keys["addr_lo"] == v) | (keys["addr_hi"] == v)
+
+    return keep
+
+
+def vm_sessions(fw: Firewall, vm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, values, source map index) of every session with `vm` at either end,
+    expired or not, from both session maps: what `read_sessions` + `vm_mask`
+    select, without holding the whole table."""
+    parts = [scan_map(fw.maps[name], involves(vm)) for name in SESSION_MAPS]
+    return (
+        np.concatenate([p.keys for p in parts]),
+        np.concatenate([p.values for p in parts]),
+        np.concatenate([np.full(len(p.keys), i, dtype=np.uint8) for i, p in enumerate(parts)]),
+    )
+
+
 def _acl_section(acl: AclRules | None) -> tuple[AclRules | None, bytes]:
     if acl is None:
         return None, b"\0" * 16
@@ -111,16 +141,15 @@ def export_vm_state(
     vm = ip_to_be32(vm_ip)
     t0 = time.perf_counter()
     watermark = time.monotonic_ns() - WATERMARK_MARGIN_NS
-    table = read_sessions(fw)
+    # only the VM's rows are kept, chunk by chunk, while the maps are read
+    keys, values, source = vm_sessions(fw, vm)
     syn_k, syn_v = fw.maps["syn_counters"].dump()
     bl_k, bl_v = fw.maps["blacklist"].dump()
     t1 = time.perf_counter()
     now = now_ns if now_ns is not None else time.monotonic_ns()
 
-    keys, values, source = table.keys, table.values, table.source
-    mine = (keys["addr_lo"] == vm) | (keys["addr_hi"] == vm)
-    mine &= ~expired_mask(fw, values, now)
-    keys, values, source = keys[mine], values[mine], source[mine]
+    live = ~expired_mask(fw, values, now)
+    keys, values, source = keys[live], values[live], source[live]
     # a key live in both maps (a promotion caught mid-way): the datapath reads
     # `sessions` first, so the half-open copy is left out
     half = source == 1
