@@ -140,7 +140,7 @@ def plan_map(
         ok = keep_delete(del_old)  # type: ignore[operator]
         del_keys, del_old = del_keys[ok], del_old[ok]
     # duplicate keys in a bundle only make the fill estimate pessimistic
-    created = write_keys[~wf]
+    created = wire.take_rows(write_keys, ~wf) if wf.any() else write_keys
     plan = MapPlan(
         name=m.name,
         write_keys=write_keys,
@@ -454,8 +454,11 @@ def import_vm_state(
             skeys = wire.wire_to_session_keys(srec, sm.key_dtype)
             svals = wire.wire_to_session_values(srec, sm.value_dtype, base, mig_flag)
             dkeys = wire.wire_to_session_keys(dsess, sm.key_dtype)
-            est_k, est_v = skeys[~half], svals[~half]
-            half_k, half_v = skeys[half], svals[half]
+            if half.any():
+                est_k, est_v = wire.take_rows(skeys, ~half), wire.take_rows(svals, ~half)
+                half_k, half_v = wire.take_rows(skeys, half), wire.take_rows(svals, half)
+            else:  # the usual case: nothing half-open, no copies
+                est_k, est_v, half_k, half_v = skeys, svals, skeys[:0], svals[:0]
             scans = snap.result() if snap is not None else {}
         finally:
             if snap is not None:
@@ -463,11 +466,11 @@ def import_vm_state(
         plans: list[MapPlan] = []
         fills: dict[str, int] = {}
         p, fills["sessions"] = plan_map(
-            sm, est_k, est_v, np.concatenate([dkeys, half_k]), scan=scans.get("sessions")
+            sm, est_k, est_v, wire.concat_rows([dkeys, half_k]), scan=scans.get("sessions")
         )
         plans.append(p)
         p, fills["halfopen"] = plan_map(
-            hm, half_k, half_v, np.concatenate([dkeys, est_k]), scan=scans.get("halfopen")
+            hm, half_k, half_v, wire.concat_rows([dkeys, est_k]), scan=scans.get("halfopen")
         )
         plans.append(p)
 

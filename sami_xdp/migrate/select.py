@@ -115,8 +115,8 @@ def vm_sessions(fw: Firewall, vm: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     select, without holding the whole table."""
     parts = [scan_map(fw.maps[name], involves(vm)) for name in SESSION_MAPS]
     return (
-        np.concatenate([p.keys for p in parts]),
-        np.concatenate([p.values for p in parts]),
+        wire.concat_rows([p.keys for p in parts]),
+        wire.concat_rows([p.values for p in parts]),
         np.concatenate([np.full(len(p.keys), i, dtype=np.uint8) for i, p in enumerate(parts)]),
     )
 
@@ -149,7 +149,9 @@ def export_vm_state(
     now = now_ns if now_ns is not None else time.monotonic_ns()
 
     live = ~expired_mask(fw, values, now)
-    keys, values, source = keys[live], values[live], source[live]
+    if not live.all():
+        keys, values = wire.take_rows(keys, live), wire.take_rows(values, live)
+        source = source[live]
     # a key live in both maps (a promotion caught mid-way): the datapath reads
     # `sessions` first, so the half-open copy is left out
     half = source == 1
@@ -207,7 +209,7 @@ class ExportState:
         cur = full or state
         self.rounds += 1
         self.watermark_ns = cur.watermark_ns
-        self.sess_keys = cur.sess_keys.copy()
+        self.sess_keys = wire.copy_rows(cur.sess_keys)
         self.syn_keys, self.syn_values = cur.syn_keys.copy(), cur.syn_values.copy()
         self.bl_keys, self.bl_values = cur.bl_keys.copy(), cur.bl_values.copy()
         self.acl_digest = cur.acl_digest
