@@ -57,6 +57,8 @@ from .verify import VerifiedBundle, verify_bundle
 DEFAULT_PICKUP_S = 10.0
 LRU_HEADROOM_PER_CPU = 128  # LRU maps may evict before they are full (per-CPU free lists)
 MAP_ORDER = ("sessions", "halfopen", "syn_counters", "blacklist")
+PARALLEL_WRITE_MIN = 1 << 17  # batch writes at least this large use several threads
+WRITE_SUB_BATCH = 1 << 16  # each thread writes in sub-batches, so a failure stops it soon
 MIGRATIONS_DIR = "migrations"
 LOCK_FILE = "import.lock"
 
@@ -190,6 +192,48 @@ class _Snapshot:
         if self._error is not None:
             raise self._error
         return self._out
+
+
+def update_many(m: PinnedMap, keys: np.ndarray, values: np.ndarray) -> int:
+    """`m.update_many`, by several threads for large batches (the kernel's
+    bucket locks keep them apart). Every thread is waited for, whatever
+    happens (Ctrl-C too), before the first failure is re-raised: a rollback
+    never races a writer."""
+    workers = min(4, os.cpu_count() or 1, len(keys) // (PARALLEL_WRITE_MIN // 2))
+    if workers <= 1 or len(keys) < PARALLEL_WRITE_MIN:
+        return m.update_many(keys, values)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = [0] * workers
+    bounds = [len(keys) * i // workers for i in range(workers + 1)]
+
+    def run(i: int) -> None:
+        try:
+            for lo in range(bounds[i], bounds[i + 1], WRITE_SUB_BATCH):
+                if stop.is_set():
+                    return
+                hi = min(lo + WRITE_SUB_BATCH, bounds[i + 1])
+                done[i] += m.update_many(keys[lo:hi], values[lo:hi])
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, workers)]
+    for th in threads:
+        th.start()
+    try:
+        run(0)
+    finally:
+        for th in threads:
+            while th.is_alive():
+                try:
+                    th.join()
+                except BaseException as exc:  # noqa: BLE001 - keep waiting for the writer
+                    errors.append(exc)
+                    stop.set()
+    if errors:  # an interruption (Ctrl-C) wins over a writer's error
+        raise next((e for e in errors if not isinstance(e, Exception)), errors[0])
+    return sum(done)
 
 
 def _capacity(m: PinnedMap) -> int:
@@ -558,7 +602,7 @@ def import_vm_state(
                 if len(plan.delete_keys):
                     deleted[plan.name] = m.delete_many(plan.delete_keys)
                 if len(plan.write_keys):
-                    m.update_many(plan.write_keys, plan.write_values)
+                    update_many(m, plan.write_keys, plan.write_values)
                     if plan.name == "blacklist":
                         fw.set_bans_hint(True)  # the datapath checks bans only when set
             step += 1
