@@ -117,7 +117,7 @@ def _parse_name(raw: bytes, what: str) -> str:
 # ---- body (de)compression ---------------------------------------------------------------
 
 
-def _shuffle(buf: bytes, itemsize: int) -> bytes:
+def _shuffle(buf: bytes | memoryview, itemsize: int) -> bytes | memoryview:
     if itemsize <= 1 or not buf:
         return buf
     return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
@@ -354,18 +354,19 @@ def encode_bundle(
             h["acl_blob_len"] = len(acl)
     h["flags"] = flags
 
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     for name, dtype, count_field in SECTIONS:
         sec = sections.get(name)
         if sec is None:
             continue
+        buf: bytes | memoryview
         if isinstance(sec, bytes):
             buf = sec
             itemsize = 1
         else:
             arr = np.ascontiguousarray(sec, dtype=dtype)
             h[count_field] = len(arr)
-            buf = arr.tobytes()
+            buf = arr.view(np.uint8).data  # the records' bytes, not a copy of them
             itemsize = dtype.itemsize
         parts.append(_shuffle(buf, itemsize) if comp == COMP_ZLIB_SHUFFLE else buf)
     raw_len = sum(len(p) for p in parts)

@@ -70,7 +70,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def send_frame(sock: socket.socket, msg_type: int, payload: bytes) -> None:
-    sock.sendall(HEADER.pack(MAGIC, VERSION, msg_type, 0, len(payload)) + payload)
+    head = HEADER.pack(MAGIC, VERSION, msg_type, 0, len(payload))
+    if len(payload) < 1 << 16:
+        sock.sendall(head + payload)
+    else:  # a bundle: no copy of it just to prepend 12 bytes
+        sock.sendall(head)
+        sock.sendall(payload)
 
 
 def recv_frame(sock: socket.socket, max_size: int = DEFAULT_MAX_MESSAGE) -> Frame:
