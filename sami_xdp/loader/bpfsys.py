@@ -330,6 +330,8 @@ KeepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # (kernel/bpf/hashtab.c, unchanged since batch ops appeared in 5.6).
 _BUCKET_TOKEN_TYPES = (1, 9)  # hash, lru_hash
 SCAN_CHUNK = 32768
+SCAN_PROBE = 4096  # first call of a bounded range: measures the density
+SCAN_MIN_COUNT = 64
 SCAN_MIN_BUCKETS_PER_WORKER = 1 << 16
 _TOKEN_END = 1 << 40  # "past the last bucket" (the walk hit ENOENT)
 
@@ -367,7 +369,9 @@ def _scan_range(
     chunk: int,
 ) -> list[_Call]:
     """Batch lookups from bucket `start` until the walk reaches bucket `stop`
-    (None: the end of the map). The last call may read past `stop`."""
+    (None: the end of the map). A call returns whole buckets until it has
+    `count` entries, so in a bounded range the counts follow the density seen
+    so far and shrink towards `stop`; the last call may still read past it."""
     f = ffi()
     keys = np.empty(chunk, dtype=key_dtype)
     values = np.empty(chunk, dtype=value_dtype)
@@ -377,6 +381,8 @@ def _scan_range(
     out_u32 = f.cast("uint32_t *", tok_out)
     calls: list[_Call] = []
     t = start
+    rows = 0
+    count = chunk if stop is None else min(chunk, SCAN_PROBE)
     while True:
         attr = f.new("struct attr_batch *")
         tok_u32[0] = t
@@ -384,12 +390,16 @@ def _scan_range(
         attr.out_batch = _addr(tok_out)
         attr.keys = _np_addr(keys)
         attr.values = _np_addr(values)
-        attr.count = len(keys)
+        if not 0 < count <= len(keys) == len(values):  # the kernel writes `count` rows
+            raise ValueError(f"batch of {count} rows for buffers of {len(keys)}")
+        attr.count = count
         attr.map_fd = fd
         rc = _bpf(BPF_MAP_LOOKUP_BATCH, attr, "map batch lookup", (errno.ENOENT, errno.ENOSPC))
-        if rc == -errno.ENOSPC and attr.count == 0:  # one bucket holds more than a chunk
-            keys = np.empty(2 * len(keys), dtype=key_dtype)
-            values = np.empty(2 * len(values), dtype=value_dtype)
+        if rc == -errno.ENOSPC and attr.count == 0:  # the next bucket holds more than `count`
+            count *= 2
+            if count > len(keys):
+                keys = np.empty(count, dtype=key_dtype)
+                values = np.empty(count, dtype=value_dtype)
             continue
         n = int(attr.count)
         nt = _TOKEN_END if rc < 0 else int(out_u32[0])
@@ -404,6 +414,10 @@ def _scan_range(
         if nt == _TOKEN_END or (stop is not None and nt >= stop):
             return calls
         t = nt
+        rows += n
+        if stop is not None:  # aim just short of `stop`: ~90% of the entries expected there
+            expect = rows * (stop - t) // max(t - start, 1)
+            count = min(len(keys), max(SCAN_MIN_COUNT, expect - expect // 10))
 
 
 def _drop_rows(call: _Call, dup: np.ndarray) -> None:
