@@ -333,6 +333,7 @@ SCAN_CHUNK = 32768
 SCAN_PROBE = 4096  # first call of a bounded range: measures the density
 SCAN_MIN_COUNT = 64
 SCAN_MIN_BUCKETS_PER_WORKER = 1 << 16
+SCAN_MIN_ROWS_PER_WORKER = 1 << 16  # fewer expected entries: one thread (threads cost ~1 ms)
 _TOKEN_END = 1 << 40  # "past the last bucket" (the walk hit ENOENT)
 
 
@@ -367,11 +368,13 @@ def _scan_range(
     stop: int | None,
     keep: KeepFn | None,
     chunk: int,
+    one_call: bool = False,
 ) -> list[_Call]:
     """Batch lookups from bucket `start` until the walk reaches bucket `stop`
-    (None: the end of the map). A call returns whole buckets until it has
-    `count` entries, so in a bounded range the counts follow the density seen
-    so far and shrink towards `stop`; the last call may still read past it."""
+    (None: the end of the map), or just one. A call returns whole buckets
+    until it has `count` entries, so in a bounded range the counts follow the
+    density seen so far and shrink towards `stop`; the last call may still
+    read past it."""
     f = ffi()
     keys = np.empty(chunk, dtype=key_dtype)
     values = np.empty(chunk, dtype=value_dtype)
@@ -411,7 +414,7 @@ def _scan_range(
             m = np.asarray(keep(k, v), dtype=bool)
             idx = np.flatnonzero(m)
             calls.append(_Call(t, nt, kc, _take(k, idx), _take(v, idx), m))
-        if nt == _TOKEN_END or (stop is not None and nt >= stop):
+        if one_call or nt == _TOKEN_END or (stop is not None and nt >= stop):
             return calls
         t = nt
         rows += n
@@ -442,52 +445,63 @@ def scan_batch(
 
     `keep(keys, values)` returns a bool mask for one chunk of rows (views into a
     reused buffer), so a large map is filtered without ever holding all of it.
-    Big hash/LRU maps are read by several threads, each walking its own range of
-    hash buckets (the batch token of these maps is a bucket index); the GIL is
-    released in the syscall and in NumPy. A thread's last call may read past its
-    range into the next one: keys read twice there are dropped from the earlier
-    range, so every key is returned once, as by one sequential walk (and, as
-    with one walk, entries changed during the scan may or may not be seen)."""
+    A first call from bucket 0 reads a small map whole; if the density it saw
+    promises enough entries, the rest of a big hash/LRU map is read by several
+    threads, each walking its own range of hash buckets (the batch token of
+    these maps is a bucket index); the GIL is released in the syscall and in
+    NumPy. A thread's last call may read past its range into the next one: keys
+    read twice there are dropped from the earlier range, so every key is
+    returned once, as by one sequential walk (and, as with one walk, entries
+    changed during the scan may or may not be seen)."""
+    # a first call from bucket 0 reads small maps whole and tells the density
+    first = _scan_range(fd, key_dtype, value_dtype, 0, None, keep, chunk, one_call=True)
+    t1 = first[-1].token_out
+    if t1 == _TOKEN_END:
+        return _result([first], key_dtype, value_dtype)
+    n_buckets = 1 << max(max_entries - 1, 0).bit_length()
     w = scan_workers(map_type, max_entries, workers)
-    if w <= 1:
-        parts = [_scan_range(fd, key_dtype, value_dtype, 0, None, keep, chunk)]
-    else:
-        n_buckets = 1 << max(max_entries - 1, 0).bit_length()
-        starts = [i * n_buckets // w for i in range(w)]
-        stops: list[int | None] = [*starts[1:], None]
-        results: list[list[_Call] | BaseException | None] = [None] * w
+    expect = len(first[-1].raw_keys) * max(n_buckets - t1, 0) // max(t1, 1)
+    w = min(w, max(1, expect // SCAN_MIN_ROWS_PER_WORKER))
+    if w <= 1 or t1 >= n_buckets:
+        rest = _scan_range(fd, key_dtype, value_dtype, t1, None, keep, chunk)
+        return _result([first + rest], key_dtype, value_dtype)
+    starts = [t1 + i * (n_buckets - t1) // w for i in range(w)]
+    stops: list[int | None] = [*starts[1:], None]
+    results: list[list[_Call] | BaseException | None] = [None] * w
 
-        def run(i: int) -> None:
-            try:
-                results[i] = _scan_range(
-                    fd, key_dtype, value_dtype, starts[i], stops[i], keep, chunk
-                )
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                results[i] = exc
-
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, w)]
-        for th in threads:
-            th.start()
+    def run(i: int) -> None:
         try:
-            run(0)
-        finally:
-            for th in threads:
-                th.join()
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        parts = [r for r in results if isinstance(r, list)]
-        # the last call of range i may have read buckets of range i + 1
-        for i in range(w - 1):
-            last = parts[i][-1]
-            if last.token_out <= starts[i + 1] or not len(last.raw_keys):
-                continue
-            later = [c.raw_keys for c in parts[i + 1] if c.token_in < last.token_out]
-            if not later:
-                continue
-            dup = np.isin(_void(last.raw_keys), _void(_concat(later, key_dtype)))
-            if dup.any():
-                _drop_rows(last, dup)
+            results[i] = _scan_range(fd, key_dtype, value_dtype, starts[i], stops[i], keep, chunk)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, w)]
+    for th in threads:
+        th.start()
+    try:
+        run(0)
+    finally:
+        for th in threads:
+            th.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    parts = [r for r in results if isinstance(r, list)]
+    # the last call of range i may have read buckets of range i + 1
+    for i in range(w - 1):
+        last = parts[i][-1]
+        if last.token_out <= starts[i + 1] or not len(last.raw_keys):
+            continue
+        later = [c.raw_keys for c in parts[i + 1] if c.token_in < last.token_out]
+        if not later:
+            continue
+        dup = np.isin(_void(last.raw_keys), _void(_concat(later, key_dtype)))
+        if dup.any():
+            _drop_rows(last, dup)
+    return _result([first, *parts], key_dtype, value_dtype)
+
+
+def _result(parts: list[list[_Call]], key_dtype: np.dtype, value_dtype: np.dtype) -> ScanResult:
     calls = [c for p in parts for c in p]
     return ScanResult(
         _concat([c.keys for c in calls], key_dtype),
