@@ -357,10 +357,14 @@ def take_rows(a: np.ndarray, sel: np.ndarray) -> np.ndarray:
 
 
 def concat_rows(parts: list[np.ndarray]) -> np.ndarray:
-    """np.concatenate of structured arrays of one dtype."""
+    """np.concatenate of structured arrays of one dtype; when at most one part
+    has rows, that part itself (callers only read the result)."""
+    full = [p for p in parts if len(p)]
+    if len(full) <= 1:
+        return full[0] if full else parts[0]
     if parts[0].dtype.fields is None:
-        return np.concatenate(parts)
-    return np.concatenate([_void(p) for p in parts]).view(parts[0].dtype)
+        return np.concatenate(full)
+    return np.concatenate([_void(p) for p in full]).view(parts[0].dtype)
 
 
 def copy_rows(a: np.ndarray) -> np.ndarray:
