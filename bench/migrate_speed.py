@@ -15,7 +15,7 @@ not cover. After each round the migration is aborted through the agent, so B
 is back to its own sessions. Map capacities: the default Limits (1M
 sessions) unless 2N entries do not fit, then the next power of two (2^21 for
 N = 1M). Compression none (the `samixdp migrate` default). Medians of 5
-rounds (3 at 1M). One more in-process round under cProfile at the largest N
+rounds. One more in-process round under cProfile at the largest N
 goes to the JSON ("profile"), and a check that the parallel filtered map scan
 returns exactly what a plain dump + filter does ("scan_check").
 
@@ -48,7 +48,7 @@ Figures are printed and written to bench/results/migrate_speed.{json,png};
 nothing is asserted about speed. Needs root. Removes its pins, mounts,
 namespaces and agent, and restores the sysctls (SIGTERM too).
 
-    sudo .venv/bin/python bench/migrate_speed.py            # 10k, 100k, 1M (~2 min)
+    sudo .venv/bin/python bench/migrate_speed.py            # 10k, 100k, 1M (~2.5 min)
     sudo .venv/bin/python bench/migrate_speed.py --quick    # 10k, 100k (~30 s)
 """
 
@@ -143,7 +143,17 @@ def environment() -> dict[str, Any]:
         "cpu": cpu,
         "cpus": os.cpu_count(),
         "head": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--", "sami_xdp", "bpf", "bench")),
+        "dirty": bool(
+            git(
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "sami_xdp",
+                "bpf",
+                "bench/migrate_speed.py",
+            )
+        ),
         "conntrack": subprocess.run(
             ["conntrack", "--version"], capture_output=True, text=True
         ).stdout.strip(),
@@ -1107,7 +1117,7 @@ def main() -> int:
         log("memory: default Limits")
         res["memory"] = run_memory()
         for n in sizes:
-            repeat = args.repeat or (3 if n >= 1_000_000 else 5)
+            repeat = args.repeat or 5
             log(f"ours: {n} sessions, {repeat} rounds")
             res["ours"][str(n)] = run_ours(n, repeat, not args.no_profile and n == max(sizes), tmp)
         if not args.no_conntrack:
@@ -1123,7 +1133,7 @@ def main() -> int:
                         f"({last['end_to_end_s']:.1f} s > {CT_BOUND_S:.0f} s bound)",
                     }
                     continue
-                repeat = args.ct_repeat or (2 if n >= 1_000_000 else 3)
+                repeat = args.ct_repeat or 3
                 log(f"conntrack: {n} entries, {repeat} rounds")
                 last = res["conntrack"][str(n)] = run_conntrack(n, repeat, knobs)
     finally:
