@@ -858,7 +858,7 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
             est = "" if o["conntrack_measured"] else " (extrapolated)"
             value += (
                 f"; conntrack-tools {o['conntrack_s'] * 1000:.0f} ms{est}: "
-                f"{o['speedup_vs_conntrack']:.1f}x faster"
+                f"{o['speedup_vs_conntrack']:.2f}x faster"
             )
             target, ok = (
                 f">= {TARGET_RATIO:g}x conntrack",
@@ -928,7 +928,7 @@ def print_table(res: dict[str, Any]) -> None:
         row += f"{o['end_to_end_s'] * 1000:>10.1f}"
         if "conntrack_s" in o:
             mark = "" if o["conntrack_measured"] else "*"
-            row += f"{o['conntrack_s'] * 1000:>10.0f}{mark:1}{o['speedup_vs_conntrack']:>8.1f}x"
+            row += f"{o['conntrack_s'] * 1000:>10.0f}{mark:1}{o['speedup_vs_conntrack']:>8.2f}x"
         print(row)
     if any(not c["measured"] for c in res["conntrack"].values()):
         print("  * conntrack extrapolated linearly from the largest measured size (not measured)")
