@@ -213,7 +213,10 @@ def test_source_cleanup_after_grace(pair: Pair) -> None:
     assert res.returncode == 0, res.stderr
     assert count_vm(pair.a.fw) == 4  # the source still serves the VM right after migrate
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and count_vm(pair.a.fw):
+    # the helper removes sessions first, rules right after: wait for both
+    while time.monotonic() < deadline and (
+        count_vm(pair.a.fw) or len(acl.vm_entries(pair.a.fw, VM))
+    ):
         time.sleep(0.2)
     assert count_vm(pair.a.fw) == 0
     assert len(acl.vm_entries(pair.a.fw, VM)) == 0
