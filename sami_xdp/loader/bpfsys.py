@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -19,6 +18,8 @@ from typing import Any
 
 import cffi
 import numpy as np
+
+from ..parallel import run_parallel
 
 _CDEF = """
 long syscall(long number, ...);
@@ -467,26 +468,10 @@ def scan_batch(
         return _result([first + rest], key_dtype, value_dtype)
     starts = [t1 + i * (n_buckets - t1) // w for i in range(w)]
     stops: list[int | None] = [*starts[1:], None]
-    results: list[list[_Call] | BaseException | None] = [None] * w
-
-    def run(i: int) -> None:
-        try:
-            results[i] = _scan_range(fd, key_dtype, value_dtype, starts[i], stops[i], keep, chunk)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, w)]
-    for th in threads:
-        th.start()
-    try:
-        run(0)
-    finally:
-        for th in threads:
-            th.join()
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    parts = [r for r in results if isinstance(r, list)]
+    parts = run_parallel(
+        w,
+        lambda i: _scan_range(fd, key_dtype, value_dtype, starts[i], stops[i], keep, chunk),
+    )
     # the last call of range i may have read buckets of range i + 1
     for i in range(w - 1):
         last = parts[i][-1]

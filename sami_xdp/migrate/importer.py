@@ -39,6 +39,7 @@ import numpy as np
 from ..loader.bpfsys import KeepFn, ScanResult
 from ..loader.pinned import Firewall, PinnedMap, possible_cpus
 from ..netutil import be32_to_ip
+from ..parallel import run_parallel
 from ..protect import is_protected
 from . import wire
 from .acl_bridge import AclHooks, AclToken, default_acl_hooks, wire_to_rules
@@ -203,36 +204,17 @@ def update_many(m: PinnedMap, keys: np.ndarray, values: np.ndarray) -> int:
     if workers <= 1 or len(keys) < PARALLEL_WRITE_MIN:
         return m.update_many(keys, values)
     stop = threading.Event()
-    errors: list[BaseException] = []
     done = [0] * workers
     bounds = [len(keys) * i // workers for i in range(workers + 1)]
 
     def run(i: int) -> None:
-        try:
-            for lo in range(bounds[i], bounds[i + 1], WRITE_SUB_BATCH):
-                if stop.is_set():
-                    return
-                hi = min(lo + WRITE_SUB_BATCH, bounds[i + 1])
-                done[i] += m.update_many(keys[lo:hi], values[lo:hi])
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-            stop.set()
+        for lo in range(bounds[i], bounds[i + 1], WRITE_SUB_BATCH):
+            if stop.is_set():
+                return
+            hi = min(lo + WRITE_SUB_BATCH, bounds[i + 1])
+            done[i] += m.update_many(keys[lo:hi], values[lo:hi])
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, workers)]
-    for th in threads:
-        th.start()
-    try:
-        run(0)
-    finally:
-        for th in threads:
-            while th.is_alive():
-                try:
-                    th.join()
-                except BaseException as exc:  # noqa: BLE001 - keep waiting for the writer
-                    errors.append(exc)
-                    stop.set()
-    if errors:  # an interruption (Ctrl-C) wins over a writer's error
-        raise next((e for e in errors if not isinstance(e, Exception)), errors[0])
+    run_parallel(workers, run, on_error=stop.set)
     return sum(done)
 
 

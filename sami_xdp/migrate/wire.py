@@ -22,10 +22,11 @@ key -> 32 B):
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 
 import numpy as np
+
+from ..parallel import run_parallel
 
 # ---- record dtypes ----------------------------------------------------------------
 
@@ -211,24 +212,7 @@ def _by_rows(n: int, fn: Callable[[int, int], None]) -> None:
         fn(0, n)
         return
     bounds = [n * i // workers for i in range(workers + 1)]
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            fn(bounds[i], bounds[i + 1])
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, workers)]
-    for th in threads:
-        th.start()
-    try:
-        run(0)
-    finally:
-        for th in threads:
-            th.join()
-    if errors:
-        raise errors[0]
+    run_parallel(workers, lambda i: fn(bounds[i], bounds[i + 1]))
 
 
 def sessions_to_wire(keys: np.ndarray, values: np.ndarray, now_ns: int) -> np.ndarray:
