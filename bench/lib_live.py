@@ -314,15 +314,6 @@ class CountingXdp:
 # ---- frames -------------------------------------------------------------------
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def with_l4_checksum(frame: bytes) -> bytes:
     """The frame (Ethernet + IPv4 without options + TCP) with a valid TCP checksum."""
     ip = frame[14:34]
@@ -330,6 +321,8 @@ def with_l4_checksum(frame: bytes) -> bytes:
     assert ip[9] == 6, "TCP frames only (UDP keeps checksum 0 = none)"
     l4[16:18] = b"\0\0"
     pseudo = ip[12:20] + struct.pack("!BBH", 0, 6, len(l4))
+    from packets import _csum  # tests/packets.py, on the path set by the bench scripts
+
     l4[16:18] = struct.pack("!H", _csum(pseudo + bytes(l4)))
     return frame[:34] + bytes(l4)
 
