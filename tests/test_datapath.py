@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import packets as P
 import pytest
+from conftest import unavailable
 
 from sami_xdp import protect, sessions, stats
 from sami_xdp.config import STATE_BY_NAME
@@ -158,7 +159,7 @@ def other_ifindex() -> Iterator[int]:
     made = subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name",
                            name + "p"], capture_output=True, text=True)
     if made.returncode != 0:
-        pytest.skip(f"no non-loopback interface and cannot add one: {made.stderr.strip()}")
+        unavailable(f"no non-loopback interface and cannot add one: {made.stderr.strip()}")
     try:
         yield socket.if_nametoindex(name)
     finally:
@@ -259,6 +260,25 @@ def test_packets_invalid_in_syn_sent_are_dropped(pfw, frame, reason):
     where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
     assert where == "halfopen" and v["state"] == ST["SYN_SENT"]
     assert list(v["packets"]) == [1, 0], "a dropped packet is not counted in the session"
+
+
+@pytest.mark.parametrize("peer", [CLIENT, CLIENT_LOW], ids=["vm-is-lo", "vm-is-hi"])
+def test_only_the_initiators_ack_completes_the_handshake(pfw, peer):
+    """In SYN_RECV the responder's own ACK (it sent the SYN/ACK) must not establish the
+    session: only the initiator's ACK answers the SYN/ACK (as in conntrack)."""
+    fw = pfw
+    assert run(fw, P.tcp(VM, 40000, peer, 80, P.SYN)) == "pass-outbound"
+    assert run(fw, P.tcp(peer, 80, VM, 40000, P.SYN | P.ACK)) == "pass-session"
+    assert state_of(fw, TCP, VM, 40000, peer, 80) == "SYN_RECV"
+    assert run(fw, P.tcp(peer, 80, VM, 40000, P.ACK)) == "drop-invalid"
+    where, v = find(fw, TCP, VM, 40000, peer, 80)
+    assert where == "halfopen" and v["state"] == ST["SYN_RECV"]
+    assert run(fw, P.tcp(peer, 80, VM, 40000, P.PSH | P.ACK, b"data")) == "drop-invalid"
+    assert state_of(fw, TCP, VM, 40000, peer, 80) == "SYN_RECV"
+    # the initiator's ACK does complete it
+    assert run(fw, P.tcp(VM, 40000, peer, 80, P.ACK)) == "pass-session"
+    where, v = find(fw, TCP, VM, 40000, peer, 80)
+    assert where == "sessions" and v["state"] == ST["ESTABLISHED"]
 
 
 # ---- unsolicited traffic, strict TCP -------------------------------------------

@@ -174,6 +174,24 @@ def snapshot(fw: Firewall) -> dict[str, set[bytes]]:
     return snap
 
 
+def expired_bundle(fw_a: Firewall, hosts: Hosts, seq: int = 1) -> bytes:
+    """A valid, signed full bundle of the VM issued 70 s ago with 60 s of validity:
+    expired by 10 s, past the 5 s clock-skew allowance."""
+    state = export_vm_state(fw_a, VM)
+    return encode_bundle(
+        state.sections(),
+        identity=hosts.a,
+        vm=state.vm,
+        audience="host-b",
+        seq=seq,
+        migration_id=new_migration_id(),
+        layout_version=LAYOUT,
+        acl_digest=state.acl_digest,
+        validity_s=60,
+        issued_at_ms=int(time.time() * 1000) - 70_000,
+    )
+
+
 def full_bundle(
     fw_a: Firewall,
     hosts: Hosts,
@@ -283,6 +301,29 @@ def test_pickup_window_is_set(fw_a, fw_b, hosts):
     # mid-flow TCP of an unknown connection of the VM is picked up inside the window
     assert run_frame(fw_b, P.tcp(CLIENT, 81, VM, 41000, P.ACK)) == "PASS"
     assert stats.verdict_packets(fw_b)["pass-pickup"] == 1
+    # once the window has closed, mid-flow TCP is strict again
+    key = np.array([ip_to_be32(VM)], np.uint32)
+    fw_b.maps["pickup"].update(key, np.array([time.monotonic_ns() - 50_000_000], np.uint64))
+    assert run_frame(fw_b, P.tcp(CLIENT, 82, VM, 41001, P.ACK)) == "DROP"
+    assert stats.verdict_packets(fw_b)["drop-no-session"] == 1
+
+
+def test_an_imported_ban_never_replaces_a_live_ban_for_another_vm(fw_a, fw_b, hosts):
+    """B already bans ATTACKER for VM2; the VM's bundle also bans ATTACKER. B's own ban
+    (its VM, its expiry) stays as it is: a bundle acts on its own VM only."""
+    make_state_a(fw_a)  # ATTACKER banned for VM on A
+    fw_b.set_config(fw_b.const("CFG_SYN_RATE"), 1)
+    fw_b.set_config(fw_b.const("CFG_SYN_WINDOW_MS"), 60_000)
+    acl.add_rules(fw_b, [acl.make_rule(fw_b, vm=VM2, proto="tcp", dport="80")])
+    run_frame(fw_b, P.tcp(ATTACKER, 1000, VM2, 80, P.SYN))
+    assert run_frame(fw_b, P.tcp(ATTACKER, 1001, VM2, 80, P.SYN)) == "DROP"
+    key = np.array([ip_to_be32(ATTACKER)], np.uint32)
+    own = fw_b.maps["blacklist"].lookup(key)
+    assert own is not None and int(own["vm"]) == ip_to_be32(VM2)
+    res = hosts.receive(fw_b, full_bundle(fw_a, hosts), pickup_s=0)
+    assert res.skipped["foreign_bans"] == 1 and res.counts["blacklist"] == 0
+    after = fw_b.maps["blacklist"].lookup(key)
+    assert after is not None and after.tobytes() == own.tobytes()
 
 
 def test_clock_rebasing_on_another_clock(fw_a, fw_b, hosts):
@@ -359,8 +400,7 @@ def test_refusals_leave_maps_unchanged(fw_a, fw_b, hosts, kind):
     if kind == "audience":
         data = build_bundle(fw_a, VM, "host-c", 1, new_migration_id(), identity=hosts.a)
     elif kind == "expired":
-        data = full_bundle(fw_a, hosts, validity_s=0.001)
-        # (the skew allowance is 5 s: verified below with a clock 6 s past expiry)
+        data = expired_bundle(fw_a, hosts)
     elif kind == "tampered":
         bad = bytearray(data)
         bad[300] ^= 1
@@ -380,15 +420,31 @@ def test_refusals_leave_maps_unchanged(fw_a, fw_b, hosts, kind):
         "replay": ReplayError,
         "unknown": BundleRefused,
     }[kind]
+    consumed = hosts.replay.count()
     with pytest.raises(expected):
-        if kind == "expired":
-            vb = parse_bundle(data)
-            verify_bundle(
-                data, hosts.trust_b, "host-b", hosts.replay, now_ms=vb.expires_at_ms + 6000
-            )
-        else:
-            hosts.receive(fw_b, data)
+        hosts.receive(fw_b, data)  # the real receive path: no clock passed in
     assert snapshot(fw_b) == before
+    assert hosts.replay.count() == consumed, "a refused bundle must not burn a replay entry"
+
+
+def test_cli_import_refuses_an_expired_bundle(fw_a, fw_b, hosts, tmp_path):
+    """Expiry holds on the operator's path too: `samixdp import` (no clock of the
+    caller's) refuses with one line and the refusal's exit code, and loads nothing."""
+    make_state_a(fw_a)
+    path = tmp_path / "old.bundle"
+    path.write_bytes(expired_bundle(fw_a, hosts))
+    before = snapshot(fw_b)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from sami_xdp.cli import main; main()",
+         "--config-dir", str(hosts.root / "b"), "--state-dir", str(hosts.state_b),
+         "--bpffs", str(fw_b.path), "import", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == ExpiredError.exit_code, proc.stderr
+    assert proc.stderr.startswith("samixdp: error: bundle expired")
+    assert proc.stderr.count("\n") == 1
+    assert snapshot(fw_b) == before
+    assert hosts.replay.count() == 0
 
 
 def test_capacity_refusal_writes_nothing(fw_a, fw_b, hosts):
@@ -513,7 +569,14 @@ def test_delta_rounds_apply_changes_and_deletes(fw_a, fw_b, hosts):
     qb = parse_bundle(quiet)
     assert qb.kind == "delta+final" and not qb.has_acl
     assert sum(qb.counts().values()) == 0
-    hosts.receive(fw_b, quiet, pickup_s=0)
+    before = snapshot(fw_b)
+    res = hosts.receive(fw_b, quiet, pickup_s=0)
+    assert res.kind == "delta+final" and res.seq == 3
+    assert sum(res.counts.values()) == 0 and sum(res.deleted.values()) == 0
+    assert snapshot(fw_b) == before, "a quiet final round must change nothing"
+    rounds = ImportRecords(hosts.state_b).meta(mid)["rounds"]
+    assert [(r["seq"], r["status"]) for r in rounds] == [
+        (1, "committed"), (2, "committed"), (3, "committed")]
 
 
 def test_abort_removes_exactly_the_imported_entries(fw_a, fw_b, hosts):

@@ -7,13 +7,12 @@ loopback. A's sessions are made by the real program through PROG_TEST_RUN."""
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,11 @@ from conftest import run_frame
 
 from sami_xdp import acl, protect, sessions
 from sami_xdp.loader.pinned import Firewall
+from sami_xdp.migrate import HostIdentity, ImportRecords, TrustStore, new_migration_id
+from sami_xdp.migrate.bundle import encode_bundle
+from sami_xdp.migrate.control import verify_control
+from sami_xdp.migrate.select import export_vm_state
+from sami_xdp.migrate.transport import MSG_ACK, MSG_BUNDLE, Connection
 
 pytestmark = pytest.mark.needs_root
 
@@ -142,15 +146,30 @@ def test_migrate_copies_state_and_keeps_source(pair: Pair) -> None:
     assert run_frame(pair.b.fw, P.tcp(CLIENT, 5555, VM, 23, P.SYN)) == "DROP"
 
 
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 15.0,
+             alive: subprocess.Popen[str] | None = None) -> None:
+    """Polls `cond` until true (bounded); fails early if `alive` exited meanwhile."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if alive is not None and alive.poll() is not None:
+            err = alive.stderr.read() if alive.stderr else ""
+            raise AssertionError(f"process exited ({alive.returncode}) waiting for {what}: {err}")
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
 def test_until_cutover_then_final(pair: Pair) -> None:
     establish(pair.a.fw, 5)
     bg = pair.a.popen("migrate", "--vm", VM, "--peer", "hostb", "--until-cutover",
                       "--interval", "0.1", "--keep-source", "--json")
     try:
-        time.sleep(1.0)
+        wait_for("the full copy on B", lambda: count_vm(pair.b.fw) == 5, alive=bg)
         establish(pair.a.fw, 3, base=30000)  # new sessions during pre-copy travel as deltas
-        time.sleep(0.5)
-        assert bg.poll() is None, bg.stderr.read() if bg.stderr else ""
+        # they reach B while the migration is still pre-copying: a delta round carried
+        # them, not the final one (which has not been asked for yet)
+        wait_for("the new sessions on B", lambda: count_vm(pair.b.fw) == 8, alive=bg)
+        assert bg.poll() is None
         fin = pair.a.cli("migrate", "--vm", VM, "--final", "--json")
         assert fin.returncode == 0, fin.stderr
         bg.wait(timeout=20)
@@ -160,8 +179,12 @@ def test_until_cutover_then_final(pair: Pair) -> None:
     assert bg.returncode == 0
     report = json.loads(fin.stdout)
     assert report["outcome"] == "completed"
-    assert report["phases"][-1]["name"] == "final delta"
-    assert len(report["phases"]) >= 4  # preflight, full, >= 1 delta, final
+    names = [p["name"] for p in report["phases"]]
+    assert names[:2] == ["preflight", "full copy"] and names[-1] == "final delta"
+    deltas = [p for p in report["phases"] if p["name"].startswith("delta ")]
+    assert deltas and len(names) == 3 + len(deltas)
+    assert report["phases"][1]["imported"]["sessions"] == 5
+    assert sum(p["imported"].get("sessions", 0) for p in deltas) >= 3
     assert count_vm(pair.b.fw) == 8
 
 
@@ -230,5 +253,33 @@ def test_agent_refuses_oversized_message(pair: Pair) -> None:
         s.sendall(HEADER.pack(MAGIC, VERSION, MSG_BUNDLE, 0, 1 << 31))
         reply = s.recv(4096)
     assert b"exceeds the limit" in reply
-    assert pair.agent.poll() is None  # still serving
-    assert os.path.exists(pair.b.fw.path / "sessions")
+    # still serving: a new connection gets a whole migration through
+    establish(pair.a.fw, 2)
+    res = pair.a.cli("migrate", "--vm", VM, "--peer", "hostb", "--rounds", "0",
+                     "--keep-source", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["outcome"] == "completed"
+    assert count_vm(pair.b.fw) == 2
+
+
+def test_agent_refuses_an_expired_bundle(pair: Pair) -> None:
+    """Expiry is enforced on the agent's receive path: a correctly signed bundle of A,
+    issued 70 s ago and valid 60 s, gets a signed refusal and loads nothing."""
+    establish(pair.a.fw, 3)
+    ident = HostIdentity.load(pair.a.config)
+    state = export_vm_state(pair.a.fw, VM)
+    data = encode_bundle(
+        state.sections(), identity=ident, vm=state.vm, audience="hostb", seq=1,
+        migration_id=new_migration_id(),
+        layout_version=pair.a.fw.const("SAMIXDP_LAYOUT_VERSION"),
+        acl_digest=state.acl_digest, validity_s=60,
+        issued_at_ms=int(time.time() * 1000) - 70_000,
+    )
+    with Connection(f"127.0.0.1:{pair.port}") as conn:
+        reply = conn.request(MSG_BUNDLE, data)
+    assert reply.type == MSG_ACK
+    _, body = verify_control(reply.payload, TrustStore.load(pair.a.config), "hosta",
+                             expect_from="hostb")
+    assert body["ok"] is False and "expired" in body["reason"], body
+    assert count_vm(pair.b.fw) == 0
+    assert ImportRecords(pair.b.state).list() == []

@@ -68,10 +68,48 @@ def test_ban_applies_to_every_vm_and_counts_drops(pfw):
     assert stats.verdict_packets(pfw)["drop-blacklist"] == 2
 
 
-def test_ban_blocks_established_sessions_of_that_source(pfw):
+def test_ban_blocks_half_open_sessions_of_that_source(pfw):
     assert run_frame(pfw, syn(VM, 4000, CLIENT, 443)) == "PASS"
     blacklist.ban(pfw, CLIENT, VM, 30)
     assert run_frame(pfw, P.tcp(CLIENT, 443, VM, 4000, P.SYN | P.ACK)) == "DROP"
+
+
+def _established(fw, key_src: str) -> None:
+    """The flow's session is ESTABLISHED in the main table (the datapath's fast path)."""
+    t = sessions.read_sessions(fw)
+    mine = t.select(sessions.vm_mask(t.keys, key_src))
+    assert len(mine) == 1 and sessions.SESSION_MAPS[int(mine.source[0])] == "sessions"
+    assert int(mine.values["state"][0]) == fw.const("ST_ESTABLISHED")
+
+
+@pytest.mark.parametrize("opened_by", ["vm", "client"])
+def test_ban_blocks_established_sessions_of_that_source(pfw, opened_by):
+    """A ban cuts the source's live sessions too, not only new ones: checked on the
+    established fast path, for a flow the VM opened and one an ACL let in."""
+    if opened_by == "vm":
+        hs = [(VM, 4000, CLIENT, 443, P.SYN), (CLIENT, 443, VM, 4000, P.SYN | P.ACK),
+              (VM, 4000, CLIENT, 443, P.ACK)]
+    else:
+        add(pfw, vm=VM, proto="tcp", dport="443")
+        hs = [(CLIENT, 4000, VM, 443, P.SYN), (VM, 443, CLIENT, 4000, P.SYN | P.ACK),
+              (CLIENT, 4000, VM, 443, P.ACK)]
+    for src, sport, dst, dport, flags in hs:
+        assert run_frame(pfw, P.tcp(src, sport, dst, dport, flags)) == "PASS"
+    _established(pfw, CLIENT)
+    c_port, v_port = (443, 4000) if opened_by == "vm" else (4000, 443)
+    data = P.tcp(CLIENT, c_port, VM, v_port, P.PSH | P.ACK, b"data")
+    assert run_frame(pfw, data) == "PASS"
+    before = stats.verdict_packets(pfw)
+    blacklist.ban(pfw, CLIENT, VM, 30)
+    assert run_frame(pfw, data) == "DROP"
+    after = stats.verdict_packets(pfw)
+    assert after["drop-blacklist"] - before["drop-blacklist"] == 1
+    (rec,) = blacklist.blacklist_records(pfw)
+    assert rec["dropped"] == 1
+    # the VM's own packets of that session still leave (the ban is on the source)
+    assert run_frame(pfw, P.tcp(VM, v_port, CLIENT, c_port, P.PSH | P.ACK, b"x")) == "PASS"
+    blacklist.unban(pfw, CLIENT)
+    assert run_frame(pfw, data) == "PASS"
 
 
 def test_ban_expires_in_datapath_and_gc_removes_it(pfw):
@@ -220,6 +258,21 @@ def test_prefix_rules_merge_with_vm_rules(pfw):
     assert run_frame(pfw, P.udp(CLIENT, 1, VM, 53)) == "PASS"
     assert run_frame(pfw, syn(CLIENT, 2, VM2, 22)) == "PASS"
     assert run_frame(pfw, P.udp(CLIENT, 2, VM2, 53)) == "DROP"  # VM-only rule
+
+
+def test_vm_and_prefix_rules_interleave_by_priority(pfw):
+    """A VM's rule set merges its own rules with the prefix rules covering it, in one
+    priority order: neither kind goes first as a block."""
+    add(pfw, vm="10.1.1.0/24", proto="tcp", src=f"{CLIENT2}/32", action="deny", priority=5)
+    add(pfw, vm=VM, proto="tcp", dport="22", priority=10)
+    add(pfw, vm=VM, proto="tcp", dport="22", src=f"{CLIENT}/32", action="deny", priority=1)
+    add(pfw, vm="10.1.1.0/24", proto="tcp", priority=20)
+    assert run_frame(pfw, syn(CLIENT, 1, VM, 22)) == "DROP"  # VM deny, priority 1
+    assert run_frame(pfw, syn(CLIENT2, 1, VM, 22)) == "DROP"  # prefix deny, priority 5
+    assert run_frame(pfw, syn("192.0.2.11", 1, VM, 22)) == "PASS"  # VM allow, priority 10
+    assert run_frame(pfw, syn("192.0.2.11", 2, VM, 80)) == "PASS"  # prefix allow, 20
+    counts = stats.verdict_packets(pfw)
+    assert counts["drop-acl-deny"] == 2 and counts["pass-acl"] == 2
 
 
 def test_delete_rule(pfw):
