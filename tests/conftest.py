@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -24,13 +25,28 @@ from sami_xdp.loader import bpfsys  # noqa: E402
 from sami_xdp.loader.compile import Limits  # noqa: E402
 from sami_xdp.loader.pinned import Firewall, unpin_all  # noqa: E402
 
-IN_CI = bool(os.environ.get("CI"))
+IN_CI = os.environ.get("CI", "") not in ("", "0", "false")
 TEST_LIMITS = Limits(max_sessions=262144, max_halfopen=4096, max_syn_counters=4096,
                      max_blacklist=4096)
 # maps emptied between tests (arrays are reset by value instead)
 RESETTABLE = (
     "sessions", "halfopen", "syn_counters", "blacklist", "pickup", "fragments", "acl_rules",
 )
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A prerequisite is missing: skip locally, fail in CI (never a silent pass)."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI is set: a missing prerequisite fails)")
+    pytest.skip(reason)
+
+
+def require_tool(name: str) -> str:
+    """The path of an external tool the test needs (`make setup` installs them)."""
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} is not installed (run `make setup`)")
+    return path
 
 
 def _root_problem() -> str | None:
@@ -76,7 +92,7 @@ def test_bpffs(run_id: str) -> Iterator[Path]:
 def firewall(test_bpffs: Path) -> Iterator[Firewall]:
     problem = _root_problem()
     if problem:
-        pytest.fail(problem) if IN_CI else pytest.skip(problem)
+        unavailable(problem)
     fw = Firewall.create(test_bpffs / "fw", TEST_LIMITS)
     yield fw
     fw.close()

@@ -1,9 +1,9 @@
 """Issue 2 integration: the real CLI and XDP program between network namespaces.
 
 client 192.0.2.10 <-> firewall (router, XDP on both links, `--protect 10.1.1.0/24`)
-<-> VM 10.1.1.1. The tests of the shared topology run in file order: attach, status,
-outbound, inbound, detach. Then the CLI's error paths, the demo topology script and
-the demo itself.
+<-> VM 10.1.1.1. The tests share one topology but each attaches what it needs, so they
+pass in any order. Then the CLI's error paths, the demo topology script and the demo
+itself.
 """
 
 from __future__ import annotations
@@ -40,16 +40,24 @@ IN_PORT = 2222  # server in the VM, unsolicited from the client
 
 
 @pytest.fixture(scope="module")
-def attached(core_topology: CoreTopology) -> CoreTopology:  # noqa: F811
-    """XDP on both firewall links through `samixdp attach ... --protect`."""
+def served(core_topology: CoreTopology) -> CoreTopology:  # noqa: F811
+    """The module's topology with an echo server on each side."""
     t = core_topology
+    t.lab.echo_server(t.client, CLIENT_IP, OUT_PORT, lifetime=180)
+    t.lab.echo_server(t.vm, VM_IP, IN_PORT, lifetime=180)
+    return t
+
+
+@pytest.fixture
+def attached(served: CoreTopology) -> CoreTopology:
+    """XDP on both firewall links through `samixdp attach ... --protect`, whatever an
+    earlier test did (attaching an attached link is a no-op)."""
+    t = served
     for link in t.fw_links:
         res = t.samixdp("attach", link, "--protect", VM_NET, "--mode", "auto")
         assert res.returncode == 0, f"attach {link}: {res.stderr}"
         assert f"attached to {link} in " in res.stdout
         assert t.fw.xdp_prog_id(link) > 0
-    t.lab.echo_server(t.client, CLIENT_IP, OUT_PORT, lifetime=120)
-    t.lab.echo_server(t.vm, VM_IP, IN_PORT, lifetime=120)
     return t
 
 

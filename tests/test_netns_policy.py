@@ -3,10 +3,10 @@ connection that survives the flood, through the real CLI and XDP on veth."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
+from conftest import require_tool
 from netns import (
     CLIENT_IP,
     VM_IP,
@@ -40,13 +40,33 @@ def policy_topology() -> Iterator[CoreTopology]:
         yield t
 
 
-def test_acl_opens_one_port_only(policy_topology: CoreTopology) -> None:
+@pytest.fixture
+def policy(policy_topology: CoreTopology) -> CoreTopology:
+    """The module's topology with no ACL rule and no ban: each test starts the same,
+    whatever ran before it."""
     t = policy_topology
+    empty = t.lab.run_dir / "no-rules.yaml"
+    empty.write_text("default: drop\nrules: []\n")
+    res = t.samixdp("acl", "load", str(empty))
+    assert res.returncode == 0, res.stderr
+    for ban in t.samixdp_json("blacklist", "list"):
+        res = t.samixdp("blacklist", "del", ban["ip"])
+        assert res.returncode == 0, res.stderr
+    assert t.samixdp_json("acl", "list") == [] and t.samixdp_json("blacklist", "list") == []
+    return t
+
+
+def acl_add(t: CoreTopology, *args: str) -> int:
+    res = t.samixdp("acl", "add", *args)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip())
+
+
+def test_acl_opens_one_port_only(policy: CoreTopology) -> None:
+    t = policy
     ok, out = tcp_connect(t.client, VM_IP, OPEN_PORT)
     assert not ok, f"no rule yet, default drop expected: {out}"
-    res = t.samixdp("acl", "add", "--vm", VM_IP, "--proto", "tcp", "--dport", str(OPEN_PORT))
-    assert res.returncode == 0, res.stderr
-    rule_id = int(res.stdout.strip())
+    rule_id = acl_add(t, "--vm", VM_IP, "--proto", "tcp", "--dport", str(OPEN_PORT))
     ok, out = tcp_connect(t.client, VM_IP, OPEN_PORT)
     assert ok, out
     ok, out = tcp_connect(t.client, VM_IP, CLOSED_PORT)
@@ -66,20 +86,21 @@ def test_acl_opens_one_port_only(policy_topology: CoreTopology) -> None:
         (["--vm", VM_IP, "--src", "1.2.3.4/40"], "not an IPv4 prefix"),
     ],
 )
-def test_bad_rules_change_nothing(policy_topology: CoreTopology, args, needle) -> None:
-    t = policy_topology
+def test_bad_rules_change_nothing(policy: CoreTopology, args, needle) -> None:
+    t = policy
+    acl_add(t, "--vm", VM_IP, "--proto", "tcp", "--dport", str(OPEN_PORT))
     before = t.samixdp_json("acl", "list")
     err = one_line_error(t.samixdp("acl", "add", *args))
     assert needle in err
     assert t.samixdp_json("acl", "list") == before
 
 
-@pytest.mark.skipif(shutil.which("hping3") is None, reason="hping3 not installed (make setup)")
 def test_syn_flood_bans_flooder_while_established_connection_lives(
-    policy_topology: CoreTopology,
+    policy: CoreTopology,
 ) -> None:
-    t = policy_topology
-    t.samixdp("acl", "add", "--vm", VM_IP, "--proto", "tcp", "--dport", str(OPEN_PORT))
+    t = policy
+    require_tool("hping3")
+    acl_add(t, "--vm", VM_IP, "--proto", "tcp", "--dport", str(OPEN_PORT))
     conn = t.lab.held_connection(t.client, VM_IP, OPEN_PORT)
     assert conn.established(), conn.reader.seen
     # 1500 SYNs at ~1000/s from a second address: well over 50/s
@@ -104,8 +125,11 @@ def test_syn_flood_bans_flooder_while_established_connection_lives(
     assert all(b["ip"] != FLOODER_IP for b in t.samixdp_json("blacklist", "list"))
 
 
-def test_acl_file_load_replaces_rules(policy_topology: CoreTopology, tmp_path) -> None:
-    t = policy_topology
+def test_acl_file_load_replaces_rules(policy: CoreTopology) -> None:
+    t = policy
+    acl_add(t, "--vm", VM_IP, "--proto", "tcp", "--dport", str(OPEN_PORT))
+    ok, out = tcp_connect(t.client, VM_IP, OPEN_PORT)
+    assert ok, out
     f = t.lab.run_dir / "rules.yaml"
     f.write_text(
         "default: drop\n"
