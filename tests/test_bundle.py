@@ -399,9 +399,12 @@ def test_full_bundle_with_delete_lists_is_refused(ident_a, trust_b):
         verify_bundle(make(ident_a, flags=0), trust_b, "host-b")
 
 
-def test_counts_must_match_sections(ident_a):
-    """A signer cannot make counts and body disagree either (checked before records)."""
-    data = bytearray(make(ident_a, {"sessions": sessions_wire(4)}, flags=0))
+@pytest.mark.parametrize("compression", ["none", "zlib"])
+def test_counts_must_match_sections(ident_a, compression):
+    """A signer cannot make counts and body disagree either (checked before records);
+    with compression the body's length says nothing, the signed raw length does."""
+    data = bytearray(make(ident_a, {"sessions": sessions_wire(4)}, flags=0,
+                          compression=compression))
     h = np.frombuffer(data[:HEADER_SIZE], dtype=HEADER).copy()
     h["n_sessions"] = 3  # body still holds 4 records
     ident = ident_a
@@ -412,6 +415,20 @@ def test_counts_must_match_sections(ident_a):
     t.add("host-a", "192.0.2.1:7800", ident.public_raw)
     with pytest.raises(CountMismatchError):
         verify_bundle(resigned, t, "host-b")
+
+
+def test_acl_section_must_match_the_signed_digest(ident_a, trust_b):
+    """The header's ruleset digest names the ACL the sender meant: a bundle whose
+    ACL records differ from it (a signer's bug or a spliced section) is refused."""
+    secs = {"acl": all_sections()["acl"]}
+    ok = make(ident_a, secs, flags=0)
+    verify_bundle(ok, trust_b, "host-b")
+    bad = encode_bundle(
+        secs, identity=ident_a, vm=ip_to_be32(VM), audience="host-b", seq=1,
+        migration_id=MID, layout_version=LAYOUT, acl_digest=b"\x01" * 16,
+    )
+    with pytest.raises(CountMismatchError, match="digest"):
+        verify_bundle(bad, trust_b, "host-b")
 
 
 # ---- selection and deltas from real maps ----------------------------------------------------
