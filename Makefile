@@ -4,6 +4,7 @@
 #   sudo make test    set up everything, then run the test suite
 #   make setup        Debian packages, kernel headers for bcc, .venv (idempotent, fast rerun)
 #   make lint         ruff + mypy
+#   make mutate       break security rules one at a time; every break must fail a test
 #   make bench        bench/run_all.sh, once it exists
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -21,11 +22,12 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 python3-v
 	python3-dev ethtool hping3 nftables conntrack tcpdump
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+MUTATE_ARGS ?= -j 2
 
-.PHONY: help setup apt-packages kernel-headers venv test demo demo-core bench lint clean distclean
+.PHONY: help setup apt-packages kernel-headers venv test mutate demo demo-core bench lint clean distclean
 
 help:
-	@echo "targets: setup test demo bench lint clean distclean   (test/demo/setup need root)"
+	@echo "targets: setup test mutate demo bench lint clean distclean   (test/demo/setup need root)"
 
 setup: apt-packages kernel-headers venv
 
@@ -95,6 +97,10 @@ test: setup
 	@for s in scripts/*.sh; do bash -n "$$s"; done
 	echo "+ $(PY) -m pytest -q $(PYTEST_ARGS) tests"
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# tests/mutations.toml, each break applied to a temporary copy (see scripts/mutate.py)
+mutate: setup
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
 demo: setup
 	$(PY) scripts/demo_migrate.py $(DEMO_ARGS)
