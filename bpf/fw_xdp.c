@@ -93,7 +93,7 @@ static __always_inline __u8 make_key(struct session_key *k, __u32 saddr, __u32 d
         k->port_lo = dport;
         k->port_hi = sport;
     }
-    if (proto == IPPROTO_ICMP) {
+    if (proto == PROTO_ICMP) {
         k->port_lo = sport > dport ? sport : dport; /* echo identifier */
         k->port_hi = 0;
     }
@@ -190,7 +190,7 @@ static __always_inline __u32 advance_session(struct session_key *k, struct sessi
                                              __u64 now, __u32 ifindex)
 {
     int from_init = side == v->initiator;
-    if (p->proto == IPPROTO_TCP) {
+    if (p->proto == PROTO_TCP) {
         __u8 flags = v->flags;
         __u8 next;
         next = tcp_next_state(v->state, p->tcp_flags, from_init, side, &flags);
@@ -210,10 +210,10 @@ static __always_inline __u32 advance_session(struct session_key *k, struct sessi
         v->state = next;
         return REASON_PASS_SESSION;
     }
-    if (p->proto == IPPROTO_ICMP &&
+    if (p->proto == PROTO_ICMP &&
         p->icmp_type != (from_init ? ICMP_ECHO_T : ICMP_ECHOREPLY_T))
         return REASON_DROP_INVALID; /* e.g. a request from the pinged side */
-    if (p->proto == IPPROTO_UDP && !from_init)
+    if (p->proto == PROTO_UDP && !from_init)
         v->state = ST_UDP_REPLIED;
     count_packet(v, from_init, p->l3_len, now, ifindex);
     return REASON_PASS_SESSION;
@@ -228,7 +228,7 @@ static __always_inline struct session_value *find_session(struct fw_config *cfg,
     *in_halfopen = 0;
     if (v && is_live(cfg, v, now))
         return v;
-    if (k->proto != IPPROTO_TCP)
+    if (k->proto != PROTO_TCP)
         return 0;
     v = halfopen.lookup(k);
     if (v && is_live(cfg, v, now)) {
@@ -284,7 +284,7 @@ static __always_inline __u32 acl_verdict(struct fw_config *cfg, struct pkt *p, _
     if (n > SAMIXDP_ACL_MAX_RULES_PER_SET)
         n = SAMIXDP_ACL_MAX_RULES_PER_SET;
     __u32 dport = bpf_ntohs(p->dport);
-    __u32 has_ports = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
+    __u32 has_ports = p->proto == PROTO_TCP || p->proto == PROTO_UDP;
     __u32 proto = p->proto, saddr = p->saddr, vlan = p->vlan;
     struct acl_rule *hit = 0;
     for (__u32 i = 0; i < n; i++) {
@@ -367,7 +367,7 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
     __u32 ifindex = ctx->ingress_ifindex;
     struct session_key k = {};
     __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
-    __u8 syn_only = p->proto == IPPROTO_TCP &&
+    __u8 syn_only = p->proto == PROTO_TCP &&
                     (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
 
     /* Fast path: a live established session. Its flags say which ends are
@@ -408,7 +408,7 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
     if (v)
         return advance_session(&k, v, p, side, in_halfopen, now, ifindex);
 
-    if (p->proto == IPPROTO_TCP && !syn_only) {
+    if (p->proto == PROTO_TCP && !syn_only) {
         /* strict: no session starts mid-flow, except for a VM just migrated here */
         __u32 vm = dir == DIR_INBOUND ? p->daddr : p->saddr;
         if ((p->tcp_flags & TCPF_RST) || !in_pickup_window(vm, now))
@@ -419,11 +419,11 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
                             now, ifindex, REASON_PASS_PICKUP);
     }
     if (dir == DIR_OUTBOUND) {
-        __u8 state = p->proto == IPPROTO_TCP    ? ST_SYN_SENT
-                     : p->proto == IPPROTO_ICMP ? ST_ICMP
+        __u8 state = p->proto == PROTO_TCP    ? ST_SYN_SENT
+                     : p->proto == PROTO_ICMP ? ST_ICMP
                                                 : ST_UDP_NEW;
         /* ICMP other than echo (replies, timestamps...) gets no session */
-        if (p->proto == IPPROTO_ICMP && p->icmp_type != ICMP_ECHO_T)
+        if (p->proto == PROTO_ICMP && p->icmp_type != ICMP_ECHO_T)
             return REASON_PASS_OUTBOUND;
         return open_session(&k, p, side, state, 0, now, ifindex, REASON_PASS_OUTBOUND);
     }
@@ -446,12 +446,12 @@ static __always_inline __u32 acl_stage(struct xdp_md *ctx, struct pkt *p)
     __u32 r = acl_verdict(cfg, p, ifindex);
     if (r != REASON_PASS_ACL)
         return r;
-    if (p->proto == IPPROTO_ICMP && p->icmp_type != ICMP_ECHO_T)
+    if (p->proto == PROTO_ICMP && p->icmp_type != ICMP_ECHO_T)
         return r; /* allowed, but no session for non-echo ICMP */
     struct session_key k = {};
     __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
-    __u8 state = p->proto == IPPROTO_TCP    ? ST_SYN_SENT
-                 : p->proto == IPPROTO_ICMP ? ST_ICMP
+    __u8 state = p->proto == PROTO_TCP    ? ST_SYN_SENT
+                 : p->proto == PROTO_ICMP ? ST_ICMP
                                             : ST_UDP_NEW;
     return open_session(&k, p, side, state, SESS_F_INBOUND, NOW(), ifindex,
                         REASON_PASS_ACL);

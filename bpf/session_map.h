@@ -4,8 +4,11 @@
  * so it uses only plain fixed-width types, literal #defines, no bitfields,
  * no attributes and explicit padding: both sides must see the same bytes.
  * Addresses and ports are stored in network byte order, as on the wire.
- * Bump SAMIXDP_LAYOUT_VERSION whenever any struct below changes.
+ * Bump SAMIXDP_LAYOUT_VERSION whenever any struct or constant below changes
+ * (tests/test_layout.py records a digest of the layout per version).
  */
+#ifndef SAMIXDP_SESSION_MAP_H
+#define SAMIXDP_SESSION_MAP_H
 
 #define SAMIXDP_LAYOUT_VERSION 5
 
@@ -76,7 +79,12 @@
 /* `config` entry 1 belongs to the datapath (userspace rewrites entry 0 whole) */
 #define CFG_ENTRY_RUNTIME 1
 #define RT_BANS_HINT 0          /* entry 1 slot: non-zero when a live ban may exist */
-#define SAMIXDP_N_CONFIG 32 /* = length of fw_config.slot */
+#define SAMIXDP_N_CONFIG 32 /* length of fw_config.slot */
+
+/* ---- IP protocols the datapath tracks (the IANA numbers) ------------------ */
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
 
 /* ---- ACL ----------------------------------------------------------------- */
 #define ACL_ACT_ALLOW 1
@@ -168,14 +176,14 @@ struct acl_rule {
     __u16 dport_lo;       /* host byte order, inclusive */
     __u16 dport_hi;
     __u16 vlan;           /* 0 = any; else the innermost 802.1Q VID */
-    __u8 proto;           /* ACL_PROTO_ANY or IPPROTO_* */
+    __u8 proto;           /* ACL_PROTO_ANY or PROTO_* */
     __u8 action;          /* ACL_ACT_* */
 };
 
 struct acl_set {
     __u32 n_rules;
     __u32 pad;
-    struct acl_rule rules[64]; /* = SAMIXDP_ACL_MAX_RULES_PER_SET */
+    struct acl_rule rules[SAMIXDP_ACL_MAX_RULES_PER_SET];
 };
 
 /* The operator's view of one rule, kept in the pinned `acl_rules` map (not
@@ -200,7 +208,7 @@ struct frag_key {
 /* The whole runtime configuration, one entry of the `config` array, so
  * the datapath reads it with a single lookup. Slots are CFG_* / ST_*. */
 struct fw_config {
-    __u64 slot[32];
+    __u64 slot[SAMIXDP_N_CONFIG];
 };
 
 /* Per-reason verdict counters (per CPU). */
@@ -208,3 +216,5 @@ struct verdict_counter {
     __u64 packets;
     __u64 bytes;
 };
+
+#endif

@@ -3,6 +3,8 @@
 #ifndef SAMIXDP_PARSE_H
 #define SAMIXDP_PARSE_H
 
+#include "../session_map.h" /* PROTO_* */
+
 #define ETH_P_8021Q_BE 0x0081   /* htons(0x8100) */
 #define ETH_P_8021AD_BE 0xA888  /* htons(0x88a8) */
 #define ETH_P_IP_BE 0x0008      /* htons(0x0800) */
@@ -77,10 +79,10 @@ static __always_inline int parse_icmp_quote(struct pkt *p, void *inner, void *da
     p->in_saddr = iph->saddr;
     p->in_daddr = iph->daddr;
     p->in_proto = iph->protocol;
-    if (iph->protocol == IPPROTO_TCP || iph->protocol == IPPROTO_UDP) {
+    if (iph->protocol == PROTO_TCP || iph->protocol == PROTO_UDP) {
         p->in_sport = *(__u16 *)l4;
         p->in_dport = *(__u16 *)(l4 + 2);
-    } else if (iph->protocol == IPPROTO_ICMP) {
+    } else if (iph->protocol == PROTO_ICMP) {
         /* a quoted echo request: its identifier is the session's port */
         p->in_sport = *(__u16 *)(l4 + 4);
         p->in_dport = 0;
@@ -145,9 +147,9 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
 
     __u8 *l4 = (__u8 *)iph + ihl_bytes;
     __u32 l4_len = tot_len - ihl_bytes;
-    if ((p->proto == IPPROTO_UDP || p->proto == IPPROTO_ICMP) && l4_len < 8)
+    if ((p->proto == PROTO_UDP || p->proto == PROTO_ICMP) && l4_len < 8)
         return PARSE_MALFORMED; /* the header would come from padding */
-    if (p->proto == IPPROTO_TCP) {
+    if (p->proto == PROTO_TCP) {
         struct tcphdr *th = (void *)l4;
         if ((void *)(th + 1) > data_end)
             return PARSE_MALFORMED;
@@ -156,13 +158,13 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
         p->sport = th->source;
         p->dport = th->dest;
         p->tcp_flags = ((__u8 *)th)[13];
-    } else if (p->proto == IPPROTO_UDP) {
+    } else if (p->proto == PROTO_UDP) {
         struct udphdr *uh = (void *)l4;
         if ((void *)(uh + 1) > data_end)
             return PARSE_MALFORMED;
         p->sport = uh->source;
         p->dport = uh->dest;
-    } else if (p->proto == IPPROTO_ICMP) {
+    } else if (p->proto == PROTO_ICMP) {
         struct icmphdr *ih = (void *)l4;
         if ((void *)(ih + 1) > data_end)
             return PARSE_MALFORMED;

@@ -4,6 +4,9 @@
 #ifndef SAMIXDP_TCP_STATE_H
 #define SAMIXDP_TCP_STATE_H
 
+#include "../session_map.h" /* ST_*, SIDE_*, SESS_F_FIN_* */
+#include "parse.h"          /* TCPF_* */
+
 /* `from_init`: the sender opened the session. `side`: SIDE_LO/HI of the
  * sender in the normalised key. Updates FIN bits in *flags. */
 static __always_inline __u8 tcp_next_state(__u8 state, __u8 tcp_flags, int from_init,

@@ -1,0 +1,498 @@
+"""ACL rules: validation, the pinned rule table, and compilation to rule sets.
+
+The operator's rules live in the pinned `acl_rules` map (id -> rule, priority,
+destination). The datapath never scans that table: userspace compiles, for
+every destination (a VM /32 or a prefix), the ordered first-match list of all
+rules whose destination covers it, into the LPM trie `acl_sets`. One LPM
+lookup then yields the complete list for a packet's VM, so per-packet cost
+depends on that VM's rules only, never on other VMs'.
+
+Every change rebuilds the inactive generation of `acl_sets` and flips
+CFG_ACL_GEN: a reload is atomic for the datapath.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..base.errors import InvalidArgument
+from ..base.layout import Layout
+from ..base.netutil import ip_to_be32, parse_network
+from ..loader.pinned import Firewall, possible_cpus
+from .protect import list_protected
+
+DEFAULT_PRIORITY = 1000
+
+
+def protos(layout: Layout) -> dict[str, int]:
+    """Protocol names a rule may name -> the number the datapath compares."""
+    c = layout.consts
+    return {"any": c["ACL_PROTO_ANY"], "icmp": c["PROTO_ICMP"], "tcp": c["PROTO_TCP"],
+            "udp": c["PROTO_UDP"]}
+
+
+def actions(layout: Layout) -> dict[str, int]:
+    return {"allow": layout.const("ACL_ACT_ALLOW"), "deny": layout.const("ACL_ACT_DENY")}
+
+
+@dataclass(frozen=True)
+class AclRule:
+    """One rule as the operator states it (before an id is assigned)."""
+
+    dst: ipaddress.IPv4Network
+    proto: str = "any"
+    dport_lo: int = 0
+    dport_hi: int = 65535
+    src: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network("0.0.0.0/0"))
+    vlan: int = 0
+    ifindex: int = 0
+    action: str = "allow"
+    priority: int = DEFAULT_PRIORITY
+
+
+class AclError(InvalidArgument):
+    """A rule or rule file the operator gave cannot be installed."""
+
+
+def parse_ports(text: str | int | None) -> tuple[int, int]:
+    if text is None or text == "" or text == "any":
+        return 0, 65535
+    raw = str(text)
+    lo_s, sep, hi_s = raw.partition("-")
+    try:
+        lo = int(lo_s)
+        hi = int(hi_s) if sep else lo
+    except ValueError as exc:
+        raise AclError(f"bad port or range {raw!r}: use N or N-M") from exc
+    if not (0 <= lo <= 65535 and 0 <= hi <= 65535):
+        raise AclError(f"port out of range in {raw!r}: ports are 0-65535")
+    if lo > hi:
+        raise AclError(f"empty port range {raw!r}")
+    return lo, hi
+
+
+def resolve_iface(name: str | None) -> int:
+    if not name:
+        return 0
+    try:
+        return socket.if_nametoindex(name)
+    except OSError as exc:
+        raise AclError(f"no such interface: {name}") from exc
+
+
+def make_rule(
+    fw: Firewall,
+    *,
+    vm: str,
+    proto: str = "any",
+    dport: str | int | None = None,
+    src: str | None = None,
+    vlan: int | None = None,
+    iface: str | None = None,
+    action: str = "allow",
+    priority: int | None = None,
+) -> AclRule:
+    """Validates operator input; raises AclError with a one-line reason."""
+    try:
+        dst = parse_network(vm)
+        src_net = parse_network(src) if src else ipaddress.IPv4Network("0.0.0.0/0")
+    except InvalidArgument as exc:
+        raise AclError(str(exc)) from exc
+    proto = proto.lower()
+    if proto not in protos(fw.layout):
+        raise AclError(f"unknown protocol {proto!r}: use tcp, udp, icmp or any")
+    if action not in actions(fw.layout):
+        raise AclError(f"unknown action {action!r}: use allow or deny")
+    lo, hi = parse_ports(dport)
+    if (lo, hi) != (0, 65535) and proto not in ("tcp", "udp"):
+        raise AclError("--dport needs --proto tcp or udp")
+    if vlan is not None and not 1 <= vlan <= 4094:
+        raise AclError(f"VLAN {vlan} out of range 1-4094")
+    prio = DEFAULT_PRIORITY if priority is None else priority
+    if not 0 <= prio < 2**32:
+        raise AclError(f"priority {prio} out of range")
+    protected = list_protected(fw)
+    if not any(dst.subnet_of(p) for p in protected):
+        shown = ", ".join(map(str, protected)) or "none"
+        raise AclError(f"{dst} is not inside a protected prefix (protected: {shown})")
+    return AclRule(
+        dst=dst,
+        proto=proto,
+        dport_lo=lo,
+        dport_hi=hi,
+        src=src_net,
+        vlan=vlan or 0,
+        ifindex=resolve_iface(iface),
+        action=action,
+        priority=prio,
+    )
+
+
+# ---- the rule table --------------------------------------------------------
+
+
+def read_rules(fw: Firewall) -> np.ndarray:
+    """All rules (struct acl_entry) sorted by (priority, id)."""
+    keys, values = fw.maps["acl_rules"].dump()
+    if not len(keys):
+        return values
+    order = np.lexsort((values["rule"]["id"], values["priority"]))
+    return values[order]
+
+
+def _to_entry(fw: Firewall, rule: AclRule, rule_id: int) -> np.ndarray:
+    e = np.zeros(1, dtype=fw.maps["acl_rules"].value_dtype)
+    r = e["rule"]
+    r["id"] = rule_id
+    r["src_addr"] = int.from_bytes(rule.src.network_address.packed, "little")
+    r["src_mask"] = int.from_bytes(rule.src.netmask.packed, "little")
+    r["ifindex"] = rule.ifindex
+    r["dport_lo"] = rule.dport_lo
+    r["dport_hi"] = rule.dport_hi
+    r["vlan"] = rule.vlan
+    r["proto"] = protos(fw.layout)[rule.proto]
+    r["action"] = actions(fw.layout)[rule.action]
+    e["priority"] = rule.priority
+    e["dst_addr"] = int.from_bytes(rule.dst.network_address.packed, "little")
+    e["dst_prefixlen"] = rule.dst.prefixlen
+    return e
+
+
+def _free_ids(fw: Firewall, taken: np.ndarray, count: int) -> list[int]:
+    """`count` rule ids not in `taken`, lowest first."""
+    limit = fw.const("SAMIXDP_ACL_MAX_RULE_ID")
+    used = set(int(i) for i in taken)
+    out = [i for i in range(1, min(limit, len(used) + count + 1)) if i not in used][:count]
+    if len(out) < count:
+        raise AclError(f"no free ACL rule ids (at most {limit - 1} rules)")
+    return out
+
+
+def _net(addr_be: int, plen: int) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(
+        (ipaddress.IPv4Address(int(addr_be).to_bytes(4, "little")), int(plen))
+    )
+
+
+def compile_sets(fw: Firewall, entries: np.ndarray) -> dict[ipaddress.IPv4Network, np.ndarray]:
+    """Destination -> ordered rules (struct acl_rule) that apply to it.
+
+    Prefixes nest or are disjoint, so the rules for destination D are those
+    whose destination contains D (D's ancestors, at most 33 prefix lengths);
+    the most specific D wins in the LPM trie. `entries` is in (priority, id)
+    order, and index order preserves it."""
+    per_set = fw.const("SAMIXDP_ACL_MAX_RULES_PER_SET")
+    max_sets = fw.const("SAMIXDP_ACL_MAX_SETS")
+    host = np.asarray(entries["dst_addr"], dtype=np.uint32).byteswap()
+    plens = np.asarray(entries["dst_prefixlen"], dtype=np.int64)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for idx, (addr, plen) in enumerate(zip(host.tolist(), plens.tolist(), strict=True)):
+        groups.setdefault((addr, plen), []).append(idx)
+    if len(groups) > max_sets:
+        raise AclError(f"rules name {len(groups)} VMs or prefixes; at most {max_sets}")
+    plens_present = sorted({p for _, p in groups})
+    out = {}
+    for addr, plen in groups:
+        chosen: list[int] = []
+        for anc in plens_present:
+            if anc > plen:
+                break
+            mask = (0xFFFFFFFF << (32 - anc)) & 0xFFFFFFFF if anc else 0
+            chosen.extend(groups.get((addr & mask, anc), ()))
+        if len(chosen) > per_set:
+            net = ipaddress.IPv4Network((addr, plen))
+            raise AclError(
+                f"{len(chosen)} rules apply to {net}; at most {per_set} per VM or prefix"
+            )
+        chosen.sort()
+        out[ipaddress.IPv4Network((addr, plen))] = entries["rule"][chosen]
+    return out
+
+
+def _build_inactive(fw: Firewall, compiled: dict[ipaddress.IPv4Network, np.ndarray]) -> int:
+    """Writes the compiled sets into the generation the datapath is not using."""
+    sets_map = fw.maps["acl_sets"]
+    new = (fw.read_config()[fw.const("CFG_ACL_GEN")] & 1) ^ 1
+    existing = sets_map.keys()
+    for key in existing[existing["gen"] == new]:  # leftovers of an interrupted reload
+        sets_map.delete(key)
+    for net, rules in compiled.items():
+        key = np.zeros(1, dtype=sets_map.key_dtype)
+        key["prefixlen"] = 32 + net.prefixlen
+        key["gen"] = new
+        key["addr"] = int.from_bytes(net.network_address.packed, "little")
+        value = np.zeros(1, dtype=sets_map.value_dtype)
+        value["n_rules"] = len(rules)
+        value["rules"][0, : len(rules)] = rules
+        sets_map.update(key, value)
+    return new
+
+
+def _flip(fw: Firewall, new: int) -> None:
+    """Makes generation `new` live, then drops the old one."""
+    fw.set_config(fw.const("CFG_ACL_GEN"), new)
+    sets_map = fw.maps["acl_sets"]
+    existing = sets_map.keys()
+    for key in existing[existing["gen"] != new]:
+        sets_map.delete(key)
+
+
+def _zero_hits(fw: Firewall, ids: Iterable[int]) -> None:
+    m = fw.maps["acl_hits"]
+    for i in ids:
+        m.update(np.array([i], np.uint32), np.zeros(possible_cpus(), np.uint64))
+
+
+def replace_rules(fw: Firewall, entries: np.ndarray) -> None:
+    """Makes `entries` (struct acl_entry, ids assigned) the whole rule set.
+
+    Order of work: validate and build the inactive generation (nothing live
+    changes if that fails), update the rule table (restored on failure), and
+    only then flip the live generation."""
+    if len(entries):
+        entries = entries[np.lexsort((entries["rule"]["id"], entries["priority"]))]
+    new_gen = _build_inactive(fw, compile_sets(fw, entries))
+    table = fw.maps["acl_rules"]
+    old_keys, old_values = table.dump()
+    new_ids = entries["rule"]["id"].astype(np.uint32)
+    try:
+        if len(entries):
+            table.update_many(new_ids, entries)
+        stale = np.setdiff1d(old_keys, new_ids).astype(np.uint32)
+        if len(stale):
+            table.delete_many(stale)
+    except Exception:
+        now_keys, _ = table.dump()
+        if len(now_keys):
+            table.delete_many(now_keys)
+        if len(old_keys):
+            table.update_many(old_keys, old_values)
+        raise
+    _flip(fw, new_gen)
+
+
+def add_rules(fw: Firewall, rules: list[AclRule]) -> list[int]:
+    current = read_rules(fw)
+    ids = _free_ids(fw, current["rule"]["id"], len(rules))
+    added = np.concatenate([_to_entry(fw, r, i) for r, i in zip(rules, ids, strict=True)])
+    replace_rules(fw, np.concatenate([current, added]))
+    _zero_hits(fw, ids)
+    return ids
+
+
+def delete_rules(fw: Firewall, ids: Iterable[int]) -> int:
+    current = read_rules(fw)
+    drop = np.isin(current["rule"]["id"], np.array(list(ids), dtype=np.uint32))
+    if not drop.any():
+        return 0
+    replace_rules(fw, current[~drop])
+    return int(drop.sum())
+
+
+def load_rules(fw: Firewall, rules: list[AclRule]) -> list[int]:
+    """Replaces the whole rule set (ids restart at 1)."""
+    ids = list(range(1, len(rules) + 1))
+    if len(rules) >= fw.const("SAMIXDP_ACL_MAX_RULE_ID"):
+        raise AclError("too many rules")
+    entries = (
+        np.concatenate([_to_entry(fw, r, i) for r, i in zip(rules, ids, strict=True)])
+        if rules
+        else np.zeros(0, dtype=fw.maps["acl_rules"].value_dtype)
+    )
+    replace_rules(fw, entries)
+    _zero_hits(fw, ids)
+    return ids
+
+
+def vm_entries(fw: Firewall, vm: str) -> np.ndarray:
+    """The rules written for exactly this VM (/32): what migrates with it."""
+    entries = read_rules(fw)
+    return entries[_is_vm_rule(entries, vm)]
+
+
+def _is_vm_rule(entries: np.ndarray, vm: str) -> np.ndarray:
+    return (entries["dst_addr"] == ip_to_be32(vm)) & (entries["dst_prefixlen"] == 32)
+
+
+# ---- a VM's own rules, as a whole (what migration moves) ----------------------------
+#
+# A VM's own rules are those written for exactly its address; rules for prefixes
+# covering several VMs are host configuration, present on both hosts. They move as
+# records of `vm_rules_dtype` (struct acl_rule + priority + hits): ids are local to a
+# host, so new rules get fresh ids (never the VM's previous ones, so a restore keeps
+# their hit counters) and start their hit counters at the given values.
+
+
+def vm_rules_dtype(layout: Layout) -> np.dtype:
+    """struct acl_rule + priority (lower first) + hits."""
+    base = layout.dtype("acl_rule")
+    fields = [(n, base[n]) for n in base.names or ()]
+    return np.dtype(fields + [("priority", "<u4"), ("hits", "<u8")])
+
+
+def export_vm_rules(fw: Firewall, vm: str) -> np.ndarray:
+    """The VM's own rules with their hit counters, in evaluation order."""
+    e = vm_entries(fw, vm)
+    out = np.zeros(len(e), dtype=vm_rules_dtype(fw.layout))
+    for f in e["rule"].dtype.names or ():
+        out[f] = e["rule"][f]
+    out["priority"] = e["priority"]
+    if len(e):
+        counts = hits(fw, e["rule"]["id"])
+        out["hits"] = [counts[int(i)] for i in e["rule"]["id"]]
+    return out
+
+
+def snapshot_vm_rules(fw: Firewall, vm: str) -> np.ndarray:
+    """The VM's own rule table entries as they are (for `restore_vm_rules`)."""
+    return vm_entries(fw, vm).copy()
+
+
+def _with_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Every rule of the host with the VM's own rules replaced by `rules` (new ids)."""
+    current = read_rules(fw)
+    keep = current[~_is_vm_rule(current, vm)]
+    ids = _free_ids(fw, current["rule"]["id"], len(rules))
+    new = np.zeros(len(rules), dtype=fw.maps["acl_rules"].value_dtype)
+    have = rules.dtype.names or ()
+    for f in new["rule"].dtype.names or ():
+        if f in have:
+            new["rule"][f] = rules[f]
+    new["rule"]["id"] = ids
+    new["rule"]["ifindex"] = 0
+    new["priority"] = rules["priority"]
+    new["dst_addr"] = ip_to_be32(vm)
+    new["dst_prefixlen"] = 32
+    return np.concatenate([keep, new]), ids
+
+
+def check_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> None:
+    """Raises AclError if `rules` could not become the VM's rules (writes nothing)."""
+    entries, _ = _with_vm_rules(fw, vm, rules)
+    compile_sets(fw, entries)
+
+
+def replace_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> None:
+    """The VM's own rules become exactly `rules` (one atomic reload)."""
+    entries, ids = _with_vm_rules(fw, vm, rules)
+    replace_rules(fw, entries)
+    m = fw.maps["acl_hits"]
+    for rule_id, n in zip(ids, rules["hits"].tolist(), strict=True):
+        value = np.zeros(possible_cpus(), dtype=np.uint64)
+        value[0] = n
+        m.update(np.array([rule_id], np.uint32), value)
+
+
+def restore_vm_rules(fw: Firewall, vm: str, snapshot: np.ndarray) -> None:
+    """Puts back the VM's rules of `snapshot_vm_rules`, ids and all where still free."""
+    current = read_rules(fw)
+    keep = current[~_is_vm_rule(current, vm)]
+    old = snapshot
+    clash = np.isin(old["rule"]["id"], keep["rule"]["id"])
+    if clash.any():  # ids taken meanwhile by other rules: give those new ids
+        old = old.copy()
+        taken = np.concatenate([keep["rule"]["id"], old["rule"]["id"]])
+        old["rule"]["id"][clash] = _free_ids(fw, taken, int(clash.sum()))
+    replace_rules(fw, np.concatenate([keep, old]))
+
+
+def delete_vm_rules(fw: Firewall, vm: str) -> int:
+    ids = vm_entries(fw, vm)["rule"]["id"]
+    return delete_rules(fw, [int(i) for i in ids]) if len(ids) else 0
+
+
+def hits(fw: Firewall, ids: np.ndarray) -> dict[int, int]:
+    m = fw.maps["acl_hits"]
+    out = {}
+    for i in ids:
+        v = m.lookup(np.array([i], np.uint32))
+        out[int(i)] = int(v.sum()) if v is not None else 0
+    return out
+
+
+def describe(fw: Firewall, entries: np.ndarray) -> list[dict[str, object]]:
+    counts = hits(fw, entries["rule"]["id"])
+    action_names = {v: k for k, v in actions(fw.layout).items()}
+    proto_names = {v: k for k, v in protos(fw.layout).items()}
+    names = {}
+    for ifname_idx in socket.if_nameindex():
+        names[ifname_idx[0]] = ifname_idx[1]
+    out = []
+    for e in entries:
+        r = e["rule"]
+        src = _net(r["src_addr"], bin(int(r["src_mask"])).count("1"))
+        lo, hi = int(r["dport_lo"]), int(r["dport_hi"])
+        out.append(
+            {
+                "id": int(r["id"]),
+                "priority": int(e["priority"]),
+                "action": action_names.get(int(r["action"]), "?"),
+                "vm": str(_net(e["dst_addr"], e["dst_prefixlen"])).removesuffix("/32"),
+                "proto": proto_names.get(int(r["proto"]), str(int(r["proto"]))),
+                "dport": "any"
+                if (lo, hi) == (0, 65535)
+                else (str(lo) if lo == hi else f"{lo}-{hi}"),
+                "src": str(src),
+                "vlan": int(r["vlan"]) or None,
+                "iface": names.get(int(r["ifindex"])) if int(r["ifindex"]) else None,
+                "hits": counts[int(r["id"])],
+            }
+        )
+    return out
+
+
+# ---- rule files ------------------------------------------------------------
+
+
+def parse_rule_file(fw: Firewall, path: Path) -> list[AclRule]:
+    """TOML or YAML: a top-level `rules` list of tables/maps (see README)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise AclError(f"cannot read {path}: {exc.strerror}") from exc
+    data: object
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as exc:  # both parsers raise their own error types
+        raise AclError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("rules", []), list):
+        raise AclError(f"{path}: expected a top-level 'rules' list")
+    default = data.get("default", "drop")
+    if default != "drop":
+        raise AclError(f"{path}: only 'default = drop' is supported for inbound traffic")
+    rules = []
+    allowed = {"vm", "proto", "dport", "src", "vlan", "iface", "action", "priority"}
+    for n, item in enumerate(data.get("rules", []), start=1):
+        if not isinstance(item, dict) or "vm" not in item:
+            raise AclError(f"{path}: rule {n} needs at least 'vm'")
+        unknown = set(item) - allowed
+        if unknown:
+            raise AclError(f"{path}: rule {n} has unknown keys {', '.join(sorted(unknown))}")
+        try:
+            rules.append(
+                make_rule(
+                    fw,
+                    vm=str(item["vm"]),
+                    proto=str(item.get("proto", "any")),
+                    dport=item.get("dport"),
+                    src=item.get("src"),
+                    vlan=item.get("vlan"),
+                    iface=item.get("iface"),
+                    action=str(item.get("action", "allow")),
+                    priority=item.get("priority"),
+                )
+            )
+        except AclError as exc:
+            raise AclError(f"{path}: rule {n}: {exc}") from exc
+    return rules

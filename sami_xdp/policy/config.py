@@ -1,0 +1,89 @@
+"""Runtime configuration slots of the datapath (the `config` map).
+
+Timeouts are per session state in seconds, conntrack-like by default; the
+other slots are SYN accounting, the ban time, the live ACL generation and the
+fragment policy. `samixdp config set NAME VALUE` changes them live. Slot
+indices and state names come from the header (CFG_*, ST_*).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..base.errors import InvalidArgument
+from ..base.layout import Layout, load_layout
+from ..loader.compile import Limits
+from ..loader.pinned import Firewall
+
+DEFAULT_TIMEOUTS_S = {
+    "SYN_SENT": 120,
+    "SYN_RECV": 60,
+    "ESTABLISHED": 432000,
+    "FIN_WAIT": 120,
+    "CLOSE_WAIT": 60,
+    "TIME_WAIT": 120,
+    "CLOSED": 10,
+    "UDP_NEW": 30,
+    "UDP_REPLIED": 180,
+    "ICMP": 30,
+}
+DEFAULT_SYN_RATE = 200
+DEFAULT_SYN_WINDOW_MS = 1000
+DEFAULT_BAN_S = 60
+
+FRAG_POLICIES = {"track": 0, "pass": 1, "drop": 2}
+
+
+def state_names(layout: Layout) -> dict[int, str]:
+    """ST_* value -> name, e.g. 3 -> "ESTABLISHED"."""
+    return layout.names("ST_")
+
+
+def config_names(layout: Layout) -> dict[str, int]:
+    """Operator-facing names -> slot index."""
+    c = layout.consts
+    names = {f"timeout.{s.lower()}": c[f"ST_{s}"] for s in DEFAULT_TIMEOUTS_S}
+    names.update(
+        {
+            "syn-rate": c["CFG_SYN_RATE"],
+            "syn-window-ms": c["CFG_SYN_WINDOW_MS"],
+            "ban": c["CFG_BAN_S"],
+            "frag-policy": c["CFG_FRAG_POLICY"],
+        }
+    )
+    return names
+
+
+def default_config_slots(layout: Layout) -> list[int]:
+    c = layout.consts
+    slots = [0] * c["SAMIXDP_N_CONFIG"]
+    for state, seconds in DEFAULT_TIMEOUTS_S.items():
+        slots[c[f"ST_{state}"]] = seconds
+    slots[c["CFG_SYN_RATE"]] = DEFAULT_SYN_RATE
+    slots[c["CFG_SYN_WINDOW_MS"]] = DEFAULT_SYN_WINDOW_MS
+    slots[c["CFG_BAN_S"]] = DEFAULT_BAN_S
+    slots[c["CFG_ACL_GEN"]] = 0
+    slots[c["CFG_FRAG_POLICY"]] = FRAG_POLICIES["track"]
+    return slots
+
+
+def create_firewall(path: Path, limits: Limits) -> Firewall:
+    """The host's firewall at `path`: reopened if pinned, else compiled and pinned
+    with the default settings."""
+    return Firewall.create(path, limits, default_config_slots(load_layout()))
+
+
+def parse_config_value(name: str, value: str) -> int:
+    if name == "frag-policy":
+        if value not in FRAG_POLICIES:
+            raise InvalidArgument(f"frag-policy must be one of {', '.join(FRAG_POLICIES)}")
+        return FRAG_POLICIES[value]
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{name} needs a whole number, got {value!r}") from exc
+    if number < 0 or number > 2**32:
+        raise InvalidArgument(f"{name} out of range: {value}")
+    if name in ("syn-rate", "syn-window-ms") and number == 0:
+        raise InvalidArgument(f"{name} must be at least 1")
+    return number

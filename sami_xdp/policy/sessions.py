@@ -1,0 +1,156 @@
+"""Session table: listing, selection by VM and garbage collection.
+
+Both session maps (established and half-open) are read with batch lookups
+into NumPy structured arrays; filtering is vectorised, so a million entries
+never become a million Python objects unless someone asks to print them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..base.layout import Layout
+from ..base.netutil import be16_array_to_host, be32_array_to_host, host_to_ip, ip_to_be32
+from ..base.rows import concat_rows
+from ..loader.batch import KeepFn
+from ..loader.pinned import Firewall
+from .config import state_names
+
+SESSION_MAPS = ("sessions", "halfopen")
+
+
+def proto_names(layout: Layout) -> dict[int, str]:
+    """PROTO_* value -> lower-case name, e.g. 6 -> "tcp"."""
+    return {v: n.lower() for v, n in layout.names("PROTO_").items()}
+
+
+@dataclass(frozen=True)
+class SessionTable:
+    """Keys and values of every session, with the map each came from."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    source: np.ndarray  # index into SESSION_MAPS
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, mask: np.ndarray) -> SessionTable:
+        return SessionTable(self.keys[mask], self.values[mask], self.source[mask])
+
+
+def read_sessions(fw: Firewall) -> SessionTable:
+    parts_k, parts_v, parts_s = [], [], []
+    for idx, name in enumerate(SESSION_MAPS):
+        k, v = fw.maps[name].dump()
+        parts_k.append(k)
+        parts_v.append(v)
+        parts_s.append(np.full(len(k), idx, dtype=np.uint8))
+    return SessionTable(np.concatenate(parts_k), np.concatenate(parts_v), np.concatenate(parts_s))
+
+
+def vm_mask(keys: np.ndarray, vm_ip: str) -> np.ndarray:
+    vm = ip_to_be32(vm_ip)
+    return (keys["addr_lo"] == vm) | (keys["addr_hi"] == vm)
+
+
+def involves(vm: int) -> KeepFn:
+    """Row filter: session keys with `vm` (network-order u32) at either end."""
+    v = np.uint32(vm)
+
+    def keep(keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
+        return (keys["addr_lo"] == v) | (keys["addr_hi"] == v)
+
+    return keep
+
+
+def vm_sessions(fw: Firewall, vm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, values, source map index) of every session with `vm` at either end,
+    expired or not, from both session maps: what `read_sessions` + `vm_mask`
+    select, without holding the whole table."""
+    parts = [fw.maps[name].scan(involves(vm)) for name in SESSION_MAPS]
+    return (
+        concat_rows([p.keys for p in parts]),
+        concat_rows([p.values for p in parts]),
+        np.concatenate([np.full(len(p.keys), i, dtype=np.uint8) for i, p in enumerate(parts)]),
+    )
+
+
+def timeouts_ns(fw: Firewall) -> np.ndarray:
+    slots = fw.read_config()
+    n_states = fw.const("SAMIXDP_N_STATES")
+    return np.array(slots[:n_states], dtype=np.uint64) * np.uint64(1_000_000_000)
+
+
+def expired_mask(fw: Firewall, values: np.ndarray, now_ns: int | None = None) -> np.ndarray:
+    """Same rule as the datapath's is_live(): idle longer than the state's timeout."""
+    now = np.uint64(now_ns if now_ns is not None else time.monotonic_ns())
+    tmo = timeouts_ns(fw)
+    state = np.minimum(values["state"], len(tmo) - 1)
+    idle = now - np.minimum(values["last_seen_ns"], now)
+    return idle > tmo[state]
+
+
+def gc(fw: Firewall, now_ns: int | None = None) -> dict[str, int]:
+    """Deletes expired sessions (both maps) in batches; returns counts per map."""
+    removed = {}
+    for name in SESSION_MAPS:
+        keys, values = fw.maps[name].dump()
+        dead = keys[expired_mask(fw, values, now_ns)]
+        removed[name] = fw.maps[name].delete_many(dead) if len(dead) else 0
+    return removed
+
+
+def session_records(
+    fw: Firewall, table: SessionTable, now_ns: int | None = None
+) -> list[dict[str, object]]:
+    """Operator view: src is the initiator. Only for printing."""
+    now = now_ns if now_ns is not None else time.monotonic_ns()
+    states = state_names(fw.layout)
+    protos = proto_names(fw.layout)
+    icmp = fw.const("PROTO_ICMP")
+    f_migrated, f_picked = fw.const("SESS_F_MIGRATED"), fw.const("SESS_F_PICKED_UP")
+    side_hi = fw.const("SIDE_HI")
+    k, v = table.keys, table.values
+    lo_ip = be32_array_to_host(k["addr_lo"])
+    hi_ip = be32_array_to_host(k["addr_hi"])
+    lo_port = be16_array_to_host(k["port_lo"])
+    hi_port = be16_array_to_host(k["port_hi"])
+    out: list[dict[str, object]] = []
+    for i in range(len(k)):
+        init_hi = int(v["initiator"][i]) == side_hi
+        src, dst = (hi_ip[i], lo_ip[i]) if init_hi else (lo_ip[i], hi_ip[i])
+        sport, dport = (hi_port[i], lo_port[i]) if init_hi else (lo_port[i], hi_port[i])
+        proto = int(k["proto"][i])
+        if proto == icmp:  # ICMP echo: the identifier, no ports
+            sport, dport = lo_port[i], 0
+        pk = v["packets"][i]
+        by = v["bytes"][i]
+        flags = int(v["flags"][i])
+        state = int(v["state"][i])
+        out.append(
+            {
+                "proto": protos.get(proto, str(proto)),
+                "src": host_to_ip(src),
+                "sport": int(sport),
+                "dst": host_to_ip(dst),
+                "dport": int(dport),
+                "state": states.get(state, str(state)),
+                "age_s": round(max(0, now - int(v["created_ns"][i])) / 1e9, 3),
+                "idle_s": round(max(0, now - int(v["last_seen_ns"][i])) / 1e9, 3),
+                "packets": int(pk[0] + pk[1]),
+                "bytes": int(by[0] + by[1]),
+                "packets_orig": int(pk[0]),
+                "packets_reply": int(pk[1]),
+                "bytes_orig": int(by[0]),
+                "bytes_reply": int(by[1]),
+                "ifindex": int(v["ifindex"][i]),
+                "migrated": bool(flags & f_migrated),
+                "picked_up": bool(flags & f_picked),
+                "table": SESSION_MAPS[int(table.source[i])],
+            }
+        )
+    return out
