@@ -13,20 +13,16 @@ import ipaddress
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import packets as P  # noqa: E402
-
-from sami_xdp import acl, protect  # noqa: E402
-from sami_xdp.loader import bpfsys  # noqa: E402
-from sami_xdp.loader.compile import Limits  # noqa: E402
-from sami_xdp.loader.pinned import Firewall, unpin_all  # noqa: E402
+from sami_xdp.loader import bpfsys
+from sami_xdp.loader.compile import Limits
+from sami_xdp.loader.pinned import Firewall, unpin_all
+from sami_xdp.policy import acl, protect
+from sami_xdp.policy.config import create_firewall
+from testbed import packets as P
 
 N_VMS = 10_000
 RULES_PER_OTHER = 4
@@ -63,7 +59,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="samixdp-bench-", dir="/run"))
     subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
     try:
-        fw = Firewall.create(root / "fw", Limits(max_sessions=65536))
+        fw = create_firewall(root / "fw", Limits(max_sessions=65536))
         protect.add_protected(fw, "10.0.0.0/8")
         frame = P.udp(CLIENT, 5000, TARGET, 9999)
         t0 = time.perf_counter()

@@ -35,6 +35,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from testbed.packets import inet_checksum
+
 BPF_PROG_TEST_RUN = 10
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 CLONE_NEWNET = 0x40000000
@@ -321,9 +323,7 @@ def with_l4_checksum(frame: bytes) -> bytes:
     assert ip[9] == 6, "TCP frames only (UDP keeps checksum 0 = none)"
     l4[16:18] = b"\0\0"
     pseudo = ip[12:20] + struct.pack("!BBH", 0, 6, len(l4))
-    from packets import _csum  # tests/packets.py, on the path set by the bench scripts
-
-    l4[16:18] = struct.pack("!H", _csum(pseudo + bytes(l4)))
+    l4[16:18] = struct.pack("!H", inet_checksum(pseudo + bytes(l4)))
     return frame[:34] + bytes(l4)
 
 

@@ -77,27 +77,26 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from sami_xdp import protect  # noqa: E402
-from sami_xdp import sessions as sessions_mod  # noqa: E402
-from sami_xdp.loader import bpfsys  # noqa: E402
-from sami_xdp.loader.compile import MAP_NAMES, PROG_PIN, Limits  # noqa: E402
-from sami_xdp.loader.pinned import Firewall, unpin_all  # noqa: E402
-from sami_xdp.migrate import (  # noqa: E402
+from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.loader import batch
+from sami_xdp.loader.compile import MAP_NAMES, PROG_PIN, Limits
+from sami_xdp.loader.pinned import Firewall, unpin_all
+from sami_xdp.migrate import (
     ExportState,
     HostIdentity,
     TrustStore,
     build_bundle,
     new_migration_id,
 )
-from sami_xdp.migrate import phases as phases_mod  # noqa: E402
-from sami_xdp.migrate import select as select_mod  # noqa: E402
-from sami_xdp.migrate.importer import abort_import, receive_bundle  # noqa: E402
-from sami_xdp.migrate.replay import ReplayCache  # noqa: E402
-from sami_xdp.migrate.verify import verify_bundle  # noqa: E402
-from sami_xdp.netutil import ip_to_be32  # noqa: E402
+from sami_xdp.migrate import phases as phases_mod
+from sami_xdp.migrate.importer import abort_import, receive_bundle
+from sami_xdp.migrate.replay import ReplayCache
+from sami_xdp.migrate.verify import verify_bundle
+from sami_xdp.policy import protect
+from sami_xdp.policy import sessions as sessions_mod
+from sami_xdp.policy.config import create_firewall
+
+ROOT = Path(__file__).resolve().parent.parent
 
 VM = "10.1.1.1"
 PROTECT = "10.1.0.0/16"
@@ -235,25 +234,20 @@ def fill_spread(fw: Firewall, vms: list[str], n: int, rng: np.random.Generator, 
 
 
 def vm_count(fw: Firewall, vm: str) -> int:
-    if hasattr(select_mod, "vm_sessions"):
-        return len(select_mod.vm_sessions(fw, ip_to_be32(vm))[0])
-    t = sessions_mod.read_sessions(fw)  # older trees (before/after comparisons)
-    return int(sessions_mod.vm_mask(t.keys, vm).sum())
+    return len(sessions_mod.vm_sessions(fw, ip_to_be32(vm))[0])
 
 
 def scan_check(fw: Firewall, vm: str) -> dict[str, Any]:
     """The filtered (parallel) scan returns exactly what a plain dump + filter does."""
-    if not hasattr(select_mod, "scan_map"):
-        return {"skipped": "this tree has no scan_batch"}
     m = fw.maps["sessions"]
     k, _ = m.dump()
     want = k[(k["addr_lo"] == ip_to_be32(vm)) | (k["addr_hi"] == ip_to_be32(vm))]
-    got = select_mod.scan_map(m, select_mod.involves(ip_to_be32(vm)))
+    got = m.scan(sessions_mod.involves(ip_to_be32(vm)))
     g = np.ascontiguousarray(got.keys).view(f"V{k.dtype.itemsize}")
     w = np.ascontiguousarray(want).view(f"V{k.dtype.itemsize}")
     same = len(g) == len(w) == len(np.unique(g)) and bool(np.isin(g, w).all())
     return {
-        "workers": bpfsys.scan_workers(m.info.type, m.info.max_entries),
+        "workers": batch.scan_workers(m.info.type, m.info.max_entries),
         "same_as_dump": same,
         "scanned": got.scanned,
         "dumped": len(k),
@@ -383,8 +377,8 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
     }
     with bpffs_mount() as mnt:
         t = time.perf_counter()
-        fa = Firewall.create(mnt / "a", Limits(max_sessions=cap))
-        fb = Firewall.create(mnt / "b", Limits(max_sessions=cap))
+        fa = create_firewall(mnt / "a", Limits(max_sessions=cap))
+        fb = create_firewall(mnt / "b", Limits(max_sessions=cap))
         out["setup_compile_s"] = time.perf_counter() - t
         try:
             for fw in (fa, fb):
@@ -559,7 +553,7 @@ def run_memory() -> dict[str, Any]:
     limits = Limits()
     maps: dict[str, Any] = {}
     with bpffs_mount() as mnt:
-        fw = Firewall.create(mnt / "mem", limits)
+        fw = create_firewall(mnt / "mem", limits)
         try:
             filled = {
                 name: fill_lpm(fw, name)

@@ -39,25 +39,22 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from sami_xdp.base.layout import load_layout
+from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.loader import batch, bpfsys
+from sami_xdp.loader.compile import Limits
+from sami_xdp.loader.pinned import Firewall, unpin_all
+from sami_xdp.policy import acl, blacklist, protect, stats
+from sami_xdp.policy.config import create_firewall
+from testbed import packets as P
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import packets as P  # noqa: E402
-
-from sami_xdp import acl, blacklist, protect, stats  # noqa: E402
-from sami_xdp.config import STATE_BY_NAME  # noqa: E402
-from sami_xdp.loader import bpfsys  # noqa: E402
-from sami_xdp.loader.compile import Limits  # noqa: E402
-from sami_xdp.loader.pinned import Firewall, unpin_all  # noqa: E402
-from sami_xdp.netutil import ip_to_be32  # noqa: E402
 
 N_FLOWS = 256
 N_SESSIONS = 100_000
@@ -145,7 +142,7 @@ def fill_sessions(fw: Firewall, n: int, start: int = 0) -> None:
     now = time.monotonic_ns()
     vals["created_ns"] = now
     vals["last_seen_ns"] = now
-    vals["state"] = STATE_BY_NAME["ESTABLISHED"]
+    vals["state"] = load_layout().const("ST_ESTABLISHED")
     m.update_many(keys, vals)
 
 
@@ -199,7 +196,7 @@ def reference_program(fw: Firewall, max_flows: int) -> tuple[object, int]:
     fd = int(bpf.load_func(b"xdp_ref", BPF.XDP).fd)
     keys, _ = fw.maps["sessions"].dump()
     map_fd = int(bpf[b"flows"].map_fd)
-    bpfsys.update_batch(map_fd, keys, np.zeros(len(keys), dtype=np.uint64))
+    batch.update_all(map_fd, keys, np.zeros(len(keys), dtype=np.uint64))
     return bpf, fd
 
 
@@ -228,7 +225,7 @@ def main() -> None:
     subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
     fw = None
     try:
-        fw = Firewall.create(root / "fw", Limits(max_sessions=args.max_sessions))
+        fw = create_firewall(root / "fw", Limits(max_sessions=args.max_sessions))
         protect.add_protected(fw, VM_NET)
         check_hits(fw, transit, "pass-transit")
         results["transit (no session)"] = measure(fw.prog_fd, transit, args.repeat, args.runs)

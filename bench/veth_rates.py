@@ -90,22 +90,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lib_live as L
 import numpy as np
+
+from sami_xdp.base.layout import load_layout
+from sami_xdp.base.netutil import ip_to_be32, port_be
+from sami_xdp.loader.pinned import Firewall
+from sami_xdp.policy import stats
+from testbed import packets as P
+from testbed.netns import (
+    Lab,
+    Netns,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(HERE))
-
-import lib_live as L  # noqa: E402
-import packets as P  # noqa: E402
-from netns import Lab, Netns  # noqa: E402
-
-from sami_xdp import stats  # noqa: E402
-from sami_xdp.config import STATE_BY_NAME  # noqa: E402
-from sami_xdp.loader.pinned import Firewall  # noqa: E402
-from sami_xdp.netutil import ip_to_be32, port_be  # noqa: E402
 
 SAMIXDP = Path(sys.executable).parent / "samixdp"
 
@@ -277,7 +276,7 @@ class Bench:
         now = time.monotonic_ns()  # CLOCK_MONOTONIC = bpf_ktime_get_ns
         vals["created_ns"] = now
         vals["last_seen_ns"] = now
-        vals["state"] = STATE_BY_NAME["ESTABLISHED"]
+        vals["state"] = load_layout().const("ST_ESTABLISHED")
         vals["initiator"] = self.fw.const("SIDE_HI")  # the client opened it (inbound)
         # as the datapath records an ACL-opened inbound session: the lo end is the VM
         consts = self.fw.layout.consts

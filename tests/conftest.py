@@ -20,10 +20,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sami_xdp.config import default_config_slots  # noqa: E402
 from sami_xdp.loader import bpfsys  # noqa: E402
 from sami_xdp.loader.compile import Limits  # noqa: E402
 from sami_xdp.loader.pinned import Firewall, unpin_all  # noqa: E402
+from sami_xdp.policy.config import create_firewall, default_config_slots  # noqa: E402
 
 IN_CI = os.environ.get("CI", "") not in ("", "0", "false")
 TEST_LIMITS = Limits(max_sessions=262144, max_halfopen=4096, max_syn_counters=4096,
@@ -93,7 +93,7 @@ def firewall(test_bpffs: Path) -> Iterator[Firewall]:
     problem = _root_problem()
     if problem:
         unavailable(problem)
-    fw = Firewall.create(test_bpffs / "fw", TEST_LIMITS)
+    fw = create_firewall(test_bpffs / "fw", TEST_LIMITS)
     yield fw
     fw.close()
     unpin_all(test_bpffs / "fw")
@@ -102,7 +102,7 @@ def firewall(test_bpffs: Path) -> Iterator[Firewall]:
 @pytest.fixture(scope="session")
 def firewall_b(test_bpffs: Path, firewall: Firewall) -> Iterator[Firewall]:
     """A second host's firewall (migration destination) in the same test bpffs."""
-    fw = Firewall.create(test_bpffs / "fw-b", TEST_LIMITS)
+    fw = create_firewall(test_bpffs / "fw-b", TEST_LIMITS)
     yield fw
     fw.close()
     unpin_all(test_bpffs / "fw-b")

@@ -1,15 +1,17 @@
-"""The raw batch layer against the kernel: a multi-threaded filtered scan
-returns exactly what one sequential batch walk returns."""
+"""Whole-map batch I/O against the kernel (loader/batch.py): a multi-threaded
+filtered scan returns exactly what one sequential walk returns; threaded writes
+land everything, and a failing writer stops the others before the caller sees it."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from sami_xdp.loader import bpfsys
-from sami_xdp.netutil import ip_to_be32
+from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.loader import batch
 
 pytestmark = pytest.mark.needs_root
 
@@ -38,8 +40,8 @@ def test_threaded_scan_equals_sequential_walk(fw, workers):
     def keep(k, _v):
         return k["addr_lo"] == vm
 
-    got = bpfsys.scan_batch(m.fd, m.info.type, m.info.max_entries, m.key_dtype,
-                            m.value_dtype, keep=keep, workers=workers, chunk=8192)
+    got = batch.scan_batch(m.fd, m.info.type, m.info.max_entries, m.key_dtype,
+                           m.value_dtype, keep=keep, workers=workers, chunk=8192)
     assert got.scanned == len(want_k) == 200_000
     mask = want_k["addr_lo"] == vm
     assert len(got.keys) == int(mask.sum())
@@ -47,8 +49,8 @@ def test_threaded_scan_equals_sequential_walk(fw, workers):
     order_want = np.argsort(want_k[mask].view(np.void(16)))
     assert got.keys[order_got].tobytes() == want_k[mask][order_want].tobytes()
     assert got.values[order_got].tobytes() == want_v[mask][order_want].tobytes()
-    everything = bpfsys.scan_batch(m.fd, m.info.type, m.info.max_entries, m.key_dtype,
-                                   m.value_dtype, workers=workers, chunk=8192)
+    everything = batch.scan_batch(m.fd, m.info.type, m.info.max_entries, m.key_dtype,
+                                  m.value_dtype, workers=workers, chunk=8192)
     assert len(everything.keys) == 200_000
     assert len(np.unique(everything.keys.view(np.void(16)))) == 200_000
 
@@ -64,40 +66,33 @@ def _keys_values(fw, n: int):
     return keys, np.zeros(n, dtype=m.value_dtype)
 
 
-def test_parallel_import_write_lands_everything(fw):
-    from sami_xdp.migrate.importer import PARALLEL_WRITE_MIN, update_many
-
-    keys, values = _keys_values(fw, PARALLEL_WRITE_MIN + 1000)
-    assert update_many(fw.maps["sessions"], keys, values) == len(keys)
+def test_parallel_write_lands_everything(fw):
+    keys, values = _keys_values(fw, batch.PARALLEL_WRITE_MIN + 1000)
+    assert fw.maps["sessions"].update_many(keys, values) == len(keys)
     assert len(fw.maps["sessions"].dump()[0]) == len(keys)
 
 
 @pytest.mark.parametrize("exc", [OSError("injected"), KeyboardInterrupt()])
-def test_parallel_import_write_failure_stops_every_writer(fw, monkeypatch, exc):
+def test_parallel_write_failure_stops_every_writer(fw, monkeypatch, exc):
     """One writer fails (an error, or Ctrl-C): every writer has stopped when the
     failure reaches the caller, so a rollback never races a writer."""
-    import threading
-
-    from sami_xdp.loader.pinned import PinnedMap
-    from sami_xdp.migrate.importer import PARALLEL_WRITE_MIN, update_many
-
-    keys, values = _keys_values(fw, 2 * PARALLEL_WRITE_MIN)
-    real = PinnedMap.update_many
+    keys, values = _keys_values(fw, 2 * batch.PARALLEL_WRITE_MIN)
+    real = batch.update_all
     calls = {"n": 0}
     lock = threading.Lock()
 
-    def flaky(self, k, v, flags=0):
+    def flaky(fd, k, v, flags=0):
         with lock:
             calls["n"] += 1
             n = calls["n"]
         if n == 3:
             raise exc
-        return real(self, k, v, flags)
+        return real(fd, k, v, flags)
 
-    monkeypatch.setattr(PinnedMap, "update_many", flaky)
+    monkeypatch.setattr(batch, "update_all", flaky)
     with pytest.raises(type(exc)):
-        update_many(fw.maps["sessions"], keys, values)
-    monkeypatch.setattr(PinnedMap, "update_many", real)
+        fw.maps["sessions"].update_many(keys, values)
+    monkeypatch.setattr(batch, "update_all", real)
     landed = len(fw.maps["sessions"].dump()[0])
     time.sleep(0.2)  # nothing may still be writing after the call returned
     assert len(fw.maps["sessions"].dump()[0]) == landed < len(keys)

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sami_xdp.layout import load_layout
+from sami_xdp.base.layout import load_layout
+from sami_xdp.base import rows
+from sami_xdp.base.netutil import ip_to_be32, port_be
 from sami_xdp.migrate import wire
 from sami_xdp.migrate.bundle import (
     FLAG_DELTA,
@@ -33,7 +35,6 @@ from sami_xdp.migrate.errors import (
 )
 from sami_xdp.migrate.keys import HostIdentity, TrustStore
 from sami_xdp.migrate.verify import verify_bundle
-from sami_xdp.netutil import ip_to_be32, port_be
 
 VM, CLIENT, OTHER = "10.1.1.1", "192.0.2.10", "10.1.1.2"
 LAYOUT = load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
@@ -115,7 +116,7 @@ def make(
     seq: int = 1,
     **kw: Any,
 ) -> bytes:
-    from sami_xdp.migrate.acl_bridge import ruleset_digest
+    from sami_xdp.migrate.wire import ruleset_digest
 
     secs: dict[str, Any] = all_sections(vm) if sections is None else sections
     digest = ruleset_digest(secs["acl"].tobytes()) if "acl" in secs else b"\0" * 16
@@ -186,7 +187,7 @@ def test_key_index_matches_python_sets():
     want["addr_lo"] = rng.integers(0, 60, 3000)
     want["addr_hi"] = rng.integers(0, 60, 3000)
     want["port_lo"] = rng.integers(0, 4, 3000)
-    found, idx = wire.KeyIndex(keys).find(want)
+    found, idx = rows.KeyIndex(keys).find(want)
     have = {k.tobytes(): i for i, k in enumerate(keys)}
     for w, f, i in zip(want, found, idx, strict=True):
         assert f == (w.tobytes() in have)
@@ -201,14 +202,14 @@ def test_key_index_resolves_hash_collisions(monkeypatch):
     keys["addr_lo"] = np.arange(50)
     want = np.zeros(60, kd)
     want["addr_lo"] = np.arange(60)[::-1]
-    real = wire.key_u64
+    real = rows.key_u64
 
     def poor(k: np.ndarray) -> tuple[np.ndarray, bool]:
         h, exact = real(k)
         return h & np.uint64(3), exact  # four buckets for everything
 
-    monkeypatch.setattr(wire, "key_u64", poor)
-    found, idx = wire.KeyIndex(keys).find(want)
+    monkeypatch.setattr(rows, "key_u64", poor)
+    found, idx = rows.KeyIndex(keys).find(want)
     assert found.tolist() == [a < 50 for a in want["addr_lo"]]
     assert (keys["addr_lo"][idx[found]] == want["addr_lo"][found]).all()
 
@@ -239,7 +240,7 @@ def test_round_trip_every_section(ident_a, trust_b, compression):
 def test_acl_blob_round_trip(ident_a, trust_b):
     secs = {k: v for k, v in all_sections().items() if not k.startswith("del")}
     secs["acl"] = b"opaque rules from the ACL owner"
-    from sami_xdp.migrate.acl_bridge import ruleset_digest
+    from sami_xdp.migrate.wire import ruleset_digest
 
     data = encode_bundle(
         secs,

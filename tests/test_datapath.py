@@ -4,7 +4,7 @@ Every frame goes through `run()`, which returns the verdict reason by diffing th
 per-CPU `verdicts` counters around one PROG_TEST_RUN, and checks that exactly one
 reason moved, by one packet and the frame's length in bytes, and that the XDP
 action agrees with the reason (pass-* -> XDP_PASS, drop-* -> XDP_DROP). Map
-contents are read back through the pinned maps (sami_xdp.sessions / fw.maps).
+contents are read back through the pinned maps (sami_xdp.policy.sessions / fw.maps).
 
 Regression tests for datapath bugs found by this suite (fixed in 37bca57) say
 so in their docstrings.
@@ -21,15 +21,15 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import packets as P
 import pytest
 from conftest import unavailable
 
-from sami_xdp import protect, sessions, stats
-from sami_xdp.config import STATE_BY_NAME
+from sami_xdp.base.layout import load_layout
+from sami_xdp.base.netutil import ip_to_be32, port_be
 from sami_xdp.loader import bpfsys
 from sami_xdp.loader.pinned import Firewall
-from sami_xdp.netutil import ip_to_be32, port_be
+from sami_xdp.policy import protect, sessions, stats
+from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
 
@@ -42,7 +42,7 @@ ROUTER = "198.51.100.254"
 OUT_A, OUT_B = "198.51.100.1", "203.0.113.7"  # two unprotected hosts (transit)
 
 TCP, UDP, ICMP = 6, 17, 1
-ST = STATE_BY_NAME
+ST = {name: value for value, name in load_layout().names("ST_").items()}
 SIDE_LO, SIDE_HI = 0, 1
 LO_IFINDEX = socket.if_nametoindex("lo")
 NS = 1_000_000_000
@@ -212,7 +212,7 @@ def test_outbound_handshake_promotes_halfopen_to_established(pfw, peer):
     vm_flag = fw.const("SESS_F_VM_LO") if peer == CLIENT else fw.const("SESS_F_VM_HI")
     assert v["flags"] == vm_flag, "only the VM's end is marked: not inbound, migrated, picked up"
 
-    (rec,) = sessions.session_records(sessions.read_sessions(fw), now_ns=t1)
+    (rec,) = sessions.session_records(fw, sessions.read_sessions(fw), now_ns=t1)
     assert (rec["proto"], rec["src"], rec["sport"], rec["dst"], rec["dport"], rec["state"]) == (
         "tcp", VM, 40000, peer, 80, "ESTABLISHED")
     assert (rec["packets"], rec["packets_orig"], rec["packets_reply"]) == (6, 3, 3)
@@ -356,7 +356,7 @@ def test_icmp_echo_reply_matches_request(pfw):
     # another identifier, or the same identifier from another host, has no session
     assert run(fw, P.icmp_echo(CLIENT, VM, ident=0x1235, reply=True)) == "drop-acl-default"
     assert run(fw, P.icmp_echo(ROUTER, VM, ident=0x1234, reply=True)) == "drop-acl-default"
-    (rec,) = sessions.session_records(sessions.read_sessions(fw))
+    (rec,) = sessions.session_records(fw, sessions.read_sessions(fw))
     assert (rec["proto"], rec["src"], rec["dst"], rec["sport"]) == ("icmp", VM, CLIENT, 0x1234)
 
 

@@ -21,15 +21,15 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-import packets as P
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from sami_xdp import protect, stats
 from sami_xdp.loader import bpfsys
 from sami_xdp.loader.pinned import Firewall
+from sami_xdp.policy import protect, stats
+from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
 

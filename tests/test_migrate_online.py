@@ -16,17 +16,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import packets as P
 import pytest
 from conftest import run_frame
 
-from sami_xdp import acl, protect, sessions
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.migrate import HostIdentity, ImportRecords, TrustStore, new_migration_id
 from sami_xdp.migrate.bundle import encode_bundle
 from sami_xdp.migrate.control import verify_control
 from sami_xdp.migrate.select import export_vm_state
 from sami_xdp.migrate.transport import MSG_ACK, MSG_BUNDLE, Connection
+from sami_xdp.policy import acl, protect, sessions
+from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
 

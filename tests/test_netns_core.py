@@ -15,19 +15,22 @@ from pathlib import Path
 import pytest
 from netns import (
     CLIENT_IP,
-    REPO,
-    TOPOLOGY,
     VM_IP,
     VM_NET,
     CoreTopology,
-    Lab,
-    Netns,
     core_topology,  # noqa: F401  (fixture)
     lab,  # noqa: F401  (fixture)
-    netns_exists,
     one_line_error,
     require_root,
     run_cli,
+)
+
+from testbed.netns import (
+    REPO,
+    TOPOLOGY,
+    Lab,
+    Netns,
+    netns_exists,
     sh,
     tcp_connect,
     unique_suffix,

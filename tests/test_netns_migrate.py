@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from netns import REPO, require_root, unique_suffix
+from netns import require_root
+
+from testbed.netns import REPO, unique_suffix
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs_root]
 

@@ -12,10 +12,13 @@ from netns import (
     VM_IP,
     VM_NET,
     CoreTopology,
-    Lab,
     build_core,
     one_line_error,
     require_root,
+)
+
+from testbed.netns import (
+    Lab,
     tcp_connect,
 )
 

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import packets as P
 import pytest
 from conftest import run_frame
 
-from sami_xdp import acl, blacklist, protect, sessions, stats
-from sami_xdp.netutil import ip_to_be32
+from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.policy import acl, blacklist, protect, sessions, stats
+from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
 
@@ -185,7 +185,7 @@ def test_acl_allow_creates_session_and_replies_follow(pfw):
     assert run_frame(pfw, syn(CLIENT, 1000, VM, 22)) == "PASS"
     assert run_frame(pfw, P.tcp(VM, 22, CLIENT, 1000, P.SYN | P.ACK)) == "PASS"
     assert run_frame(pfw, P.tcp(CLIENT, 1000, VM, 22, P.ACK)) == "PASS"
-    rows = sessions.session_records(sessions.read_sessions(pfw))
+    rows = sessions.session_records(pfw, sessions.read_sessions(pfw))
     assert [(r["src"], r["dport"], r["state"]) for r in rows] == [(CLIENT, 22, "ESTABLISHED")]
     assert run_frame(pfw, syn(CLIENT, 1001, VM, 23)) == "DROP"
 

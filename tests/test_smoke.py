@@ -1,10 +1,10 @@
 """The compiled program passes a VM's handshake and drops unsolicited inbound."""
 
-import packets as P
 import pytest
 from conftest import run_frame
 
-from sami_xdp import protect, sessions, stats
+from sami_xdp.policy import protect, sessions, stats
+from testbed import packets as P
 
 VM, CLIENT = "10.1.1.1", "192.0.2.10"
 
@@ -16,7 +16,7 @@ def test_outbound_handshake_then_unsolicited_drop(fw):
     assert run_frame(fw, P.tcp(CLIENT, 80, VM, 40000, P.SYN | P.ACK)) == "PASS"
     assert run_frame(fw, P.tcp(VM, 40000, CLIENT, 80, P.ACK)) == "PASS"
     assert run_frame(fw, P.tcp(CLIENT, 5555, VM, 22, P.SYN)) == "DROP"
-    rows = sessions.session_records(sessions.read_sessions(fw))
+    rows = sessions.session_records(fw, sessions.read_sessions(fw))
     assert [(r["src"], r["dst"], r["state"]) for r in rows] == [(VM, CLIENT, "ESTABLISHED")]
     counts = stats.verdict_packets(fw)
     assert counts["drop-acl-default"] == 1 and counts["pass-session"] == 2

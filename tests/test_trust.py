@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sami_xdp.base.layout import load_layout
+from sami_xdp.base.netutil import ip_to_be32, port_be
 from sami_xdp.migrate import wire
 from sami_xdp.migrate.bundle import encode_bundle
 from sami_xdp.migrate.errors import (
@@ -35,12 +37,9 @@ from sami_xdp.migrate.keys import (
 )
 from sami_xdp.migrate.replay import ReplayCache
 from sami_xdp.migrate.verify import inspect_bundle, verify_bundle
-from sami_xdp.netutil import ip_to_be32, port_be
 
 VM = "10.1.1.1"
-LAYOUT = (
-    __import__("sami_xdp.layout", fromlist=["x"]).load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
-)
+LAYOUT = load_layout().const("SAMIXDP_LAYOUT_VERSION")
 
 
 def bundle(

@@ -11,6 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import cffi
 import numpy as np
@@ -71,17 +72,18 @@ class Layout:
     def digest(self) -> str:
         """SHA-256 over every struct (fields, offsets, types, sizes) and every constant
         but the version itself: what SAMIXDP_LAYOUT_VERSION must change with."""
-        parts = [f"{k}={v}" for k, v in sorted(self.consts.items())
-                 if k != "SAMIXDP_LAYOUT_VERSION"]
+        parts = [
+            f"{k}={v}" for k, v in sorted(self.consts.items()) if k != "SAMIXDP_LAYOUT_VERSION"
+        ]
         for struct in STRUCTS:
             parts.append(f"struct {struct} {self.sizeof(struct)}")
             parts.extend(_flat_fields(self.ffi, self.ffi.typeof(f"struct {struct}"), ""))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _flat_fields(ffi: cffi.FFI, ctype: object, prefix: str) -> list[str]:
+def _flat_fields(ffi: cffi.FFI, ctype: Any, prefix: str) -> list[str]:
     out = []
-    for name, field in ctype.fields:  # type: ignore[attr-defined]
+    for name, field in ctype.fields:
         t = field.type
         out.append(f"{prefix}{name} @{field.offset} {t.cname}")
         if t.kind == "struct":
@@ -129,20 +131,20 @@ _NP_SCALARS = {
 }
 
 
-def _np_type(ffi: cffi.FFI, ctype: object) -> object:
-    kind = ctype.kind  # type: ignore[attr-defined]
+def _np_type(ffi: cffi.FFI, ctype: Any) -> object:
+    kind = ctype.kind
     if kind == "primitive":
-        return _NP_SCALARS[ctype.cname]  # type: ignore[attr-defined]
+        return _NP_SCALARS[ctype.cname]
     if kind == "array":
-        return (_np_type(ffi, ctype.item), ctype.length)  # type: ignore[attr-defined]
+        return (_np_type(ffi, ctype.item), ctype.length)
     if kind == "struct":
         return _struct_dtype(ffi, ctype)
     raise TypeError(f"unsupported C type {ctype}")
 
 
-def _struct_dtype(ffi: cffi.FFI, ctype: object) -> np.dtype:
+def _struct_dtype(ffi: cffi.FFI, ctype: Any) -> np.dtype:
     names, formats, offsets = [], [], []
-    for name, field in ctype.fields:  # type: ignore[attr-defined]
+    for name, field in ctype.fields:
         names.append(name)
         formats.append(_np_type(ffi, field.type))
         offsets.append(field.offset)

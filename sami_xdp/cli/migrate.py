@@ -1,11 +1,6 @@
-"""Offline migration commands: keys, peers, export, import, bundle inspect, imports.
-
-Registered into the main `samixdp` app by sami_xdp.cli (`register(app)`).
-Global options come from the root context: --config-dir (host key, peers),
---state-dir (replay cache, import records), --bpffs (the maps).
-Errors are SamiError subclasses: cli.main() prints them as one line and
-exits with their code.
-"""
+"""Moving a VM's state: `export`, `import`, `bundle inspect`, `imports ...` (what
+this host received), `agent` (the destination's server) and `migrate` (the
+source's phases)."""
 
 from __future__ import annotations
 
@@ -17,47 +12,43 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import InvalidArgument
-from .migrate import (
-    ExportState,
-    HostIdentity,
-    ReplayCache,
-    TrustStore,
-    abort_import,
-    build_bundle,
-    import_vm_state,
+from ..base.errors import InvalidArgument
+from ..base.netutil import ip_to_be32
+from ..loader import bpffs
+from ..loader.pinned import Firewall
+from ..migrate import running
+from ..migrate.agent import AgentConfig, serve
+from ..migrate.bundle import (
+    COMPRESSIONS,
+    DEFAULT_VALIDITY_S,
+    MAX_VALIDITY_S,
     new_migration_id,
-    verify_bundle,
+    parse_bundle,
 )
-from .migrate.bundle import COMPRESSIONS, DEFAULT_VALIDITY_S, MAX_VALIDITY_S
-from .migrate.errors import UnknownMigrationError
-from .migrate.importer import DEFAULT_PICKUP_S, ImportRecords
-from .migrate.replay import REPLAY_FILE
-from .migrate.verify import inspect_bundle
-from .netutil import ip_to_be32
+from ..migrate.errors import BundleRefused, MigrationRefused, UnknownMigrationError
+from ..migrate.export import build_bundle
+from ..migrate.importer import DEFAULT_PICKUP_S, abort_import, import_vm_state
+from ..migrate.journal import ImportRecords
+from ..migrate.keys import HostIdentity, TrustStore
+from ..migrate.phases import MigrateOptions, resolve_peer, wait_and_cleanup
+from ..migrate.replay import REPLAY_FILE, ReplayCache
+from ..migrate.select import ExportState
+from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S, TlsConfig
+from ..migrate.verify import inspect_bundle, verify_bundle
+from .common import emit_json, exit_code, root_opts, table
 
-keys_app = typer.Typer(no_args_is_help=True, help="This host's Ed25519 identity.")
-peers_app = typer.Typer(no_args_is_help=True, help="Trusted peer hosts and their keys.")
 bundle_app = typer.Typer(no_args_is_help=True, help="Look at migration bundle files.")
 imports_app = typer.Typer(no_args_is_help=True, help="Migrations imported on this host.")
 
 
-def _root(ctx: typer.Context) -> Any:
-    """The main app's Ctx (bpffs, config_dir, state_dir, open())."""
-    return ctx.find_root().obj
-
-
-def _echo_json(data: object) -> None:
-    typer.echo(json.dumps(data, indent=2))
-
-
-def _table(rows: list[list[object]], header: list[str]) -> None:
-    cols = list(zip(header, *rows, strict=False))
-    widths = [max(len(str(c)) for c in col) for col in cols]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    typer.echo(fmt.format(*header))
-    for r in rows:
-        typer.echo(fmt.format(*[str(c) for c in r]))
+def register(app: typer.Typer) -> None:
+    app.add_typer(bundle_app, name="bundle")
+    app.add_typer(imports_app, name="imports")
+    app.command("export")(export_cmd)
+    app.command("import")(import_cmd)
+    app.command("agent")(agent_cmd)
+    app.command("migrate")(migrate_cmd)
+    app.command("migrate-cleanup", hidden=True)(cleanup_cmd)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -79,85 +70,6 @@ def _read_file(path: Path) -> bytes:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
 
 
-# ---- keys ---------------------------------------------------------------------------
-
-
-@keys_app.command("init")
-def keys_init(
-    ctx: typer.Context,
-    host_id: Annotated[
-        str | None, typer.Option("--host-id", help="This host's name (default: hostname).")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing key.")] = False,
-) -> None:
-    """Create this host's Ed25519 key pair (private key mode 0600) and host id."""
-    c = _root(ctx)
-    ident = HostIdentity.init(c.config_dir, host_id, force=force)
-    typer.echo(f"host id {ident.host_id}, key id {ident.key_id.hex()} ({c.config_dir})")
-    typer.echo(f"public key {ident.public_b64}")
-
-
-@keys_app.command("show")
-def keys_show(
-    ctx: typer.Context,
-    json_: Annotated[bool, typer.Option("--json", help="Host id, key id and key.")] = False,
-    host_id: Annotated[bool, typer.Option("--host-id", help="Print the host id alone.")] = False,
-) -> None:
-    """Print this host's public key alone on one line (base64)."""
-    ident = HostIdentity.load(_root(ctx).config_dir)
-    if json_:
-        _echo_json(
-            {"host_id": ident.host_id, "key_id": ident.key_id.hex(), "public_key": ident.public_b64}
-        )
-    elif host_id:
-        typer.echo(ident.host_id)
-    else:
-        typer.echo(ident.public_b64)
-
-
-# ---- peers --------------------------------------------------------------------------
-
-
-@peers_app.command("add")
-def peers_add(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="The peer's host id.")],
-    address: Annotated[str, typer.Option("--address", help="HOST:PORT of its agent.")],
-    key: Annotated[str, typer.Option("--key", help="Its public key (`keys show` there).")],
-    replace: Annotated[bool, typer.Option("--replace", help="Change an existing peer.")] = False,
-) -> None:
-    """Trust a peer: bundles signed by KEY and naming NAME as source are accepted."""
-    trust = TrustStore.load(_root(ctx).config_dir)
-    peer = trust.add(name, address, key, replace=replace)
-    trust.save()
-    typer.echo(f"peer {peer.name} at {peer.address}, key id {peer.key_id.hex()}")
-
-
-@peers_app.command("remove")
-def peers_remove(ctx: typer.Context, name: str) -> None:
-    """Stop trusting a peer."""
-    trust = TrustStore.load(_root(ctx).config_dir)
-    trust.remove(name)
-    trust.save()
-    typer.echo(f"removed peer {name}")
-
-
-@peers_app.command("list")
-def peers_list(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Trusted peers."""
-    peers = [p.as_dict() for p in TrustStore.load(_root(ctx).config_dir).peers()]
-    if json_:
-        _echo_json(peers)
-        return
-    if not peers:
-        typer.echo("no peers (add one with `samixdp peers add NAME --address HOST:PORT --key K`)")
-        return
-    _table(
-        [[p["name"], p["address"], p["key_id"], p["public_key"]] for p in peers],
-        ["name", "address", "key_id", "public_key"],
-    )
-
-
 # ---- export / import ------------------------------------------------------------------
 
 
@@ -177,7 +89,7 @@ def export_cmd(
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Write a signed full-snapshot bundle of one VM's state for peer TO."""
-    c = _root(ctx)
+    c = root_opts(ctx)
     ip_to_be32(vm)
     if compress not in COMPRESSIONS:
         raise InvalidArgument(f"--compress must be one of {', '.join(COMPRESSIONS)}")
@@ -212,8 +124,6 @@ def export_cmd(
             timings=timings,
         )
     _write_private(output, data)
-    from .migrate.bundle import parse_bundle
-
     counts = parse_bundle(data).counts()
     summary = {
         "file": str(output),
@@ -228,7 +138,7 @@ def export_cmd(
         "seconds": round(timings.get("total_s", 0.0), 4),
     }
     if json_:
-        _echo_json(summary)
+        emit_json(summary)
         return
     typer.echo(
         f"wrote {output}: {counts['sessions']} sessions, {counts['syn']} SYN counters, "
@@ -246,7 +156,7 @@ def import_cmd(
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Verify a bundle and load it into the maps (all or nothing)."""
-    c = _root(ctx)
+    c = root_opts(ctx)
     if pickup < 0:
         raise InvalidArgument("--pickup must be >= 0")
     data = _read_file(file)
@@ -258,7 +168,7 @@ def import_cmd(
         with c.open() as fw:
             res = import_vm_state(fw, vb, c.state_dir, replay=replay, pickup_s=pickup)
     if json_:
-        _echo_json(res.as_dict())
+        emit_json(res.as_dict())
         return
     n = res.counts
     typer.echo(
@@ -283,7 +193,7 @@ def bundle_inspect(
     """Verify (without consuming the replay cache) and summarise a bundle.
 
     Exits 0 only when the bundle would be accepted here."""
-    c = _root(ctx)
+    c = root_opts(ctx)
     data = _read_file(file)
     trust = TrustStore.load(c.config_dir)
     host_id = HostIdentity.load(c.config_dir).host_id if HostIdentity.exists(c.config_dir) else None
@@ -294,13 +204,11 @@ def bundle_inspect(
         if replay is not None:
             replay.close()
     if json_:
-        _echo_json(info)
+        emit_json(info)
     else:
         _print_inspect(file, info)
     if not info["valid"]:
-        from .migrate.errors import BundleRefused
-
-        raise typer.Exit(BundleRefused.exit_code)
+        raise typer.Exit(exit_code(BundleRefused(info["reason"])))
 
 
 def _print_inspect(file: Path, info: dict[str, Any]) -> None:
@@ -341,14 +249,14 @@ def imports_list(
     ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """Migrations imported here, with their rounds."""
-    recs = ImportRecords(_root(ctx).state_dir).list()
+    recs = ImportRecords(root_opts(ctx).state_dir).list()
     if json_:
-        _echo_json(recs)
+        emit_json(recs)
         return
     if not recs:
         typer.echo("no imported migrations")
         return
-    _table(
+    table(
         [
             [
                 r["migration_id"],
@@ -370,7 +278,7 @@ def imports_abort(
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Remove exactly what a migration imported here and refuse its later bundles."""
-    c = _root(ctx)
+    c = root_opts(ctx)
     try:
         mid = bytes.fromhex(migration_id)
     except ValueError:
@@ -382,17 +290,152 @@ def imports_abort(
     with c.open() as fw:
         counts = abort_import(fw, mid, c.state_dir)
     if json_:
-        _echo_json(counts)
+        emit_json(counts)
         return
     removed = sum(v for k, v in counts.items() if k.endswith(".removed"))
     restored = sum(v for k, v in counts.items() if k.endswith(".restored"))
     typer.echo(f"aborted {mid.hex()}: removed {removed} entries, restored {restored}")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(keys_app, name="keys")
-    app.add_typer(peers_app, name="peers")
-    app.add_typer(bundle_app, name="bundle")
-    app.add_typer(imports_app, name="imports")
-    app.command("export")(export_cmd)
-    app.command("import")(import_cmd)
+# ---- online migration ------------------------------------------------------------------
+
+
+def agent_cmd(
+    ctx: typer.Context,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to accept peers on.")] = "0.0.0.0:7800",
+    pickup: Annotated[float, typer.Option(help="Pickup window (s) after each import.")] = 10.0,
+    max_message: Annotated[int, typer.Option(help="Largest bundle accepted (bytes).")] = (
+        DEFAULT_MAX_MESSAGE
+    ),
+    timeout: Annotated[float, typer.Option(help="Per-read timeout (s).")] = DEFAULT_TIMEOUT_S,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (optional).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key.")] = None,
+) -> None:
+    """Receive migration bundles from trusted peers and load them."""
+    c = root_opts(ctx)
+    bpffs.require_root()
+    if pickup < 0 or max_message < 1024 or timeout <= 0:
+        raise InvalidArgument("--pickup >= 0, --max-message >= 1024, --timeout > 0")
+    if bool(tls_cert) != bool(tls_key):
+        raise InvalidArgument("--tls-cert and --tls-key go together")
+    cfg = AgentConfig(
+        bpffs=c.bpffs,
+        config_dir=c.config_dir,
+        state_dir=c.state_dir,
+        listen=listen,
+        pickup_s=pickup,
+        max_message=max_message,
+        timeout_s=timeout,
+        tls=TlsConfig(
+            certfile=str(tls_cert) if tls_cert else None,
+            keyfile=str(tls_key) if tls_key else None,
+        ),
+    )
+    serve(cfg)
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        emit_json(report)
+        return
+    rows = []
+    for p in report["phases"]:
+        rows.append(
+            [
+                p["name"],
+                f"{p['seconds'] * 1000:.1f}",
+                p["bytes"],
+                sum(p["exported"].values()),
+                sum(p["imported"].values()),
+                p["refused"] or "-",
+            ]
+        )
+    table(rows, ["phase", "ms", "bytes", "exported", "imported", "refused"])
+    typer.echo(
+        f"migration {report['migration_id'][:12]} of {report['vm']} to {report['peer']}: "
+        f"{report['outcome']}, {report['total_bytes']} bytes in {report['total_seconds']:.3f} s"
+    )
+    if report.get("cleanup"):
+        typer.echo(report["cleanup"])
+
+
+def migrate_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Option(help="The VM's address.")],
+    peer: Annotated[str | None, typer.Option(help="Peer NAME or HOST:PORT.")] = None,
+    rounds: Annotated[int, typer.Option(help="Delta rounds before the final one.")] = 1,
+    interval: Annotated[float, typer.Option(help="Seconds between delta rounds.")] = 0.5,
+    until_cutover: Annotated[
+        bool, typer.Option("--until-cutover", help="Keep syncing deltas until --final.")
+    ] = False,
+    final: Annotated[
+        bool, typer.Option("--final", help="Tell a running --until-cutover to finish.")
+    ] = False,
+    abort: Annotated[
+        bool, typer.Option("--abort", help="Stop; the destination drops what it imported.")
+    ] = False,
+    source_grace: Annotated[float, typer.Option(help="Idle seconds before source cleanup.")] = 30.0,
+    keep_source: Annotated[
+        bool, typer.Option("--keep-source", help="Never delete the VM's state here.")
+    ] = False,
+    compress: Annotated[bool, typer.Option("--compress", help="zlib the bundle body.")] = False,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA file: talk TLS to the peer.")] = None,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Move VM's firewall state to a peer: preflight, full copy, deltas, final, cleanup."""
+    c = root_opts(ctx)
+    ip_to_be32(vm)  # validates
+    bpffs.require_root()
+    if final and abort:
+        raise InvalidArgument("--final and --abort exclude each other")
+    if final:
+        done = running.finish_running(c.state_dir, vm)
+        _print_report(done["report"], json_)
+        if done["status"] != "completed":
+            raise MigrationRefused(done["report"]["outcome"])
+        return
+    identity = HostIdentity.load(c.config_dir)
+    trust = TrustStore.load(c.config_dir)
+    if abort:
+        typer.echo(running.abort_migration(c.state_dir, vm, identity, trust, peer))
+        return
+    if peer is None:
+        raise InvalidArgument("--peer NAME|HOST:PORT is required")
+    if rounds < 0 or interval < 0 or source_grace < 0:
+        raise InvalidArgument("--rounds, --interval and --source-grace must be >= 0")
+    target = resolve_peer(trust, peer)
+    opts = MigrateOptions(
+        delta_rounds=rounds,
+        interval_s=interval,
+        until_cutover=until_cutover,
+        source_grace_s=source_grace,
+        keep_source=keep_source,
+        compression="zlib" if compress else "none",
+        tls=TlsConfig(cafile=str(tls_ca) if tls_ca else None),
+    )
+    say = (lambda m: typer.echo(m, err=True)) if not json_ else (lambda _m: None)
+    with Firewall.open(c.bpffs) as fw:
+        report = running.run_recorded(
+            fw,
+            identity,
+            trust,
+            target,
+            vm,
+            opts,
+            state_dir=c.state_dir,
+            bpffs=c.bpffs,
+            progress=say,
+        )
+    _print_report(report.as_dict(), json_)
+
+
+def cleanup_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Option()],
+    grace: Annotated[float, typer.Option()] = 30.0,
+    max_wait: Annotated[float, typer.Option()] = 3600.0,
+) -> None:
+    """Wait until VM has been idle here for GRACE seconds, then delete its state."""
+    with Firewall.open(root_opts(ctx).bpffs) as fw:
+        removed = wait_and_cleanup(fw, vm, grace, max_wait, progress=typer.echo)
+    typer.echo(json.dumps({"vm": vm, "removed": removed}))

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from . import acl, blacklist
-from .errors import InvalidArgument
+from ..base.errors import InvalidArgument
+from ..policy import acl, blacklist
+from .common import emit_json, root_opts, table
 
 acl_app = typer.Typer(no_args_is_help=True, help="Ordered first-match inbound rules per VM.")
 bl_app = typer.Typer(no_args_is_help=True, help="Sources banned for SYN floods.")
@@ -17,12 +18,6 @@ bl_app = typer.Typer(no_args_is_help=True, help="Sources banned for SYN floods."
 def register(app: typer.Typer) -> None:
     app.add_typer(acl_app, name="acl")
     app.add_typer(bl_app, name="blacklist")
-
-
-def _cli():  # late import: cli imports this module
-    from . import cli
-
-    return cli
 
 
 @acl_app.command("add")
@@ -38,7 +33,7 @@ def acl_add(
     priority: Annotated[int | None, typer.Option(help="Lower matches first.")] = None,
 ) -> None:
     """Add a rule; prints its id."""
-    with _cli()._ctx(ctx).open() as fw:
+    with root_opts(ctx).open() as fw:
         rule = acl.make_rule(
             fw,
             vm=vm,
@@ -61,14 +56,13 @@ def acl_list(
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Rules in evaluation order, with hit counters."""
-    cli = _cli()
-    with cli._ctx(ctx).open() as fw:
+    with root_opts(ctx).open() as fw:
         entries = acl.read_rules(fw) if vm is None else acl.vm_entries(fw, vm)
         rows = acl.describe(fw, entries)
     if json_:
-        cli.emit_json(rows)
+        emit_json(rows)
         return
-    cli.table(
+    table(
         [
             [
                 r["id"],
@@ -91,7 +85,7 @@ def acl_list(
 @acl_app.command("del")
 def acl_del(ctx: typer.Context, rule_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
     """Delete rule ID."""
-    with _cli()._ctx(ctx).open() as fw:
+    with root_opts(ctx).open() as fw:
         if not acl.delete_rules(fw, [rule_id]):
             raise InvalidArgument(f"no ACL rule with id {rule_id}")
     typer.echo(f"deleted rule {rule_id}")
@@ -100,7 +94,7 @@ def acl_del(ctx: typer.Context, rule_id: Annotated[int, typer.Argument(metavar="
 @acl_app.command("load")
 def acl_load(ctx: typer.Context, file: Path) -> None:
     """Replace the whole rule set atomically from a TOML or YAML file."""
-    with _cli()._ctx(ctx).open() as fw:
+    with root_opts(ctx).open() as fw:
         rules = acl.parse_rule_file(fw, file)
         ids = acl.load_rules(fw, rules)
     typer.echo(f"loaded {len(ids)} rules from {file}")
@@ -109,13 +103,12 @@ def acl_load(ctx: typer.Context, file: Path) -> None:
 @bl_app.command("list")
 def bl_list(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Banned sources (active first)."""
-    cli = _cli()
-    with cli._ctx(ctx).open() as fw:
+    with root_opts(ctx).open() as fw:
         rows = blacklist.blacklist_records(fw)
     if json_:
-        cli.emit_json(rows)
+        emit_json(rows)
         return
-    cli.table(
+    table(
         [
             [r["ip"], r["vm"], r["expires_in_s"], r["dropped"], "yes" if r["active"] else "expired"]
             for r in rows
@@ -127,7 +120,7 @@ def bl_list(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] =
 @bl_app.command("del")
 def bl_del(ctx: typer.Context, ip: str) -> None:
     """Lift the ban on IP."""
-    with _cli()._ctx(ctx).open() as fw:
+    with root_opts(ctx).open() as fw:
         if not blacklist.unban(fw, ip):
             raise InvalidArgument(f"{ip} is not on the blacklist")
     typer.echo(f"unbanned {ip}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import InterfaceError, InvalidArgument, NotAttachedError
+from ..base.errors import InterfaceError, InvalidArgument, NotAttachedError
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1
 XDP_FLAGS_SKB_MODE = 2

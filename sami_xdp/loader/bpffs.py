@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from ..errors import BpffsError, NotRootError
+from ..base.errors import BpffsError, NotRootError
 
 DEFAULT_BPFFS = "/sys/fs/bpf/samixdp"
 

@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CompileError
-from ..paths import bpf_dir, program_path
+from bcc import BPF
+
+from ..base.errors import CompileError
+from ..base.paths import bpf_dir, program_path
 
 PROG_NAME = "xdp_firewall"
 PROG_PIN = "prog"
@@ -90,12 +92,6 @@ def compile_program(limits: Limits, extra_cflags: tuple[str, ...] = ()) -> tuple
             f"no kernel headers at {_headers_dir()}: run `sudo make setup` (installs "
             "linux-headers-amd64 and links them for this kernel)"
         )
-    try:
-        from bcc import BPF  # noqa: PLC0415  (bcc is slow to import and only needed here)
-    except ImportError as exc:
-        raise CompileError(
-            "the bcc Python module is missing: install python3-bpfcc (`sudo make setup`)"
-        ) from exc
     cflags = [f"-I{bpf_dir()}", "-Wno-compare-distinct-pointer-types", *limits.cflags()]
     cflags.extend(extra_cflags)
     with _captured_stderr() as log_path:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import default_config_slots
-from ..errors import BpffsError, LayoutMismatchError, SamiError
-from ..layout import Layout, load_layout
+from ..base.errors import BpffsError, LayoutMismatchError, SamiError
+from ..base.layout import Layout, load_layout
+from . import batch, bpfsys
 from . import bpffs as bpffs_mod
-from . import bpfsys
 from .compile import MAP_NAMES, PROG_PIN, Limits, compile_program, map_fds
 
 # key / value struct of each map (None: a plain integer type)
@@ -123,13 +122,26 @@ class PinnedMap:
 
     def dump(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (key, value) with batch lookups; hash and LRU maps only."""
-        return bpfsys.lookup_batch(self.fd, self.key_dtype, self.value_dtype, self.info.max_entries)
+        return batch.lookup_all(self.fd, self.key_dtype, self.value_dtype, self.info.max_entries)
+
+    def scan(self, keep: batch.KeepFn | None = None) -> batch.ScanResult:
+        """The rows `keep` selects, filtered chunk by chunk (by threads on big maps),
+        and the map's fill level."""
+        return batch.scan_batch(
+            self.fd,
+            self.info.type,
+            self.info.max_entries,
+            self.key_dtype,
+            self.value_dtype,
+            keep=keep,
+        )
 
     def update_many(self, keys: np.ndarray, values: np.ndarray, flags: int = 0) -> int:
-        return bpfsys.update_batch(self.fd, keys, values, flags)
+        """Batch writes; several threads for large batches."""
+        return batch.update_parallel(self.fd, keys, values, flags)
 
     def delete_many(self, keys: np.ndarray) -> int:
-        return bpfsys.delete_batch(self.fd, keys)
+        return batch.delete_all(self.fd, keys)
 
     def count(self) -> int:
         if self.info.type_name in ("array", "percpu_array"):
@@ -208,8 +220,9 @@ class Firewall:
         return fw
 
     @classmethod
-    def create(cls, path: Path, limits: Limits, config: dict[int, int] | None = None) -> Firewall:
-        """Compiles, initialises and pins a new firewall at `path`."""
+    def create(cls, path: Path, limits: Limits, config_slots: list[int]) -> Firewall:
+        """Compiles, initialises (meta, the settings in `config_slots`) and pins a new
+        firewall at `path`; reopens the one already there."""
         bpffs_mod.ensure(path)
         if cls.exists(path):
             return cls.open(path)
@@ -223,7 +236,7 @@ class Firewall:
                 info = bpfsys.map_info(fd)
                 maps[name] = PinnedMap(name, os.dup(fd), info, *_dtypes(layout, name, info))
             fw = cls(path=path, prog_fd=os.dup(prog_fd), maps=maps, layout=layout)
-            fw._init_maps(limits, config or {})
+            fw._init_maps(limits, config_slots)
             for name, fd in fds.items():
                 bpfsys.obj_pin(fd, str(path / name))
                 pinned.append(path / name)
@@ -238,7 +251,7 @@ class Firewall:
                 bpf.cleanup()
         return fw
 
-    def _init_maps(self, limits: Limits, overrides: dict[int, int]) -> None:
+    def _init_maps(self, limits: Limits, config_slots: list[int]) -> None:
         meta = np.zeros(1, dtype=self.maps["meta"].value_dtype)
         meta["layout_version"] = self.layout.consts["SAMIXDP_LAYOUT_VERSION"]
         meta["max_sessions"] = limits.max_sessions
@@ -247,10 +260,7 @@ class Firewall:
         meta["max_syn_counters"] = limits.max_syn_counters
         meta["created_ns"] = time.monotonic_ns()
         self.maps["meta"].update(np.zeros(1, np.uint32), meta)
-        slots = default_config_slots(self.layout)
-        for idx, val in overrides.items():
-            slots[idx] = val
-        self.write_config(slots)
+        self.write_config(config_slots)
 
     def close(self) -> None:
         for m in self.maps.values():

@@ -1,4 +1,4 @@
-"""State migration: signed per-VM bundles (DESIGN.md section 3).
+"""State migration, host to host (DESIGN.md section 3).
 
 Sending side::
 
@@ -15,29 +15,25 @@ Receiving side::
                             ReplayCache(state_dir), HostIdentity.load(config_dir).host_id)
     abort_import(fw, mid, state_dir)           # undo every round of that migration
 
-Modules: keys (identity, trust store), select (selection, deltas), wire
-(record formats), bundle (container, signing), verify, replay, importer,
-acl_bridge (interface to the ACL owner).
+Modules, bottom up: errors; keys (identity, trust store); wire (record codecs);
+bundle (the signed container); select (a VM's state, deltas); export (select +
+encode one round); verify; replay; journal (undo records); plan (what a round
+touches, capacity); importer; control and transport (the wire between agents);
+phases (the source's pre-copy phases); running (a migration as the operator runs
+it); agent (the destination's server).
 """
 
-from .acl_bridge import AclHooks, AclModuleHooks, acl_records_dtype, default_acl_hooks
-from .bundle import Bundle, build_bundle, encode_bundle, new_migration_id, parse_bundle
+from .bundle import Bundle, encode_bundle, new_migration_id, parse_bundle
 from .errors import BundleRefused, ImportFailed, MigrateError
-from .importer import (
-    ImportRecords,
-    ImportResult,
-    abort_import,
-    import_vm_state,
-    receive_bundle,
-)
+from .export import build_bundle
+from .importer import ImportResult, abort_import, import_vm_state, receive_bundle
+from .journal import ImportRecords
 from .keys import HostIdentity, Peer, TrustStore
 from .replay import ReplayCache
 from .select import ExportState, VmState, delta_since, export_vm_state
 from .verify import VerifiedBundle, verify_bundle
 
 __all__ = [
-    "AclHooks",
-    "AclModuleHooks",
     "Bundle",
     "BundleRefused",
     "ExportState",
@@ -52,9 +48,7 @@ __all__ = [
     "VerifiedBundle",
     "VmState",
     "abort_import",
-    "acl_records_dtype",
     "build_bundle",
-    "default_acl_hooks",
     "delta_since",
     "encode_bundle",
     "export_vm_state",

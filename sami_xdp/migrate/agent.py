@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SamiError
+from ..base.errors import SamiError
 from ..loader.pinned import Firewall
-from .control import ControlError, sign_control, verify_control
-from .errors import MigrateError
+from ..policy.sessions import SESSION_MAPS
+from .bundle import parse_bundle
+from .control import sign_control, verify_control
+from .errors import ControlError, MigrateError, TransportError
 from .importer import abort_import, receive_bundle
 from .keys import HostIdentity, TrustStore
 from .replay import ReplayCache
-from .select import scan_map
 from .transport import (
     CONTROL_MAX_MESSAGE,
     DEFAULT_MAX_MESSAGE,
@@ -40,7 +41,6 @@ from .transport import (
     MSG_PREFLIGHT,
     MSG_PREFLIGHT_REPLY,
     TlsConfig,
-    TransportError,
     parse_address,
     recv_frame,
     send_frame,
@@ -98,9 +98,9 @@ class Agent:
                 f"layout version {body.get('layout_version')} differs from {me}'s {layout}"
             )
         free = {}
-        for name in ("sessions", "halfopen"):
+        for name in SESSION_MAPS:
             m = self.fw.maps[name]
-            free[name] = m.info.max_entries - scan_map(m, _count_only).scanned
+            free[name] = m.info.max_entries - m.scan(_count_only).scanned
         need = int(body.get("sessions", 0))
         if need > free["sessions"] + free["halfopen"]:
             reasons.append(f"{me} has room for {free['sessions']} sessions, {need} needed")
@@ -172,8 +172,6 @@ class Agent:
         """A signed refusal; addressed to the bundle's claimed source if parsable."""
         to = "?"
         try:
-            from .bundle import parse_bundle
-
             to = parse_bundle(data).source
         except Exception:  # noqa: BLE001 - a malformed bundle has no parsable source
             pass

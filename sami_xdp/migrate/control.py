@@ -15,14 +15,10 @@ import json
 import time
 from typing import Any
 
-from .errors import MigrateError
+from .errors import ControlError
 from .keys import HostIdentity, Peer, TrustStore
 
 MAX_SKEW_MS = 120_000
-
-
-class ControlError(MigrateError):
-    exit_code = 11
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -34,14 +30,6 @@ def sign_control(identity: HostIdentity, body: dict[str, Any]) -> bytes:
     sig = identity.sign(b"samixdp-control-v1\0" + _canonical(body))
     doc = {"body": body, "key_id": identity.key_id.hex(), "sig": base64.b64encode(sig).decode()}
     return json.dumps(doc).encode()
-
-
-def peek_sender(data: bytes) -> str:
-    """The claimed sender, for error messages before verification."""
-    try:
-        return str(json.loads(data)["body"]["from"])
-    except (ValueError, KeyError, TypeError):
-        return "?"
 
 
 def verify_control(

@@ -6,13 +6,24 @@ names the reason, and nothing in the maps has changed when it is raised.
 
 from __future__ import annotations
 
-from ..errors import SamiError
+from ..base.errors import SamiError
 
 
 class MigrateError(SamiError):
     """Base of everything raised by sami_xdp.migrate."""
 
-    exit_code = 10
+
+class TransportError(MigrateError):
+    """The peer cannot be reached, or the connection failed or timed out."""
+
+
+class MigrationRefused(MigrateError):
+    """The peer refused the migration (preflight or a round), or its answer
+    cannot be trusted."""
+
+
+class ControlError(MigrateError):
+    """A signed control message (preflight, ack, abort) was refused."""
 
 
 # ---- identity and trust (local configuration) --------------------------------
@@ -21,13 +32,9 @@ class MigrateError(SamiError):
 class IdentityError(MigrateError):
     """No or unusable host key / host id in the config dir."""
 
-    exit_code = 12
-
 
 class TrustStoreError(MigrateError):
     """Bad peers file, unknown peer, malformed public key or address."""
-
-    exit_code = 12
 
 
 # ---- bundle refusals ------------------------------------------------------------
@@ -36,7 +43,6 @@ class TrustStoreError(MigrateError):
 class BundleRefused(MigrateError):
     """A bundle was not accepted; nothing was written."""
 
-    exit_code = 11
     reason = "refused"
 
 
@@ -102,7 +108,6 @@ class CapacityError(BundleRefused):
 class ImportFailed(MigrateError):
     """Loading failed part way; what was written has been rolled back."""
 
-    exit_code = 13
     reason = "load-failed"
 
 
@@ -114,5 +119,3 @@ class RollbackIncomplete(ImportFailed):
 
 class UnknownMigrationError(MigrateError):
     """No import record for this migration id in the state dir."""
-
-    exit_code = 14

@@ -13,8 +13,6 @@ imported for this migration.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,13 +23,16 @@ from typing import Any
 
 import numpy as np
 
+from ..base.netutil import ip_to_be32
 from ..loader.pinned import Firewall
-from ..netutil import ip_to_be32
-from .bundle import build_bundle, new_migration_id
-from .control import ControlError, sign_control, verify_control
-from .errors import MigrateError
+from ..policy.acl import delete_vm_rules
+from ..policy.sessions import SESSION_MAPS, involves, vm_sessions
+from .bundle import new_migration_id, parse_bundle
+from .control import sign_control, verify_control
+from .errors import ControlError, MigrateError, MigrationRefused, TransportError
+from .export import Kind, build_bundle
 from .keys import HostIdentity, Peer, TrustStore
-from .select import ExportState, involves, scan_map, vm_sessions
+from .select import ExportState
 from .transport import (
     MSG_ABORT,
     MSG_ACK,
@@ -40,12 +41,7 @@ from .transport import (
     MSG_PREFLIGHT_REPLY,
     Connection,
     TlsConfig,
-    TransportError,
 )
-
-
-class MigrationRefused(MigrateError):
-    exit_code = 12
 
 
 @dataclass
@@ -188,26 +184,21 @@ class Migration:
             phase.refused = str(body.get("reason"))
             raise MigrationRefused(f"preflight refused by {self.peer.name}: {body.get('reason')}")
 
-    def send_round(self, kind: str) -> PhaseReport:
+    def send_round(self, kind: Kind) -> PhaseReport:
         self.seq += 1
         t0 = time.perf_counter()
-        timings: dict[str, float] = {}
         data = build_bundle(
             self.fw,
             self.vm,
             self.peer.name,
             self.seq,
             self.mid,
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             since_state=self.state,
             identity=self.identity,
             compression=self.opts.compression,
-            timings=timings,
         )
-        from .bundle import parse_bundle
-
         exported = parse_bundle(data).counts()
-        t1 = time.perf_counter()
         body = _ack(self._connect(), self.identity, self.trust, self.peer, MSG_BUNDLE, data)
         name = (
             "full copy"
@@ -215,14 +206,12 @@ class Migration:
             else ("final delta" if kind == "final" else f"delta {self.seq - 1}")
         )
         phase = PhaseReport(name, time.perf_counter() - t0, bytes=len(data), exported=exported)
-        phase_timings = {"export_s": t1 - t0, "send_ack_s": time.perf_counter() - t1}
         self.report.phases.append(phase)
         if not body.get("ok"):
             phase.refused = str(body.get("reason"))
             raise MigrationRefused(f"{self.peer.name} refused round {self.seq}: {phase.refused}")
         phase.imported = dict(body.get("counts", {}))
         phase.deleted = dict(body.get("deleted", {}))
-        del phase_timings
         self.progress(
             f"{name}: {sum(exported.values())} records, {len(data)} bytes, "
             f"{phase.seconds * 1000:.1f} ms"
@@ -284,12 +273,10 @@ def vm_last_seen_ns(fw: Firewall, vm: str) -> int:
 
 def delete_vm_state(fw: Firewall, vm: str) -> dict[str, int]:
     """Removes the VM's sessions, SYN counters, the bans it triggered and its rules."""
-    from .. import acl
-
     removed: dict[str, int] = {}
     be = ip_to_be32(vm)
-    for name in ("sessions", "halfopen"):
-        mine = scan_map(fw.maps[name], involves(be)).keys
+    for name in SESSION_MAPS:
+        mine = fw.maps[name].scan(involves(be)).keys
         removed[name] = fw.maps[name].delete_many(mine) if len(mine) else 0
     keys, _ = fw.maps["syn_counters"].dump()
     mine = keys[keys["dst"] == be]
@@ -297,8 +284,7 @@ def delete_vm_state(fw: Firewall, vm: str) -> dict[str, int]:
     keys, values = fw.maps["blacklist"].dump()
     mine = keys[values["vm"] == be]
     removed["blacklist"] = fw.maps["blacklist"].delete_many(mine) if len(mine) else 0
-    ids = acl.vm_entries(fw, vm)["rule"]["id"]
-    removed["acl_rules"] = acl.delete_rules(fw, [int(i) for i in ids]) if len(ids) else 0
+    removed["acl_rules"] = delete_vm_rules(fw, vm)
     fw.maps["pickup"].delete(np.array([be], np.uint32))
     return removed
 
@@ -354,49 +340,3 @@ def spawn_cleanup(bpffs: Path, vm: str, grace_s: float, max_wait_s: float, log: 
             start_new_session=True,
         )
     return proc.pid
-
-
-# ---- the running-migration record (for --final / --abort from another shell) --------
-
-
-def record_path(state_dir: Path, vm: str) -> Path:
-    return state_dir / "migrations" / f"{vm}.json"
-
-
-def write_record(state_dir: Path, vm: str, doc: dict[str, Any]) -> None:
-    path = record_path(state_dir, vm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
-
-
-def read_record(state_dir: Path, vm: str) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(record_path(state_dir, vm).read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-def signal_running(state_dir: Path, vm: str, sig: int) -> dict[str, Any]:
-    doc = read_record(state_dir, vm)
-    if not doc or doc.get("status") != "running":
-        raise MigrateError(f"no running migration of {vm} on this host")
-    try:
-        os.kill(int(doc["pid"]), sig)
-    except ProcessLookupError as exc:
-        raise MigrateError(f"the migration process of {vm} is gone") from exc
-    return doc
-
-
-def wait_finished(state_dir: Path, vm: str, timeout_s: float = 60.0) -> dict[str, Any]:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        doc = read_record(state_dir, vm)
-        if doc and doc.get("status") != "running":
-            return doc
-        time.sleep(0.05)
-    raise MigrateError(f"migration of {vm} did not finish within {timeout_s:.0f} s")
-
-
-SIG_FINAL = signal.SIGUSR1

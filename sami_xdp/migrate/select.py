@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..loader import bpfsys
-from ..loader.pinned import Firewall, PinnedMap
-from ..netutil import ip_to_be32
-from ..sessions import SESSION_MAPS, expired_mask
+from ..base.netutil import ip_to_be32
+from ..base.rows import KeyIndex, copy_rows, take_rows
+from ..loader.pinned import Firewall
+from ..policy.acl import export_vm_rules
+from ..policy.sessions import expired_mask, vm_sessions
 from . import wire
-from .acl_bridge import AclHooks, AclRules, default_acl_hooks, rules_to_wire, ruleset_digest
 
 WATERMARK_MARGIN_NS = 50_000_000  # 50 ms: packets in flight during the dump
 
@@ -50,7 +50,7 @@ class VmState:
     syn_values: np.ndarray
     bl_keys: np.ndarray
     bl_values: np.ndarray
-    acl: AclRules | None = None  # ACL wire records or an opaque blob; None = not sent
+    acl: np.ndarray | None = None  # ACL wire records; None = not sent
     acl_digest: bytes = b"\0" * 16
     # delta rounds only
     del_sess_keys: np.ndarray | None = None
@@ -92,50 +92,13 @@ class VmState:
         }
 
 
-def scan_map(m: PinnedMap, keep: bpfsys.KeepFn | None = None) -> bpfsys.ScanResult:
-    """A batch read of a hash map, filtered chunk by chunk (parallel on big maps)."""
-    return bpfsys.scan_batch(
-        m.fd, m.info.type, m.info.max_entries, m.key_dtype, m.value_dtype, keep=keep
-    )
-
-
-def involves(vm: int) -> bpfsys.KeepFn:
-    """Row filter: session keys with `vm` (network-order u32) at either end."""
-    v = np.uint32(vm)
-
-    def keep(keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
-        return (keys["addr_lo"] == v) | (keys["addr_hi"] == v)
-
-    return keep
-
-
-def vm_sessions(fw: Firewall, vm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keys, values, source map index) of every session with `vm` at either end,
-    expired or not, from both session maps: what `read_sessions` + `vm_mask`
-    select, without holding the whole table."""
-    parts = [scan_map(fw.maps[name], involves(vm)) for name in SESSION_MAPS]
-    return (
-        wire.concat_rows([p.keys for p in parts]),
-        wire.concat_rows([p.values for p in parts]),
-        np.concatenate([np.full(len(p.keys), i, dtype=np.uint8) for i, p in enumerate(parts)]),
-    )
-
-
-def _acl_section(acl: AclRules | None) -> tuple[AclRules | None, bytes]:
-    if acl is None:
-        return None, b"\0" * 16
-    if isinstance(acl, bytes):
-        return acl, ruleset_digest(acl)
-    recs = acl if acl.dtype == wire.ACL_WIRE else rules_to_wire(acl)
-    return recs, ruleset_digest(recs.tobytes())
+def _acl_section(fw: Firewall, vm_ip: str) -> tuple[np.ndarray, bytes]:
+    recs = wire.rules_to_wire(export_vm_rules(fw, vm_ip), fw.layout)
+    return recs, wire.ruleset_digest(recs.tobytes())
 
 
 def export_vm_state(
-    fw: Firewall,
-    vm_ip: str,
-    now_ns: int | None = None,
-    acl: AclHooks | None = None,
-    include_acl: bool = True,
+    fw: Firewall, vm_ip: str, now_ns: int | None = None, include_acl: bool = True
 ) -> VmState:
     """Every live entry of one VM, read with batch dumps (no per-entry objects)."""
     vm = ip_to_be32(vm_ip)
@@ -150,26 +113,25 @@ def export_vm_state(
 
     live = ~expired_mask(fw, values, now)
     if not live.all():
-        keys, values = wire.take_rows(keys, live), wire.take_rows(values, live)
+        keys, values = take_rows(keys, live), take_rows(values, live)
         source = source[live]
     # a key live in both maps (a promotion caught mid-way): the datapath reads
     # `sessions` first, so the half-open copy is left out
     half = source == 1
     if half.any() and (~half).any():
-        dup = wire.KeyIndex(keys[half]).contains(keys[~half])
+        dup = KeyIndex(keys[half]).contains(keys[~half])
         if dup.any():
             drop = half.copy()
-            drop[half] = wire.KeyIndex(keys[~half][dup]).contains(keys[half])
+            drop[half] = KeyIndex(keys[~half][dup]).contains(keys[half])
             keys, values = keys[~drop], values[~drop]
 
     syn_mine = syn_k["dst"] == vm
     bl_mine = (bl_v["vm"] == vm) & (bl_v["expires_ns"] > np.uint64(now))
 
-    acl_recs: AclRules | None = None
+    acl_recs: np.ndarray | None = None
     digest = b"\0" * 16
     if include_acl:
-        hooks = acl or default_acl_hooks()
-        acl_recs, digest = _acl_section(hooks.export(fw, vm_ip))
+        acl_recs, digest = _acl_section(fw, vm_ip)
     t2 = time.perf_counter()
     return VmState(
         vm_ip=vm_ip,
@@ -209,7 +171,7 @@ class ExportState:
         cur = full or state
         self.rounds += 1
         self.watermark_ns = cur.watermark_ns
-        self.sess_keys = wire.copy_rows(cur.sess_keys)
+        self.sess_keys = copy_rows(cur.sess_keys)
         self.syn_keys, self.syn_values = cur.syn_keys.copy(), cur.syn_values.copy()
         self.bl_keys, self.bl_values = cur.bl_keys.copy(), cur.bl_values.copy()
         self.acl_digest = cur.acl_digest
@@ -221,7 +183,7 @@ def _changed_rows(
     """(mask of current rows new or changed, mask of previous rows now gone)."""
     if len(prev_k) == 0:
         return np.ones(len(cur_k), bool), np.zeros(0, bool)
-    idx = wire.KeyIndex(prev_k)
+    idx = KeyIndex(prev_k)
     found, pos = idx.find(cur_k)
     vsize = cur_v.dtype.itemsize
     cb = np.ascontiguousarray(cur_v).view(np.uint8).reshape(len(cur_v), vsize)
@@ -229,7 +191,7 @@ def _changed_rows(
     same = found.copy()
     if found.any():
         same[found] = (cb[found] == pb[pos[found]]).all(axis=1)
-    gone = ~wire.KeyIndex(cur_k).contains(prev_k) if len(cur_k) else np.ones(len(prev_k), bool)
+    gone = ~KeyIndex(cur_k).contains(prev_k) if len(cur_k) else np.ones(len(prev_k), bool)
     return ~same, gone
 
 
@@ -239,13 +201,13 @@ def delta_since(prev: ExportState, cur: VmState) -> VmState:
         raise ValueError("no previous round to cut a delta from: send a full bundle first")
     # sessions: new keys, or heard from since the previous watermark
     if len(prev.sess_keys):
-        prev_idx = wire.KeyIndex(prev.sess_keys)
+        prev_idx = KeyIndex(prev.sess_keys)
         known = prev_idx.contains(cur.sess_keys)
     else:
         known = np.zeros(len(cur.sess_keys), bool)
     changed = ~known | (cur.sess_values["last_seen_ns"] >= np.uint64(prev.watermark_ns))
     if len(cur.sess_keys):
-        gone = ~wire.KeyIndex(cur.sess_keys).contains(prev.sess_keys)
+        gone = ~KeyIndex(cur.sess_keys).contains(prev.sess_keys)
     else:
         gone = np.ones(len(prev.sess_keys), bool)
 

@@ -15,7 +15,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 
-from ..errors import SamiError
+from .errors import TransportError
 
 MAGIC = b"SXMG"
 VERSION = 1
@@ -32,10 +32,6 @@ DEFAULT_MAX_MESSAGE = 256 << 20  # a 1M-session bundle is ~32 MiB
 CONTROL_MAX_MESSAGE = 64 << 10
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_PORT = 7800
-
-
-class TransportError(SamiError):
-    exit_code = 10
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..layout import load_layout
-from ..netutil import be32_to_ip
-from .acl_bridge import ruleset_digest
+from ..base.layout import Layout, load_layout
+from ..base.netutil import be32_to_ip
 from .bundle import (
     COMP_NONE,
     FLAG_ACL,
@@ -47,10 +46,22 @@ from .errors import (
 )
 from .keys import Peer, TrustStore
 from .replay import ReplayCache
-from .wire import ACL_WIRE_FLAGS
+from .wire import ACL_WIRE_FLAGS, ruleset_digest
 
 DEFAULT_SKEW_S = 5.0
-IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+
+# the session states each protocol may be in (names of the header's ST_* constants)
+TCP_STATES = (
+    "SYN_SENT",
+    "SYN_RECV",
+    "ESTABLISHED",
+    "FIN_WAIT",
+    "CLOSE_WAIT",
+    "TIME_WAIT",
+    "CLOSED",
+)
+UDP_STATES = ("UDP_NEW", "UDP_REPLIED")
+ICMP_STATES = ("ICMP",)
 
 
 @dataclass
@@ -95,9 +106,14 @@ def _describe_session(rec: np.void) -> str:
     )
 
 
-def check_sessions(rec: np.ndarray, vm: int, n_states: int, what: str = "session") -> None:
+def _states(layout: Layout, names: tuple[str, ...]) -> np.ndarray:
+    return np.array([layout.const(f"ST_{n}") for n in names], dtype=np.uint8)
+
+
+def check_sessions(rec: np.ndarray, vm: int, layout: Layout, what: str = "session") -> None:
     if not len(rec):
         return
+    c = layout.consts
     foreign = (rec["addr_lo"] != vm) & (rec["addr_hi"] != vm)
     if foreign.any():
         i = _first(foreign)
@@ -108,8 +124,9 @@ def check_sessions(rec: np.ndarray, vm: int, n_states: int, what: str = "session
     hi = np.asarray(rec["addr_hi"], dtype=np.uint32).byteswap()
     plo, phi = _host_port(rec["port_lo"]), _host_port(rec["port_hi"])
     proto = rec["proto"]
-    icmp = proto == IPPROTO_ICMP
-    ported = (proto == IPPROTO_TCP) | (proto == IPPROTO_UDP)
+    icmp = proto == c["PROTO_ICMP"]
+    tcp = proto == c["PROTO_TCP"]
+    ported = tcp | (proto == c["PROTO_UDP"])
     normal = np.where(
         icmp,
         (lo <= hi) & (phi == 0),
@@ -125,21 +142,26 @@ def check_sessions(rec: np.ndarray, vm: int, n_states: int, what: str = "session
     if what != "session":
         return
     state = rec["state"]
-    ok = (state >= 1) & (state < n_states)
-    ok &= np.where(
-        proto == IPPROTO_TCP,
-        (state >= 1) & (state <= 7),
-        np.where(icmp, state == 10, (state == 8) | (state == 9)),
+    ok = np.where(
+        tcp,
+        np.isin(state, _states(layout, TCP_STATES)),
+        np.where(
+            icmp,
+            np.isin(state, _states(layout, ICMP_STATES)),
+            np.isin(state, _states(layout, UDP_STATES)),
+        ),
     )
     if not ok.all():
         i = _first(~ok)
         raise InvalidRecordError(
             f"session record {i} has state {int(state[i])}, invalid for protocol {int(proto[i])}"
         )
-    if (rec["initiator"] > 1).any():
-        i = _first(rec["initiator"] > 1)
+    sides = (c["SIDE_LO"], c["SIDE_HI"])
+    bad_side = ~np.isin(rec["initiator"], sides)
+    if bad_side.any():
+        i = _first(bad_side)
         raise InvalidRecordError(f"session record {i} has initiator {int(rec['initiator'][i])}")
-    known = np.uint8(load_layout().consts["SESS_F_ALL"])
+    known = np.uint8(c["SESS_F_ALL"])
     if (rec["flags"] & ~known).any():
         i = _first((rec["flags"] & ~known) != 0)
         raise InvalidRecordError(f"session record {i} has unknown flags {int(rec['flags'][i]):#x}")
@@ -153,7 +175,7 @@ def check_records(b: Bundle, sections: dict[str, np.ndarray | bytes]) -> None:
     vm_ip = be32_to_ip(vm)
     sessions = sections["sessions"]
     assert isinstance(sessions, np.ndarray)
-    check_sessions(sessions, vm, c["SAMIXDP_N_STATES"])
+    check_sessions(sessions, vm, layout)
 
     syn = sections["syn"]
     assert isinstance(syn, np.ndarray)
@@ -194,7 +216,9 @@ def check_records(b: Bundle, sections: dict[str, np.ndarray | bytes]) -> None:
         if bad.any():
             raise InvalidRecordError(f"ACL rule {_first(bad)} is invalid")
 
-    check_sessions(sections["del_sessions"], vm, 0, what="deleted-session")  # type: ignore[arg-type]
+    dsess = sections["del_sessions"]
+    assert isinstance(dsess, np.ndarray)
+    check_sessions(dsess, vm, layout, what="deleted-session")
     dsyn = sections["del_syn"]
     dbl = sections["del_blacklist"]
     assert isinstance(dsyn, np.ndarray) and isinstance(dbl, np.ndarray)

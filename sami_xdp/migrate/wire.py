@@ -21,12 +21,14 @@ key -> 32 B):
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 
 import numpy as np
 
-from ..parallel import run_parallel
+from ..base.layout import Layout
+from ..base.parallel import run_parallel
 
 # ---- record dtypes ----------------------------------------------------------------
 
@@ -322,126 +324,57 @@ def wire_to_blacklist(
     return keys, vals
 
 
-# ---- whole-record copies -----------------------------------------------------------------
-# NumPy copies structured records field by field: a copy, boolean selection or
-# concatenation of map entries is several times faster on the same bytes viewed
-# as opaque records. Results are identical.
+# ---- a VM's ACL rules <-> wire records ------------------------------------------------
 
 
-def _void(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.dtype((np.void, a.dtype.itemsize)))
+def rules_to_wire(rules: np.ndarray, layout: Layout) -> np.ndarray:
+    """Ordered wire records of the VM's rules (`acl.vm_rules_dtype` records).
+
+    Interface-bound rules cannot be mapped to the destination's interfaces.
+    Migration never widens what reaches the VM: an interface-bound allow rule
+    is dropped (it would never match there), an interface-bound deny rule is
+    kept for every interface (flag ACL_WF_WAS_IFACE_BOUND)."""
+    order = np.argsort(rules["priority"], kind="stable")
+    r = rules[order]
+    bound = r["ifindex"] != 0
+    keep = ~(bound & (r["action"] != layout.const("ACL_ACT_DENY")))
+    r, bound = r[keep], bound[keep]
+    out = np.zeros(len(r), dtype=ACL_WIRE)
+    for f in (
+        "priority",
+        "src_addr",
+        "src_mask",
+        "dport_lo",
+        "dport_hi",
+        "vlan",
+        "proto",
+        "action",
+        "hits",
+    ):
+        out[f] = r[f]
+    out["flags"] = np.where(bound, ACL_WF_WAS_IFACE_BOUND, 0)
+    return out
 
 
-def take_rows(a: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    """a[sel] (a bool mask or indices) for structured rows."""
-    if a.dtype.fields is None:
-        return a[sel]
-    idx = np.flatnonzero(sel) if sel.dtype == bool else sel
-    return _void(a).take(idx).view(a.dtype)
+def wire_to_rules(wire: np.ndarray, rules_dtype: np.dtype) -> np.ndarray:
+    """Records of `rules_dtype` (`acl.vm_rules_dtype`); id and ifindex 0 (the
+    destination assigns ids)."""
+    out = np.zeros(len(wire), dtype=rules_dtype)
+    for f in (
+        "priority",
+        "src_addr",
+        "src_mask",
+        "dport_lo",
+        "dport_hi",
+        "vlan",
+        "proto",
+        "action",
+        "hits",
+    ):
+        out[f] = wire[f]
+    return out
 
 
-def concat_rows(parts: list[np.ndarray]) -> np.ndarray:
-    """np.concatenate of structured arrays of one dtype; when at most one part
-    has rows, that part itself (callers only read the result)."""
-    full = [p for p in parts if len(p)]
-    if len(full) <= 1:
-        return full[0] if full else parts[0]
-    if parts[0].dtype.fields is None:
-        return np.concatenate(full)
-    return np.concatenate([_void(p) for p in full]).view(parts[0].dtype)
-
-
-def copy_rows(a: np.ndarray) -> np.ndarray:
-    if a.dtype.fields is None:
-        return a.copy()
-    return _void(a).copy().view(a.dtype)
-
-
-# ---- key matching without a Python object per entry -----------------------------------------
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(33))
-    x *= np.uint64(0xFF51AFD7ED558CCD)
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(0xC4CEB9FE1A85EC53)
-    x ^= x >> np.uint64(33)
-    return x
-
-
-def _words(keys: np.ndarray) -> np.ndarray:
-    """Keys as rows of little-endian u64 words (zero padded to a multiple of 8 bytes)."""
-    keys = np.ascontiguousarray(keys)
-    size = keys.dtype.itemsize
-    n = len(keys)
-    if size % 8 == 0:
-        return keys.view("<u8").reshape(n, size // 8)
-    words = -(-size // 8)
-    padded = np.zeros((n, words * 8), dtype=np.uint8)
-    padded[:, :size] = keys.view(np.uint8).reshape(n, size)
-    return padded.view("<u8").reshape(n, words)
-
-
-def key_u64(keys: np.ndarray) -> tuple[np.ndarray, bool]:
-    """A u64 per key: the key itself when it fits in 8 bytes (exact), else a hash."""
-    w = _words(keys)
-    if w.shape[1] == 1:
-        return np.ascontiguousarray(w[:, 0]), True
-    with np.errstate(over="ignore"):
-        h = w[:, 0].copy()
-        for i in range(1, w.shape[1]):
-            h ^= w[:, i] * np.uint64(0x9E3779B97F4A7C15)
-            h = _mix64(h)
-    return h, False
-
-
-class KeyIndex:
-    """Sorted index over a set of map keys, for vectorised membership tests."""
-
-    def __init__(self, keys: np.ndarray) -> None:
-        self.keys = np.ascontiguousarray(keys)
-        h, self.exact = key_u64(self.keys)
-        self.order = np.argsort(h)
-        self.sorted = h[self.order]
-        self._words = _words(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def find(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(found mask, index into self.keys) for each key of `want`.
-
-        Hash collisions are resolved by comparing the key words, scanning the
-        run of equal hashes; a run longer than one is astronomically rare."""
-        want = np.ascontiguousarray(want, dtype=self.keys.dtype)
-        n = len(want)
-        if n == 0 or len(self.keys) == 0:
-            return np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
-        h, _ = key_u64(want)
-        # searching sorted queries is an order of magnitude faster (cache)
-        q = np.argsort(h)
-        pos = np.empty(n, dtype=np.int64)
-        pos[q] = np.searchsorted(self.sorted, h[q])
-        np.minimum(pos, len(self.sorted) - 1, out=pos)
-        cand = self.sorted[pos] == h
-        idx = self.order[pos]
-        if self.exact:
-            return cand, idx
-        ww = _words(want)
-        same = cand.copy()
-        for i in range(ww.shape[1]):
-            same &= self._words[idx, i] == ww[:, i]
-        odd = np.nonzero(cand & ~same)[0]
-        for r in odd.tolist():  # equal hash, different key: look along the run
-            j = int(pos[r]) + 1
-            while j < len(self.sorted) and self.sorted[j] == h[r]:
-                k = self.order[j]
-                if (self._words[k] == ww[r]).all():
-                    same[r] = True
-                    idx[r] = k
-                    break
-                j += 1
-        return same, idx
-
-    def contains(self, want: np.ndarray) -> np.ndarray:
-        return self.find(want)[0]
+def ruleset_digest(section: bytes) -> bytes:
+    """16-byte digest of the ACL section as it travels (records or blob)."""
+    return hashlib.sha256(b"samixdp-acl\0" + section).digest()[:16]

@@ -35,8 +35,12 @@ DEFAULT_PRIORITY = 1000
 def protos(layout: Layout) -> dict[str, int]:
     """Protocol names a rule may name -> the number the datapath compares."""
     c = layout.consts
-    return {"any": c["ACL_PROTO_ANY"], "icmp": c["PROTO_ICMP"], "tcp": c["PROTO_TCP"],
-            "udp": c["PROTO_UDP"]}
+    return {
+        "any": c["ACL_PROTO_ANY"],
+        "icmp": c["PROTO_ICMP"],
+        "tcp": c["PROTO_TCP"],
+        "udp": c["PROTO_UDP"],
+    }
 
 
 def actions(layout: Layout) -> dict[str, int]:

@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 from ..base.errors import InvalidArgument
-from ..loader.pinned import Firewall
 from ..base.netutil import be32_to_ip, ip_to_be32
+from ..loader.pinned import Firewall
 
 # a SYN counter idle this long carries no information any more
 SYN_COUNTER_IDLE_NS = 60 * 1_000_000_000

@@ -9,8 +9,8 @@ import ipaddress
 
 import numpy as np
 
-from ..loader.pinned import Firewall
 from ..base.netutil import parse_network
+from ..loader.pinned import Firewall
 
 
 def _key(fw: Firewall, net: ipaddress.IPv4Network) -> np.ndarray:

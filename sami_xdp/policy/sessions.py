@@ -38,7 +38,7 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def select(self, mask: np.ndarray) -> SessionTable:
+    def select(self, mask: np.ndarray | slice) -> SessionTable:
         return SessionTable(self.keys[mask], self.values[mask], self.source[mask])
 
 
