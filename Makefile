@@ -3,7 +3,7 @@
 #   sudo make demo    set up everything, then run the demo
 #   sudo make test    set up everything, then run the test suite
 #   make setup        Debian packages, kernel headers for bcc, .venv (idempotent, fast rerun)
-#   make lint         ruff + mypy
+#   make lint         ruff, mypy, the import layers
 #   make mutate       break security rules one at a time; every break must fail a test
 #   make bench        bench/run_all.sh, once it exists
 SHELL := /bin/bash
@@ -113,8 +113,9 @@ bench: setup
 	else echo "bench: bench/run_all.sh does not exist yet"; fi
 
 lint: venv
-	$(PY) -m ruff check sami_xdp
+	$(PY) -m ruff check sami_xdp testbed bench scripts/mutate.py
 	$(PY) -m mypy sami_xdp
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build

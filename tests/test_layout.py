@@ -18,11 +18,11 @@ import cffi
 import numpy as np
 import pytest
 
-from sami_xdp.layout import STRUCTS, load_layout
+from sami_xdp.base.layout import STRUCTS, load_layout
+from sami_xdp.base.paths import program_path
 from sami_xdp.loader import bpfsys
 from sami_xdp.loader.compile import MAP_NAMES, Limits, bcc_layouts, compile_program, map_fds
 from sami_xdp.loader.pinned import MAP_TYPES, PERCPU_TYPES, possible_cpus
-from sami_xdp.paths import program_path
 
 Flat = dict[str, tuple[int, ...]]
 SMALL = Limits(max_sessions=1024, max_halfopen=64, max_syn_counters=64, max_blacklist=64)
@@ -296,3 +296,55 @@ def test_pinned_maps_match_this_build(fw):
             assert m.info.value_size == layout.sizeof(vstruct), name
         assert m.key_dtype.itemsize == m.info.key_size, name
         assert m.value_dtype.itemsize == m.info.value_size, name
+
+
+# ---- the layout version moves with the layout -------------------------------------
+
+# SAMIXDP_LAYOUT_VERSION -> digest of every struct and constant of that version
+# (`load_layout().digest()`). Changing the header without bumping the version fails
+# here; after a bump, add the new version's line.
+LAYOUT_DIGESTS = {
+    5: "2f833fd91da79a44b7e29045624c5c590937d8f86a8d5108010c9152e665e5dd",
+}
+
+
+def test_layout_changes_bump_the_layout_version():
+    layout = load_layout()
+    version = layout.const("SAMIXDP_LAYOUT_VERSION")
+    assert version in LAYOUT_DIGESTS, (
+        f"layout version {version} has no recorded digest: add {version}: "
+        f"{layout.digest()!r} to LAYOUT_DIGESTS"
+    )
+    assert layout.digest() == LAYOUT_DIGESTS[version], (
+        "bpf/session_map.h changed but SAMIXDP_LAYOUT_VERSION did not: pinned maps of "
+        "the old layout would be reinterpreted. Bump the version and record its digest."
+    )
+
+
+def test_digest_sees_a_moved_field_and_a_changed_constant(monkeypatch):
+    from sami_xdp.base import layout as layout_mod
+
+    text = layout_mod.header_path().read_text()
+    base = load_layout().digest()
+    for old, new in (
+        ("    __u8 state;           /* ST_* */\n    __u8 initiator;",
+         "    __u8 initiator;\n    __u8 state;           /* ST_* */"),
+        ("#define ST_ICMP 10", "#define ST_ICMP 11"),
+    ):
+        assert old in text
+        monkeypatch.setattr(layout_mod, "header_path", lambda t=text.replace(old, new): _Fake(t))
+        layout_mod.load_layout.cache_clear()
+        try:
+            assert layout_mod.load_layout().digest() != base
+        finally:
+            layout_mod.load_layout.cache_clear()
+
+
+class _Fake:
+    """Stands in for the header's path with another text."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def read_text(self) -> str:
+        return self.text
