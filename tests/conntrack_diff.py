@@ -11,13 +11,25 @@ with an AF_PACKET socket on a client or VM veth, towards the firewall veth's MAC
 TCP exchange can have consistent sequence numbers from both ends without a real socket.
 The endpoints' kernels are kept silent (an nft rule drops everything at prerouting,
 raw priority; AF_PACKET taps see frames before netfilter), or they would answer the
-crafted segments with RSTs and disturb the state under test. A packet is "delivered"
-when it shows up on the far endpoint's veth (an AF_PACKET receive socket), else
-"dropped". Probes are recognised by (source, destination, IP id, fragment offset):
-every datagram gets its own IP id.
+crafted segments with RSTs and disturb the state under test. The firewalls have static
+neighbour entries and send no redirects, so they emit nothing of their own either.
 
-Both firewalls get each packet at the same moment and are waited for together, so a
-drop costs one bounded wait, not two.
+A packet is "delivered" when it shows up on the far endpoint's veth (an AF_PACKET
+receive socket) before its case ends, else "dropped". Probes are recognised by
+(source, destination, IP id, fragment offset): every datagram gets its own IP id. A
+case ends when a sentinel (an ICMP echo request both firewalls pass) sent behind the
+last probe on every path used has come out at the far end; so a drop is known as soon
+as the firewall has handled what came before, not after a guessed timeout, and a slow
+machine makes the run slower, not wrong. Both firewalls get each packet at the same
+moment and are waited for together.
+
+For an IPv6 variant: the nft table would become `inet` (or `ip6`) with `ip6 saddr`,
+`icmpv6 type echo-request`, and ICMPv6 neighbour discovery accepted (ND is not
+tracked, and with static neighbours it is not needed on the firewalls; the endpoints'
+quiet rule must then be `inet` too); `ProbeKey` would take the flow label or a payload
+token instead of the IP id (IPv6 has none outside fragment headers), fragments a
+Fragment extension header, and the endpoints must keep IPv6 enabled (here it is
+switched off to keep router solicitations and MLD reports out of the receive sockets).
 """
 
 from __future__ import annotations
@@ -53,11 +65,15 @@ DELIVERED: Verdict = "delivered"
 DROPPED: Verdict = "dropped"
 Role = Literal["client", "vm"]
 
-# how long a probe may take to cross a firewall before it counts as dropped; a late
-# arrival is still seen (every receive socket is read until the case ends)
-DROP_WAIT_S = 0.25
-# after the last probe of a case: one more look for stragglers of earlier drops
-TAIL_WAIT_S = 0.02
+# Pacing: how long to wait for a probe before the next one goes out, so that each
+# firewall has handled a packet before it sees the next. It is not what decides a
+# drop: a probe counts as delivered if it arrives any time before the case ends, and
+# the case ends only once a sentinel sent after the last probe on every path used has
+# crossed both firewalls (bounded by SENTINEL_WAIT_S), plus a short grace for
+# reordering between CPUs' backlogs.
+DROP_WAIT_S = 0.1
+SENTINEL_WAIT_S = 5.0
+GRACE_S = 0.02
 
 ETH_P_IP = 0x0800
 PACKET_OUTGOING = 4
@@ -80,6 +96,7 @@ table ip sxfw {{
     chain forward {{
         type filter hook forward priority filter; policy drop;
         fib saddr . iif oif missing counter drop comment "rpf"
+        ip saddr != {VM_NET} ip daddr != {VM_NET} counter accept comment "transit"
         ct state invalid counter drop comment "invalid"
         ct state established,related counter accept comment "established"
         ip saddr {VM_NET} ct state new counter accept comment "new-outbound"
@@ -195,7 +212,7 @@ class Endpoint:
 
     def drain(self) -> list[ProbeKey]:
         """Every IPv4 frame received so far (non-blocking)."""
-        keys = []
+        keys: list[ProbeKey] = []
         while True:
             try:
                 frame, addr = self.rx.recvfrom(65535)
@@ -225,10 +242,10 @@ def open_endpoint(role: Role, ns: Netns, link: str, fw: Netns, fw_link: str) -> 
 
 
 @dataclass
-class Firewall:
+class Side:
     """One side of the comparison: a topology, its endpoints and its drop counters."""
 
-    name: Literal["samixdp", "conntrack"]
+    name: str  # "samixdp" or "conntrack"
     topo: CoreTopology
     ends: dict[Role, Endpoint] = field(default_factory=dict)
 
@@ -306,7 +323,7 @@ def _endpoints(t: CoreTopology) -> dict[Role, Endpoint]:
     }
 
 
-def build_samixdp(lab: Lab) -> Firewall:
+def build_samixdp(lab: Lab) -> Side:
     t = build_core(lab)
     for ns in (t.client, t.vm):
         _prepare_endpoint_ns(lab, ns)
@@ -317,10 +334,10 @@ def build_samixdp(lab: Lab) -> Firewall:
     for rule in ACL_RULES:
         res = t.samixdp("acl", "add", "--vm", VM_IP, *rule)
         assert res.returncode == 0, f"acl add {rule}: {res.stderr}"
-    return Firewall("samixdp", t, _endpoints(t))
+    return Side("samixdp", t, _endpoints(t))
 
 
-def build_conntrack(lab: Lab) -> Firewall:
+def build_conntrack(lab: Lab) -> Side:
     t = build_core(lab)
     for ns in (t.client, t.vm):
         _prepare_endpoint_ns(lab, ns)
@@ -330,7 +347,7 @@ def build_conntrack(lab: Lab) -> Firewall:
         t.fw.sysctl(key, value)
         got = t.fw.run("cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
         assert got == str(value), (key, got)
-    return Firewall("conntrack", t, _endpoints(t))
+    return Side("conntrack", t, _endpoints(t))
 
 
 # ---- running a case -----------------------------------------------------------------
@@ -347,6 +364,7 @@ class Outcome:
 
 
 _ip_ids = itertools.count(int.from_bytes(os.urandom(2), "big") | 1)
+_sentinel_ids = itertools.count(0xE000)  # ICMP ids of sentinels; cases use 0x5000 + n
 
 
 def next_ip_id() -> int:
@@ -359,7 +377,7 @@ def next_ip_id() -> int:
 
 @dataclass
 class DiffHarness:
-    sides: tuple[Firewall, Firewall]
+    sides: tuple[Side, Side]
     # drop counters after the last case: the next case's "before" (only the harness
     # sends to these topologies, and a CLI call costs ~0.4 s)
     last_counters: dict[str, Counter[str]] | None = None
@@ -385,7 +403,7 @@ class DiffHarness:
                 self._wait(batch, seen, DROP_WAIT_S)
                 batch = []
         self._wait(batch, seen, DROP_WAIT_S)
-        self._wait([], seen, TAIL_WAIT_S)
+        self._flush({(p.sender, p.receiver) for p in probes}, seen)
         verdicts = {
             fw.name: [DELIVERED if k in seen[fw.name] else DROPPED for k in keys]
             for fw in self.sides
@@ -395,6 +413,22 @@ class DiffHarness:
         states = {fw.name: fw.tcp_state(state_ports) for fw in self.sides} if state_ports \
             else {}
         return Outcome(verdicts, drops, states, time.monotonic() - start)
+
+    def _flush(self, paths: set[tuple[Role, Role]], seen: dict[str, set[ProbeKey]]) -> None:
+        """Waits until both firewalls have handled everything sent so far: an ICMP echo
+        request (which both let through: ACL, outbound or transit) goes out behind the
+        probes on every path, and must come out at the far end."""
+        sentinels = []
+        for sender, receiver in sorted(paths):
+            ip = icmp_echo(ADDR[sender], ADDR[receiver], next(_sentinel_ids))
+            sentinels.append(Probe("sentinel", sender, ip, DELIVERED))
+            for fw in self.sides:
+                fw.ends[sender].send(ip)
+        self._wait(sentinels, seen, SENTINEL_WAIT_S)
+        lost = [(fw.name, p.sender, p.receiver) for p in sentinels for fw in self.sides
+                if p.key not in seen[fw.name]]
+        assert not lost, f"harness: sentinel echo requests lost on {lost}"
+        self._wait([], seen, GRACE_S)
 
     def _wait(self, batch: list[Probe], seen: dict[str, set[ProbeKey]],
               timeout: float) -> None:
@@ -440,8 +474,8 @@ def other(role: Role) -> Role:
     return "vm" if role == "client" else "client"
 
 
-def ip_hdr(src: str, dst: str, **kw: object) -> IP:
-    return IP(src=src, dst=dst, id=next_ip_id(), **kw)
+def ip_hdr(src: str, dst: str) -> IP:
+    return IP(src=src, dst=dst, id=next_ip_id())
 
 
 def udp(src: str, sport: int, dst: str, dport: int, payload: bytes = b"udp-probe") -> bytes:
@@ -458,9 +492,10 @@ def icmp_error(src: str, dst: str, quoted: bytes, icmp_type: int = 3, code: int 
     """An ICMP error quoting the IP header and first 8 transport bytes of `quoted`,
     as routers do (RFC 792)."""
     ihl = (quoted[0] & 0x0F) * 4
-    extra = {"nexthopmtu": mtu} if icmp_type == 3 and code == 4 else {}
-    return bytes(ip_hdr(src, dst) / ICMP(type=icmp_type, code=code, **extra)
-                 / Raw(quoted[: ihl + 8]))
+    icmp = ICMP(type=icmp_type, code=code)
+    if icmp_type == 3 and code == 4:
+        icmp.nexthopmtu = mtu  # fragmentation needed: the next hop's MTU
+    return bytes(ip_hdr(src, dst) / icmp / Raw(quoted[: ihl + 8]))
 
 
 def ip_fragment(src: str, dst: str, proto: int, ip_id: int, offset: int, data: bytes,

@@ -92,10 +92,11 @@ def case(doc: str, state: str | None = None) -> Callable[[Builder], Builder]:
 
 def tcp(flow: TcpFlow, label: str, by: Role, flags: str, ct: Verdict, payload: bytes = b"",
         *, sender: Role | None = None, why: str | None = None, ours: str | None = None,
-        **kw: int | str) -> Probe:
+        seq: int | None = None, ack: int | None = None) -> Probe:
     """A probe carrying one segment of `flow` from `by` (sent from `sender`'s veth,
-    which differs from `by` only when an address is spoofed)."""
-    ip = flow.segment(by, flags, payload, **kw)  # type: ignore[arg-type]
+    which differs from `by` only when an address is spoofed); `seq`/`ack` override the
+    flow's numbers (an attacker's guess)."""
+    ip = flow.segment(by, flags, payload, seq=seq, ack=ack)
     return Probe(label, sender or by, ip, ct, why=why, ours=ours)
 
 
@@ -575,13 +576,15 @@ def harness() -> Iterator[DiffHarness]:
         yield h
 
 
+Runs = dict[str, tuple[list[Probe], Outcome]]
+
+
 @pytest.fixture(scope="module")
-def outcomes() -> dict[str, tuple[list[Probe], Outcome]]:
+def outcomes() -> Runs:
     return {}
 
 
-def run_case(harness: DiffHarness, outcomes: dict[str, tuple[list[Probe], Outcome]],
-             name: str) -> tuple[list[Probe], Outcome]:
+def run_case(harness: DiffHarness, outcomes: Runs, name: str) -> tuple[list[Probe], Outcome]:
     """Each case is sent once per module; both firewalls' tests read that run."""
     if name not in outcomes:
         probes = build_case(name)
@@ -593,7 +596,7 @@ def run_case(harness: DiffHarness, outcomes: dict[str, tuple[list[Probe], Outcom
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_conntrack_yardstick(harness: DiffHarness, outcomes, name: str) -> None:
+def test_conntrack_yardstick(harness: DiffHarness, outcomes: Runs, name: str) -> None:
     probes, out = run_case(harness, outcomes, name)
     got, want = out.verdicts["conntrack"], [q.ct for q in probes]
     assert got == want, f"{name}: conntrack\n{table(probes, got, want)}"
@@ -616,7 +619,7 @@ def _samixdp_param(name: str) -> object:
 
 
 @pytest.mark.parametrize("name", [_samixdp_param(n) for n in CASES])
-def test_samixdp_matches_conntrack(harness: DiffHarness, outcomes, name: str) -> None:
+def test_samixdp_matches_conntrack(harness: DiffHarness, outcomes: Runs, name: str) -> None:
     probes, out = run_case(harness, outcomes, name)
     want, reasons = expected_ours(name, probes, today=False)
     got = out.verdicts["samixdp"]
@@ -628,7 +631,7 @@ def test_samixdp_matches_conntrack(harness: DiffHarness, outcomes, name: str) ->
 
 
 @pytest.mark.parametrize("name", list(KNOWN_BAD))
-def test_samixdp_known_bad_today(harness: DiffHarness, outcomes, name: str) -> None:
+def test_samixdp_known_bad_today(harness: DiffHarness, outcomes: Runs, name: str) -> None:
     probes, out = run_case(harness, outcomes, name)
     want, reasons = expected_ours(name, probes, today=True)
     got = out.verdicts["samixdp"]
