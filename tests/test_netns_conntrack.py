@@ -50,7 +50,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.needs_root]
 
 D, X = DELIVERED, DROPPED
 HTTP, SSH, DNS, CLIENT_SVC = 80, 22, 53, 443  # 80/tcp and 53/udp are allowed inbound
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 
 @dataclass(frozen=True)
