@@ -16,12 +16,13 @@ neighbour entries and send no redirects, so they emit nothing of their own eithe
 
 A packet is "delivered" when it shows up on the far endpoint's veth (an AF_PACKET
 receive socket) before its case ends, else "dropped". Probes are recognised by
-(source, destination, IP id, fragment offset): every datagram gets its own IP id. A
-case ends when a sentinel (an ICMP echo request both firewalls pass) sent behind the
-last probe on every path used has come out at the far end; so a drop is known as soon
-as the firewall has handled what came before, not after a guessed timeout, and a slow
-machine makes the run slower, not wrong. Both firewalls get each packet at the same
-moment and are waited for together.
+(source, destination, IP id, fragment offset): every datagram gets its own IP id.
+Behind each probe goes a sentinel on the same path (an ICMP echo request that both
+firewalls pass), and the next probe leaves only once it has come out at the far end:
+so each firewall has handled a packet before it sees the next, a drop is known as soon
+as that happened rather than after a guessed timeout, and a slow machine makes the run
+slower, not wrong. Both firewalls get each packet at the same moment and are waited
+for together.
 
 For an IPv6 variant: the nft table would become `inet` (or `ip6`) with `ip6 saddr`,
 `icmpv6 type echo-request`, and ICMPv6 neighbour discovery accepted (ND is not
@@ -65,13 +66,12 @@ DELIVERED: Verdict = "delivered"
 DROPPED: Verdict = "dropped"
 Role = Literal["client", "vm"]
 
-# Pacing: how long to wait for a probe before the next one goes out, so that each
-# firewall has handled a packet before it sees the next. It is not what decides a
-# drop: a probe counts as delivered if it arrives any time before the case ends, and
-# the case ends only once a sentinel sent after the last probe on every path used has
-# crossed both firewalls (bounded by SENTINEL_WAIT_S), plus a short grace for
-# reordering between CPUs' backlogs.
-DROP_WAIT_S = 0.1
+# After each probe (or batch of fragments) a sentinel goes out on the same path, and
+# the next probe waits until it came out at the far end of both firewalls (at most
+# SENTINEL_WAIT_S): then each firewall has handled the probe before it sees the next,
+# and a drop is known without guessing a timeout. A probe still counts as delivered if
+# it arrives any time before the case ends (a short grace after the last sentinel
+# covers reordering between CPUs' backlogs).
 SENTINEL_WAIT_S = 5.0
 GRACE_S = 0.02
 
@@ -267,6 +267,10 @@ class Side:
                     counts[rule.get("comment", "?")] = int(expr["counter"]["packets"])
         return counts
 
+    def close(self) -> None:
+        for end in self.ends.values():
+            end.close()
+
     def tcp_state(self, ports: Sequence[int]) -> str | None:
         """State of the TCP entry whose tuple uses one of `ports` (None: no entry), in
         sami-xdp's names (conntrack's CLOSE is CLOSED)."""
@@ -364,7 +368,7 @@ class Outcome:
 
 
 _ip_ids = itertools.count(int.from_bytes(os.urandom(2), "big") | 1)
-_sentinel_ids = itertools.count(0xE000)  # ICMP ids of sentinels; cases use 0x5000 + n
+_sentinels = itertools.count()  # their ICMP ids are 0xE000 and up; cases use 0x5000 + n
 
 
 def next_ip_id() -> int:
@@ -400,10 +404,10 @@ class DiffHarness:
                 fw.ends[probe.sender].send(probe.ip)
             batch.append(probe)
             if probe.wait:
-                self._wait(batch, seen, DROP_WAIT_S)
+                self._flush({(p.sender, p.receiver) for p in batch}, seen)
                 batch = []
-        self._wait(batch, seen, DROP_WAIT_S)
-        self._flush({(p.sender, p.receiver) for p in probes}, seen)
+        self._flush({(p.sender, p.receiver) for p in batch}, seen)
+        self._wait([], seen, GRACE_S)
         verdicts = {
             fw.name: [DELIVERED if k in seen[fw.name] else DROPPED for k in keys]
             for fw in self.sides
@@ -418,9 +422,11 @@ class DiffHarness:
         """Waits until both firewalls have handled everything sent so far: an ICMP echo
         request (which both let through: ACL, outbound or transit) goes out behind the
         probes on every path, and must come out at the far end."""
+        if not paths:
+            return
         sentinels = []
         for sender, receiver in sorted(paths):
-            ip = icmp_echo(ADDR[sender], ADDR[receiver], next(_sentinel_ids))
+            ip = icmp_echo(ADDR[sender], ADDR[receiver], 0xE000 + next(_sentinels) % 0x2000)
             sentinels.append(Probe("sentinel", sender, ip, DELIVERED))
             for fw in self.sides:
                 fw.ends[sender].send(ip)
@@ -428,7 +434,6 @@ class DiffHarness:
         lost = [(fw.name, p.sender, p.receiver) for p in sentinels for fw in self.sides
                 if p.key not in seen[fw.name]]
         assert not lost, f"harness: sentinel echo requests lost on {lost}"
-        self._wait([], seen, GRACE_S)
 
     def _wait(self, batch: list[Probe], seen: dict[str, set[ProbeKey]],
               timeout: float) -> None:
@@ -446,21 +451,17 @@ class DiffHarness:
                 return
             select.select(list(rx), [], [], left)
 
-    def close(self) -> None:
-        for fw in self.sides:
-            for end in fw.ends.values():
-                end.close()
 
 
 @contextlib.contextmanager
 def diff_harness() -> Iterator[DiffHarness]:
     """Both topologies, built once; namespaces, mounts and sockets always removed."""
-    with Lab(tag="dx") as lab_x, Lab(tag="dn") as lab_n:
-        harness = DiffHarness((build_samixdp(lab_x), build_conntrack(lab_n)))
-        try:
-            yield harness
-        finally:
-            harness.close()
+    with Lab(tag="dx") as lab_x, Lab(tag="dn") as lab_n, contextlib.ExitStack() as stack:
+        ours = build_samixdp(lab_x)
+        stack.callback(ours.close)
+        theirs = build_conntrack(lab_n)
+        stack.callback(theirs.close)
+        yield DiffHarness((ours, theirs))
 
 
 # ---- packet builders ------------------------------------------------------------------
