@@ -54,12 +54,12 @@ from netns import (
     VM_IP,
     VM_NET,
     CoreTopology,
-    Lab,
-    Netns,
     build_core,
 )
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw
+
+from testbed.netns import Lab, Netns
 
 Verdict = Literal["delivered", "dropped"]
 DELIVERED: Verdict = "delivered"

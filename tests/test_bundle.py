@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sami_xdp.base.layout import load_layout
 from sami_xdp.base import rows
+from sami_xdp.base.layout import load_layout
 from sami_xdp.base.netutil import ip_to_be32, port_be
 from sami_xdp.migrate import wire
 from sami_xdp.migrate.bundle import (

@@ -332,7 +332,8 @@ def test_digest_sees_a_moved_field_and_a_changed_constant(monkeypatch):
         ("#define ST_ICMP 10", "#define ST_ICMP 11"),
     ):
         assert old in text
-        monkeypatch.setattr(layout_mod, "header_path", lambda t=text.replace(old, new): _Fake(t))
+        fake = _Fake(text.replace(old, new))
+        monkeypatch.setattr(layout_mod, "header_path", lambda f=fake: f)
         layout_mod.load_layout.cache_clear()
         try:
             assert layout_mod.load_layout().digest() != base
