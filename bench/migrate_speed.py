@@ -593,7 +593,7 @@ def run_memory() -> dict[str, Any]:
     return {
         "limits": {
             "max_sessions": limits.max_sessions,
-            "max_halfopen": limits.max_halfopen,
+            "max_unassured": limits.max_unassured,
             "max_syn_counters": limits.max_syn_counters,
             "max_blacklist": limits.max_blacklist,
         },

@@ -1,9 +1,10 @@
 /* sami-xdp: stateful IPv4 firewall in XDP.
  *
- * parse -> direction -> blacklist -> session lookup/update -> SYN accounting
- * -> ACL -> verdict. Every verdict leaves through xdp_firewall()'s single
- * exit, which counts it per reason. Compiled by bcc; the loader passes the
- * map capacities as -D constants and pins every map. See ../shared/DESIGN.md.
+ * parse -> anti-spoofing -> direction -> blacklist -> session lookup/update
+ * (TCP state and window) -> SYN accounting -> ACL -> verdict. Every verdict
+ * leaves through xdp_firewall()'s single exit, which counts it per reason.
+ * Compiled by bcc; the loader passes the map capacities as -D constants and
+ * pins every map. See ../shared/DESIGN.md.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -20,8 +21,8 @@
 #ifndef MAX_SESSIONS
 #define MAX_SESSIONS 1048576
 #endif
-#ifndef MAX_HALFOPEN
-#define MAX_HALFOPEN 65536
+#ifndef MAX_UNASSURED
+#define MAX_UNASSURED 262144
 #endif
 #ifndef MAX_SYN_COUNTERS
 #define MAX_SYN_COUNTERS 65536
@@ -39,13 +40,14 @@
 #define NS_PER_S 1000000000ULL
 #define NS_PER_MS 1000000ULL
 #define FRAG_TIMEOUT_NS (30 * NS_PER_S)
+#define AF_INET_ 2
 
-/* Established (and UDP/ICMP) sessions: a plain hash, never evicted. A full
- * table refuses new sessions instead. */
+/* Assured sessions (TCP from ESTABLISHED on, UDP that kept talking): a plain
+ * hash, never evicted. When it is full a new flow stays unassured. */
 BPF_TABLE("hash", struct session_key, struct session_value, sessions, MAX_SESSIONS);
-/* Half-open TCP sessions live apart, in a small LRU: a SYN flood evicts only
- * other half-open entries. */
-BPF_TABLE("lru_hash", struct session_key, struct session_value, halfopen, MAX_HALFOPEN);
+/* Unassured flows (TCP handshakes, UDP until assured, ICMP echo) live apart in
+ * an LRU: a flood of one-shot flows evicts only other unassured entries. */
+BPF_TABLE("lru_hash", struct session_key, struct session_value, unassured, MAX_UNASSURED);
 BPF_LPM_TRIE(protected, struct lpm_v4_key, u32, SAMIXDP_MAX_PROTECTED);
 BPF_TABLE("lru_hash", struct syn_key, struct syn_value, syn_counters, MAX_SYN_COUNTERS);
 BPF_TABLE("lru_hash", u32, struct blacklist_value, blacklist, MAX_BLACKLIST);
@@ -57,14 +59,21 @@ BPF_PERCPU_ARRAY(acl_hits, u64, SAMIXDP_ACL_MAX_RULE_ID);
 BPF_TABLE("hash", u32, struct acl_entry, acl_rules, SAMIXDP_ACL_MAX_RULE_ID);
 /* VM address -> end of its migration pickup window (bpf_ktime_get_ns). */
 BPF_TABLE("hash", u32, u64, pickup, SAMIXDP_MAX_PROTECTED);
-BPF_TABLE("lru_hash", struct frag_key, u64, fragments, SAMIXDP_FRAG_ENTRIES);
+BPF_TABLE("lru_hash", struct frag_key, struct frag_value, fragments, SAMIXDP_FRAG_ENTRIES);
+/* ifindex -> ROLE_VM / ROLE_UPLINK; an interface not listed is ROLE_AUTO. */
+BPF_TABLE("hash", u32, u32, iface_roles, SAMIXDP_MAX_IFACES);
 /* [0]: settings written by userspace; [CFG_ENTRY_RUNTIME]: hints the
  * datapath writes (kept apart so a settings rewrite cannot clobber them). */
 BPF_ARRAY(config, struct fw_config, 2);
 BPF_ARRAY(meta, struct samixdp_meta, 1);
 BPF_PERCPU_ARRAY(verdicts, struct verdict_counter, SAMIXDP_N_REASONS);
+/* The stages after the fast path are programs of their own, reached by tail
+ * calls, so the verifier checks each alone (inlined together they exceed its
+ * budget); the parsed packet travels in a per-CPU scratch slot. */
+BPF_PROG_ARRAY(stages, SAMIXDP_N_STAGES);
+BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
 
-/* classify() result meaning "inbound, no session: ask the ACL" */
+/* slow_path() result meaning "inbound, no session: ask the ACL" */
 #define REASON_NEED_ACL 255
 
 #define DIR_TRANSIT 0
@@ -114,26 +123,58 @@ static __always_inline int is_live(struct fw_config *cfg, struct session_value *
     return seen >= now || now - seen <= timeout_ns(cfg, v->state);
 }
 
+/* The states a flow is promoted to `sessions` in (a handshake that ends in an
+ * RST stays unassured: it never proved anything). */
+static __always_inline int is_assured(__u8 state)
+{
+    return (state >= ST_ESTABLISHED && state <= ST_TIME_WAIT) || state == ST_LAST_ACK ||
+           state == ST_UDP_ASSURED;
+}
+
 /* Plain (not atomic) increments: each direction of a flow is normally
  * handled by one CPU (RSS), so a lost update is rare and only costs a count;
  * a locked add on every packet costs more than the whole lookup. */
 static __always_inline void count_packet(struct session_value *v, int from_init, __u32 len,
-                                         __u64 now, __u32 ifindex)
+                                         __u64 now, __u32 ifindex, int refresh)
 {
     int d = from_init ? 0 : 1;
     v->packets[d] += 1;
     v->bytes[d] += len;
-    v->last_seen_ns = now;
-    v->ifindex = ifindex;
+    v->ifindex[d] = ifindex;
+    if (refresh)
+        v->last_seen_ns = now;
+}
+
+static __always_inline int is_protected(__u32 addr)
+{
+    struct lpm_v4_key k = {.prefixlen = 32, .addr = addr};
+    return protected.lookup(&k) != 0;
+}
+
+/* Strict reverse path for a protected source: it may only arrive on an
+ * interface through which this host reaches it (the route to it leaves by
+ * that interface), unless the operator gave the interface a role. */
+static __always_inline int source_allowed(struct xdp_md *ctx, __u32 saddr, __u32 daddr,
+                                          __u32 ifindex)
+{
+    u32 *role = iface_roles.lookup(&ifindex);
+    if (role)
+        return *role == ROLE_VM;
+    struct bpf_fib_lookup fib = {};
+    fib.family = AF_INET_;
+    fib.ipv4_src = daddr;
+    fib.ipv4_dst = saddr;
+    fib.ifindex = ifindex;
+    int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    return (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) &&
+           fib.ifindex == ifindex;
 }
 
 static __always_inline int direction(__u32 saddr, __u32 daddr)
 {
-    struct lpm_v4_key k = {.prefixlen = 32, .addr = daddr};
-    if (protected.lookup(&k))
+    if (is_protected(daddr))
         return DIR_INBOUND;
-    k.addr = saddr;
-    if (protected.lookup(&k))
+    if (is_protected(saddr))
         return DIR_OUTBOUND;
     return DIR_TRANSIT;
 }
@@ -154,85 +195,87 @@ static __always_inline int banned(__u32 src, __u64 now)
     return 0;
 }
 
-/* Creates a session; TCP starts half-open. Returns a pass reason or
- * REASON_DROP_TABLE_FULL. */
+/* Creates a flow's entry, unassured (an LRU insert never fails for lack of
+ * room) unless `state` is assured already (a pickup). */
 static __always_inline __u32 open_session(struct session_key *k, struct pkt *p, __u8 side,
-                                          __u8 state, __u8 flags, __u64 now, __u32 ifindex,
-                                          __u32 pass_reason)
+                                          __u8 state, __u8 flags, __u8 tcpd_flags, __u64 now,
+                                          __u32 ifindex, __u32 pass_reason)
 {
     struct session_value v = {};
-    struct lpm_v4_key pk = {.prefixlen = 32, .addr = k->addr_lo};
-    if (protected.lookup(&pk))
+    if (is_protected(k->addr_lo))
         flags |= SESS_F_VM_LO;
-    pk.addr = k->addr_hi;
-    if (protected.lookup(&pk))
+    if (is_protected(k->addr_hi))
         flags |= SESS_F_VM_HI;
     v.created_ns = now;
     v.last_seen_ns = now;
     v.packets[0] = 1;
     v.bytes[0] = p->l3_len;
-    v.ifindex = ifindex;
+    v.ifindex[0] = ifindex;
     v.state = state;
     v.initiator = side;
     v.flags = flags;
-    if (state == ST_SYN_SENT) {
-        halfopen.update(k, &v);     /* LRU: never fails for lack of room */
+    v.tcp[0].flags = tcpd_flags;
+    v.tcp[1].flags = tcpd_flags;
+    if (p->proto == PROTO_TCP && (p->tcp_flags & TCPF_SYN))
+        tcp_dir_from_syn(&v.tcp[0], p, p->seq + p->seg_len + 1);
+    if (is_assured(state) && sessions.update(k, &v) == 0)
         return pass_reason;
-    }
-    if (sessions.update(k, &v) != 0)
-        return REASON_DROP_TABLE_FULL;
+    unassured.update(k, &v);
     return pass_reason;
 }
 
-/* Applies a packet to an existing session. */
-static __always_inline __u32 advance_session(struct session_key *k, struct session_value *v,
-                                             struct pkt *p, __u8 side, int in_halfopen,
-                                             __u64 now, __u32 ifindex)
+/* Applies a packet to an existing session: TCP through the tracker, UDP and
+ * ICMP by direction. A flow that becomes assured moves to `sessions`; if that
+ * is full it stays unassured (and keeps working). */
+static __always_inline __u32 advance_session(struct fw_config *cfg, struct session_key *k,
+                                             struct session_value *v, struct pkt *p, __u8 side,
+                                             int in_unassured, __u64 now, __u32 ifindex)
 {
     int from_init = side == v->initiator;
+    __u8 next = v->state;
     if (p->proto == PROTO_TCP) {
-        __u8 flags = v->flags;
-        __u8 next;
-        next = tcp_next_state(v->state, p->tcp_flags, from_init, side, &flags);
-        if (next == ST_NONE)
+        int w = tcp_track(v, p, from_init, cfg->slot[CFG_TCP_LIBERAL] != 0, &next);
+        if (w == TW_INVALID)
             return REASON_DROP_INVALID;
-        v->flags = flags;
-        count_packet(v, from_init, p->l3_len, now, ifindex);
-        if (in_halfopen && next != ST_SYN_SENT && next != ST_SYN_RECV && next != ST_CLOSED) {
-            /* handshake done: promote to the main table */
-            struct session_value nv = *v;
-            nv.state = next;
-            if (sessions.update(k, &nv) != 0)
-                return REASON_DROP_TABLE_FULL;
-            halfopen.delete(k);
+        count_packet(v, from_init, p->l3_len, now, ifindex, w == TW_ACCEPT);
+        if (w == TW_IGNORE)
+            return REASON_PASS_SESSION;
+    } else {
+        if (p->proto == PROTO_ICMP &&
+            p->icmp_type != (from_init ? ICMP_ECHO_T : ICMP_ECHOREPLY_T))
+            return REASON_DROP_INVALID; /* e.g. a request from the pinged side */
+        if (p->proto != PROTO_ICMP) {
+            if (!from_init && next == ST_UDP_NEW)
+                next = ST_UDP_REPLIED;
+            else if (next == ST_UDP_REPLIED && now - v->created_ns >= UDP_ASSURE_AFTER_NS)
+                next = ST_UDP_ASSURED;
+        }
+        count_packet(v, from_init, p->l3_len, now, ifindex, 1);
+    }
+    if (in_unassured && is_assured(next)) {
+        struct session_value nv = *v;
+        nv.state = next;
+        if (sessions.update(k, &nv) == 0) {
+            unassured.delete(k);
             return REASON_PASS_SESSION;
         }
-        v->state = next;
-        return REASON_PASS_SESSION;
     }
-    if (p->proto == PROTO_ICMP &&
-        p->icmp_type != (from_init ? ICMP_ECHO_T : ICMP_ECHOREPLY_T))
-        return REASON_DROP_INVALID; /* e.g. a request from the pinged side */
-    if (p->proto == PROTO_UDP && !from_init)
-        v->state = ST_UDP_REPLIED;
-    count_packet(v, from_init, p->l3_len, now, ifindex);
+    v->state = next;
     return REASON_PASS_SESSION;
 }
 
 /* Looks a key up in both session tables; expired entries are misses. */
 static __always_inline struct session_value *find_session(struct fw_config *cfg,
                                                           struct session_key *k, __u64 now,
-                                                          int *in_halfopen)
+                                                          int *in_unassured)
 {
     struct session_value *v = sessions.lookup(k);
-    *in_halfopen = 0;
+    *in_unassured = 0;
     if (v && is_live(cfg, v, now))
         return v;
-    if (k->proto != PROTO_TCP)
-        return 0;
-    v = halfopen.lookup(k);
+    v = unassured.lookup(k);
     if (v && is_live(cfg, v, now)) {
-        *in_halfopen = 1;
+        *in_unassured = 1;
         return v;
     }
     return 0;
@@ -322,42 +365,86 @@ static __always_inline int in_pickup_window(__u32 vm, __u64 now)
     return deadline && now < *deadline;
 }
 
+/* An ICMP error passes only when it quotes a live session and travels to the
+ * sender of the quoted packet (as conntrack's RELATED). */
 static __always_inline __u32 handle_icmp_error(struct fw_config *cfg, struct pkt *p, __u64 now,
                                                int dir)
 {
     struct session_key k = {};
-    int in_halfopen;
-    /* an error is about a packet its receiver sent (as conntrack requires) */
+    int in_unassured;
     int addressed = dir == DIR_OUTBOUND || p->daddr == p->in_saddr;
     make_key(&k, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto);
-    if (addressed && find_session(cfg, &k, now, &in_halfopen))
+    if (addressed && find_session(cfg, &k, now, &in_unassured))
         return REASON_PASS_RELATED;
-    /* unrelated errors: a VM may send them, nobody may send them to a VM */
-    return dir == DIR_OUTBOUND ? REASON_PASS_OUTBOUND : REASON_DROP_NO_SESSION;
+    return REASON_DROP_NO_SESSION;
 }
 
+/* A later fragment (no transport header) follows its accepted first fragment
+ * within 30 s, and may not overlap that fragment's transport header (RFC 3128:
+ * a TCP fragment at offset 1 could rewrite the flags that were checked). */
 static __always_inline __u32 handle_fragment(struct fw_config *cfg, struct pkt *p, __u64 now)
 {
+    if (p->proto == PROTO_TCP && p->frag_off == 1)
+        return REASON_DROP_FRAGMENT; /* RFC 1858: never legitimate, whatever the policy */
     __u64 policy = cfg->slot[CFG_FRAG_POLICY];
     if (policy == 1)
         return REASON_PASS_FRAGMENT;
     if (policy == 2)
         return REASON_DROP_FRAGMENT;
     struct frag_key fk = {.src = p->saddr, .dst = p->daddr, .id = p->ip_id, .proto = p->proto};
-    u64 *first_seen = fragments.lookup(&fk);
-    /* like the kernel's reassembly timeout: followers come within 30 s */
-    if (first_seen && now - *first_seen < FRAG_TIMEOUT_NS)
-        return REASON_PASS_FRAGMENT;
-    return REASON_DROP_FRAGMENT;
+    struct frag_value *first = fragments.lookup(&fk);
+    if (!first)
+        return REASON_DROP_FRAGMENT;
+    if (now - first->seen_ns >= FRAG_TIMEOUT_NS)
+        return REASON_DROP_FRAGMENT;
+    if ((__u32)p->frag_off * 8 < first->l4_end)
+        return REASON_DROP_FRAGMENT;
+    return REASON_PASS_FRAGMENT;
 }
 
-static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
+/* The verdict leaves here, whichever stage decided it: an accepted first
+ * fragment is remembered for its followers, the verdict counted per reason. */
+static __always_inline int finish(struct xdp_md *ctx, struct pkt *p, __u32 reason)
+{
+    if (p->frag == 1 && reason < SAMIXDP_FIRST_DROP && reason != REASON_PASS_TRANSIT) {
+        struct frag_key fk = {.src = p->saddr, .dst = p->daddr, .id = p->ip_id, .proto = p->proto};
+        struct frag_value fv = {.seen_ns = NOW(), .l4_end = p->l4_hdr_len};
+        fragments.update(&fk, &fv);
+    }
+    struct verdict_counter *c = verdicts.lookup(&reason);
+    if (c) {
+        c->packets += 1;
+        c->bytes += (__u64)(ctx->data_end - ctx->data);
+    }
+    return reason < SAMIXDP_FIRST_DROP ? XDP_PASS : XDP_DROP;
+}
+
+/* Hands the packet to the next stage; returns only if the tail call failed. */
+static __always_inline void next_stage(struct xdp_md *ctx, struct pkt *p, __u32 stage)
+{
+    __u32 zero = 0;
+    struct pkt *sp = scratch.lookup(&zero);
+    if (!sp)
+        return;
+    *sp = *p;
+    stages.call(ctx, stage);
+}
+
+/* Stage 0, the fast path: a live assured session. Its flags say which ends
+ * are protected, so no prefix lookup is needed: a protected sender must come
+ * in where its packets came in before (or pass the reverse-path check), and
+ * packets towards a VM still meet the blacklist first. REASON_NEED_SLOW when
+ * the packet needs the slow path. */
+#define REASON_NEED_SLOW 254
+static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
 {
     int rc = parse_packet(ctx, p);
     if (rc == PARSE_NON_IP)
         return REASON_PASS_NON_IP;
     if (rc != PARSE_OK)
         return REASON_DROP_MALFORMED;
+    if (p->frag == 2 || p->is_icmp_err)
+        return REASON_NEED_SLOW;
 
     __u32 zero = 0;
     struct fw_config *cfg = config.lookup(&zero);
@@ -367,26 +454,44 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
     __u32 ifindex = ctx->ingress_ifindex;
     struct session_key k = {};
     __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
-    __u8 syn_only = p->proto == PROTO_TCP &&
-                    (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
+    struct session_value *v = sessions.lookup(&k);
+    if (!v || !is_live(cfg, v, now))
+        return REASON_NEED_SLOW;
+    if (p->proto == PROTO_TCP && (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN &&
+        (v->state == ST_TIME_WAIT || v->state == ST_CLOSED))
+        return REASON_NEED_SLOW; /* port reuse: a new connection */
+    __u8 sender_vm = side == SIDE_LO ? SESS_F_VM_LO : SESS_F_VM_HI;
+    __u8 receiver_vm = side == SIDE_LO ? SESS_F_VM_HI : SESS_F_VM_LO;
+    int d = side == v->initiator ? 0 : 1;
+    if ((v->flags & sender_vm) && v->ifindex[d] != ifindex &&
+        !source_allowed(ctx, p->saddr, p->daddr, ifindex))
+        return REASON_DROP_SPOOFED;
+    if ((v->flags & receiver_vm) && banned(p->saddr, now))
+        return REASON_DROP_BLACKLIST;
+    if (p->proto == PROTO_TCP && !tcp_flags_valid(p->tcp_flags))
+        return REASON_DROP_INVALID;
+    return advance_session(cfg, &k, v, p, side, 0, now, ifindex);
+}
 
-    /* Fast path: a live established session. Its flags say which ends are
-     * protected, so no prefix lookup is needed; packets towards a VM still
-     * meet the blacklist first. */
-    if (p->frag != 2 && !p->is_icmp_err) {
-        struct session_value *v = sessions.lookup(&k);
-        if (v && is_live(cfg, v, now) &&
-            !(syn_only && (v->state == ST_TIME_WAIT || v->state == ST_CLOSED))) {
-            if ((v->flags & (side == SIDE_LO ? SESS_F_VM_HI : SESS_F_VM_LO)) &&
-                banned(p->saddr, now))
-                return REASON_DROP_BLACKLIST;
-            return advance_session(&k, v, p, side, 0, now, ifindex);
-        }
-    }
+/* Stage 1, the slow path: anything the fast path could not decide. */
+static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
+{
+    __u32 zero = 0;
+    struct fw_config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return REASON_DROP_MALFORMED;
+    __u64 now = NOW();
+    __u32 ifindex = ctx->ingress_ifindex;
+    int tcp = p->proto == PROTO_TCP && p->frag != 2;
+    __u8 syn_only = tcp && (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
 
     int dir = direction(p->saddr, p->daddr);
     if (dir == DIR_TRANSIT)
         return REASON_PASS_TRANSIT;
+    /* anti-spoofing comes before anything that could create or change state */
+    if ((dir == DIR_OUTBOUND || is_protected(p->saddr)) &&
+        !source_allowed(ctx, p->saddr, p->daddr, ifindex))
+        return REASON_DROP_SPOOFED;
 
     if (dir == DIR_INBOUND && banned(p->saddr, now))
         return REASON_DROP_BLACKLIST;
@@ -394,38 +499,44 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
         return handle_fragment(cfg, p, now);
     if (p->is_icmp_err)
         return handle_icmp_error(cfg, p, now, dir);
+    if (tcp && !tcp_flags_valid(p->tcp_flags))
+        return REASON_DROP_INVALID; /* SYN|FIN, NULL, XMAS...: never a session's packet */
+    if (tcp && (p->tcp_flags & TCPF_SYN))
+        parse_syn_options(ctx, p); /* window scale and SACK: only SYNs carry them */
 
-    int in_halfopen;
-    struct session_value *v = find_session(cfg, &k, now, &in_halfopen);
+    struct session_key k = {};
+    __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
+    int in_unassured;
+    struct session_value *v = find_session(cfg, &k, now, &in_unassured);
     if (v && syn_only && (v->state == ST_TIME_WAIT || v->state == ST_CLOSED)) {
         /* port reuse after close: a new connection, judged like any other */
-        if (in_halfopen)
-            halfopen.delete(&k);
+        if (in_unassured)
+            unassured.delete(&k);
         else
             sessions.delete(&k);
         v = 0;
     }
     if (v)
-        return advance_session(&k, v, p, side, in_halfopen, now, ifindex);
+        return advance_session(cfg, &k, v, p, side, in_unassured, now, ifindex);
 
-    if (p->proto == PROTO_TCP && !syn_only) {
+    if (tcp && !syn_only) {
         /* strict: no session starts mid-flow, except for a VM just migrated here */
         __u32 vm = dir == DIR_INBOUND ? p->daddr : p->saddr;
         if ((p->tcp_flags & TCPF_RST) || !in_pickup_window(vm, now))
             return REASON_DROP_NO_SESSION;
         /* the initiator is unknown: assume the external end opened it when
-         * inbound, the VM when outbound; counters stay per direction. */
+         * inbound, the VM when outbound; no window history, so liberal */
         return open_session(&k, p, side, ST_ESTABLISHED, SESS_F_PICKED_UP | SESS_F_MIGRATED,
-                            now, ifindex, REASON_PASS_PICKUP);
+                            TCPD_F_LIBERAL, now, ifindex, REASON_PASS_PICKUP);
     }
+    if (p->proto == PROTO_ICMP && p->icmp_type == ICMP_ECHOREPLY_T)
+        return REASON_DROP_NO_SESSION; /* a reply to no request */
     if (dir == DIR_OUTBOUND) {
-        __u8 state = p->proto == PROTO_TCP    ? ST_SYN_SENT
-                     : p->proto == PROTO_ICMP ? ST_ICMP
-                                                : ST_UDP_NEW;
-        /* ICMP other than echo (replies, timestamps...) gets no session */
+        /* ICMP other than echo (timestamps...) gets no session */
         if (p->proto == PROTO_ICMP && p->icmp_type != ICMP_ECHO_T)
             return REASON_PASS_OUTBOUND;
-        return open_session(&k, p, side, state, 0, now, ifindex, REASON_PASS_OUTBOUND);
+        __u8 state = tcp ? ST_SYN_SENT : p->proto == PROTO_ICMP ? ST_ICMP : ST_UDP_NEW;
+        return open_session(&k, p, side, state, 0, 0, now, ifindex, REASON_PASS_OUTBOUND);
     }
 
     if (syn_only && syn_over_rate(cfg, p, now))
@@ -433,9 +544,8 @@ static __always_inline __u32 classify(struct xdp_md *ctx, struct pkt *p)
     return REASON_NEED_ACL;
 }
 
-/* Inbound packet with no session: the ACL decides, and an allowed flow gets a
- * session. Kept out of classify() so the verifier enters the rule loop from
- * few distinct states. */
+/* Stage 2: an inbound packet with no session; the ACL decides, and an allowed
+ * flow gets a session. */
 static __always_inline __u32 acl_stage(struct xdp_md *ctx, struct pkt *p)
 {
     __u32 zero = 0;
@@ -452,28 +562,41 @@ static __always_inline __u32 acl_stage(struct xdp_md *ctx, struct pkt *p)
     __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
     __u8 state = p->proto == PROTO_TCP    ? ST_SYN_SENT
                  : p->proto == PROTO_ICMP ? ST_ICMP
-                                            : ST_UDP_NEW;
-    return open_session(&k, p, side, state, SESS_F_INBOUND, NOW(), ifindex,
-                        REASON_PASS_ACL);
+                                          : ST_UDP_NEW;
+    return open_session(&k, p, side, state, SESS_F_INBOUND, 0, NOW(), ifindex, REASON_PASS_ACL);
 }
 
+/* The entry point: parse and the fast path; the rest by tail call. */
 int xdp_firewall(struct xdp_md *ctx)
 {
     struct pkt p = {};
-    __u32 reason = classify(ctx, &p);
-    if (reason == REASON_NEED_ACL)
-        reason = acl_stage(ctx, &p);
+    __u32 reason = fast_path(ctx, &p);
+    if (reason == REASON_NEED_SLOW) {
+        next_stage(ctx, &p, STAGE_SLOW);
+        reason = REASON_DROP_MALFORMED; /* no stage to hand over to: fail closed */
+    }
+    return finish(ctx, &p, reason);
+}
 
-    if (p.frag == 1 && reason < SAMIXDP_FIRST_DROP && reason != REASON_PASS_TRANSIT) {
-        /* remember an accepted first fragment so its followers may pass */
-        struct frag_key fk = {.src = p.saddr, .dst = p.daddr, .id = p.ip_id, .proto = p.proto};
-        u64 ts = NOW();
-        fragments.update(&fk, &ts);
+int xdp_slow(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct pkt *p = scratch.lookup(&zero);
+    if (!p)
+        return XDP_DROP; /* unreachable: arrays always hold index 0 */
+    __u32 reason = slow_path(ctx, p);
+    if (reason == REASON_NEED_ACL) {
+        stages.call(ctx, STAGE_ACL);
+        reason = REASON_DROP_ACL_DEFAULT; /* no ACL stage: nothing allows it */
     }
-    struct verdict_counter *c = verdicts.lookup(&reason);
-    if (c) {
-        c->packets += 1;
-        c->bytes += (__u64)(ctx->data_end - ctx->data);
-    }
-    return reason < SAMIXDP_FIRST_DROP ? XDP_PASS : XDP_DROP;
+    return finish(ctx, p, reason);
+}
+
+int xdp_acl(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct pkt *p = scratch.lookup(&zero);
+    if (!p)
+        return XDP_DROP;
+    return finish(ctx, p, acl_stage(ctx, p));
 }

@@ -10,7 +10,7 @@
 #ifndef SAMIXDP_SESSION_MAP_H
 #define SAMIXDP_SESSION_MAP_H
 
-#define SAMIXDP_LAYOUT_VERSION 5
+#define SAMIXDP_LAYOUT_VERSION 6
 
 /* ---- verdict reasons (index into the `verdicts` per-CPU array) ----------
  * Reasons below SAMIXDP_FIRST_DROP pass the packet, the rest drop it. */
@@ -24,17 +24,22 @@
 #define REASON_PASS_PICKUP 7      /* mid-flow TCP inside a migration pickup window */
 #define SAMIXDP_FIRST_DROP 8
 #define REASON_DROP_BLACKLIST 8   /* source is banned */
-#define REASON_DROP_NO_SESSION 9  /* TCP without SYN and no session */
+#define REASON_DROP_NO_SESSION 9  /* needs a session and has none (TCP without SYN, echo reply, ICMP error) */
 #define REASON_DROP_ACL_DENY 10   /* an ACL rule said deny */
 #define REASON_DROP_ACL_DEFAULT 11 /* inbound, no session, no ACL rule matched */
-#define REASON_DROP_TABLE_FULL 12 /* session table full: new session refused */
+#define REASON_DROP_SPOOFED 12   /* a protected source on an interface that does not lead to it */
 #define REASON_DROP_MALFORMED 13  /* truncated or invalid headers */
 #define REASON_DROP_SYN_RATE 14   /* SYN that crossed the rate limit (source banned) */
-#define REASON_DROP_FRAGMENT 15   /* non-first fragment with no accepted first one */
-#define REASON_DROP_INVALID 16    /* packet not valid in the session's TCP state */
+#define REASON_DROP_FRAGMENT 15   /* later fragment with no accepted first one, or overlapping its header */
+#define REASON_DROP_INVALID 16    /* TCP: invalid flags, transition or sequence (out of window) */
 #define SAMIXDP_N_REASONS 17
 
-/* ---- TCP / session states ------------------------------------------------ */
+/* ---- TCP / session states ------------------------------------------------
+ * TCP follows conntrack's state machine (SYN_SENT2: simultaneous open). UDP
+ * and ICMP flows are unassured until they prove two-way traffic that lasts:
+ * UDP becomes assured when it still talks 2 s after its first packet and was
+ * answered. Unassured flows live in the evictable `unassured` LRU, assured
+ * ones (and TCP from ESTABLISHED on) in `sessions`, which never evicts. */
 #define ST_NONE 0
 #define ST_SYN_SENT 1
 #define ST_SYN_RECV 2
@@ -44,9 +49,13 @@
 #define ST_TIME_WAIT 6
 #define ST_CLOSED 7
 #define ST_UDP_NEW 8      /* UDP, seen one way only */
-#define ST_UDP_REPLIED 9  /* UDP, seen both ways */
+#define ST_UDP_REPLIED 9  /* UDP, answered, not (yet) assured */
 #define ST_ICMP 10        /* ICMP echo */
-#define SAMIXDP_N_STATES 11
+#define ST_SYN_SENT2 11   /* both ends sent a SYN (simultaneous open) */
+#define ST_LAST_ACK 12    /* FIN seen both ways, waiting for the last ACK */
+#define ST_UDP_ASSURED 13 /* UDP, answered and still talking after 2 s */
+#define SAMIXDP_N_STATES 14
+#define UDP_ASSURE_AFTER_NS 2000000000 /* a replied UDP flow alive this long is assured */
 
 /* session_value.initiator: which end of the normalised key opened it */
 #define SIDE_LO 0
@@ -56,18 +65,39 @@
 #define SESS_F_MIGRATED 1   /* imported from a peer's bundle */
 #define SESS_F_PICKED_UP 2  /* created mid-flow inside a pickup window */
 #define SESS_F_INBOUND 4    /* opened from outside towards a protected VM */
-#define SESS_F_FIN_LO 8     /* lo side sent FIN */
-#define SESS_F_FIN_HI 16    /* hi side sent FIN */
+#define SESS_F_SIMOPEN 8    /* TCP simultaneous open went through SYN_SENT2 */
 #define SESS_F_VM_LO 32     /* lo address was protected when the session opened */
 #define SESS_F_VM_HI 64     /* hi address was protected when the session opened */
-#define SESS_F_ALL 127      /* every flag above */
+#define SESS_F_ALL 111      /* every flag above */
+
+/* tcp_dir.flags (conntrack's per-direction flags) */
+#define TCPD_F_WSCALE 1     /* this end sent the window scale option in its SYN */
+#define TCPD_F_SACK_PERM 2  /* this end sent SACK-permitted in its SYN */
+#define TCPD_F_CLOSE_INIT 4 /* this end sent the first FIN */
+#define TCPD_F_MAXACK_SET 8 /* maxack holds an ACK of this end */
+#define TCPD_F_LIBERAL 16   /* no window checks (a connection picked up mid-flow) */
+#define TCPD_F_ALL 31
+#define TCP_MAX_WSCALE 14
+#define TCP_MAXACKWIN_MIN 66000 /* lower bound of the ACK window (conntrack's MAXACKWINCONST) */
+#define NO_WSCALE 255           /* pkt.wscale of a SYN without the option */
+
+/* iface_roles values: what an interface leads to (anti-spoofing) */
+#define ROLE_AUTO 0         /* decided per packet by a route lookup (absent from the map) */
+#define ROLE_VM 1           /* protected sources may arrive here */
+#define ROLE_UPLINK 2       /* protected sources never arrive here */
 
 /* ---- map capacities (defaults; the loader may override with -D) ---------- */
 #define SAMIXDP_MAX_PROTECTED 1024
+#define SAMIXDP_MAX_IFACES 1024
 #define SAMIXDP_ACL_MAX_RULES_PER_SET 64
 #define SAMIXDP_ACL_MAX_SETS 16384 /* per generation; the map holds two */
 #define SAMIXDP_ACL_MAX_RULE_ID 65536
 #define SAMIXDP_FRAG_ENTRIES 8192
+
+/* ---- program stages (the `stages` program array) -------------------------- */
+#define STAGE_SLOW 0            /* direction, spoofing, bans, sessions, SYN accounting */
+#define STAGE_ACL 1             /* the ACL for an inbound packet without a session */
+#define SAMIXDP_N_STAGES 2
 
 /* ---- config array indices (`config` map, one u64 per slot) ---------------
  * Timeouts are in seconds, indexed by state; the other slots follow. */
@@ -76,6 +106,7 @@
 #define CFG_BAN_S 18            /* blacklist duration */
 #define CFG_ACL_GEN 19          /* which ACL rule-set map is live: 0 or 1 */
 #define CFG_FRAG_POLICY 20      /* 0 = track first fragments, 1 = pass all, 2 = drop all */
+#define CFG_TCP_LIBERAL 21      /* 1: out-of-window TCP passes (conntrack's tcp_be_liberal) */
 /* `config` entry 1 belongs to the datapath (userspace rewrites entry 0 whole) */
 #define CFG_ENTRY_RUNTIME 1
 #define RT_BANS_HINT 0          /* entry 1 slot: non-zero when a live ban may exist */
@@ -95,7 +126,7 @@
 struct samixdp_meta {
     __u32 layout_version;
     __u32 max_sessions;
-    __u32 max_halfopen;
+    __u32 max_unassured;
     __u32 max_blacklist;
     __u32 max_syn_counters;
     __u32 pad;
@@ -114,18 +145,32 @@ struct session_key {
     __u8 pad[3];
 };
 
-/* Counters are indexed by direction relative to the initiator:
- * [0] initiator -> responder, [1] responder -> initiator. */
+/* One direction of a TCP connection, as conntrack tracks it: the sequence
+ * space this end has used and may use, so out-of-window segments are caught. */
+struct tcp_dir {
+    __u32 end;            /* highest seq + len this end sent */
+    __u32 maxend;         /* highest ack + window the other end allowed it */
+    __u32 maxwin;         /* largest (scaled) window this end advertised; 0 = unknown yet */
+    __u32 maxack;         /* highest ack this end sent (TCPD_F_MAXACK_SET) */
+    __u8 scale;           /* window scale this end announced */
+    __u8 flags;           /* TCPD_F_* */
+    __u16 pad;
+};
+
+/* Per-direction arrays are indexed by direction relative to the initiator:
+ * [0] initiator -> responder, [1] responder -> initiator. Hot fields first. */
 struct session_value {
-    __u64 created_ns;     /* bpf_ktime_get_ns() of the first packet */
-    __u64 last_seen_ns;   /* bpf_ktime_get_ns() of the latest packet */
-    __u64 packets[2];
-    __u64 bytes[2];
-    __u32 ifindex;        /* ingress of the latest packet; local, never migrated */
+    __u64 last_seen_ns;   /* bpf_ktime_get_coarse_ns() of the latest valid packet */
+    __u32 ifindex[2];     /* ingress of each direction's latest packet; local, never migrated */
     __u8 state;           /* ST_* */
     __u8 initiator;       /* SIDE_LO or SIDE_HI */
     __u8 flags;           /* SESS_F_* */
     __u8 pad;
+    __u32 pad2;
+    struct tcp_dir tcp[2]; /* TCP only */
+    __u64 packets[2];
+    __u64 bytes[2];
+    __u64 created_ns;     /* of the first packet */
 };
 
 /* LPM key for IPv4 prefixes (protected prefixes, ACL rule sets). */
@@ -203,6 +248,51 @@ struct frag_key {
     __u16 id;
     __u8 proto;
     __u8 pad;
+};
+
+/* An accepted first fragment: when, and how far its transport header reaches,
+ * so a later fragment may not rewrite a header that was checked (RFC 3128). */
+struct frag_value {
+    __u64 seen_ns;
+    __u16 l4_end;         /* bytes of transport header in the first fragment */
+    __u16 pad;
+    __u32 pad2;
+};
+
+/* What the datapath knows about one parsed packet (the `scratch` map carries it
+ * from the fast path to the later stages). Addresses and ports in network
+ * order, TCP numbers in host order. */
+struct pkt {
+    __u32 saddr;
+    __u32 daddr;
+    __u16 sport;          /* ICMP echo: identifier */
+    __u16 dport;          /* ICMP echo: 0 */
+    __u32 l3_len;         /* IPv4 total length */
+    __u16 vlan;           /* innermost VID, 0 when untagged */
+    __u16 ip_id;
+    __u8 proto;
+    __u8 tcp_flags;
+    __u8 icmp_type;
+    __u8 frag;            /* 0 = whole, 1 = first fragment, 2 = later fragment */
+    __u16 frag_off;       /* later fragments: offset in 8-byte units */
+    __u16 l4_hdr_len;     /* first fragments: bytes of transport header */
+    __u32 seq;
+    __u32 ack_seq;
+    __u32 seg_len;        /* TCP payload bytes */
+    __u16 win;            /* TCP window field as sent (unscaled) */
+    __u8 wscale;          /* SYN: window scale option, NO_WSCALE when absent */
+    __u8 sack_perm;       /* SYN: SACK-permitted option present */
+    __u16 opt_off;        /* offset of the TCP options in the frame */
+    __u16 opt_len;        /* bytes of TCP options */
+    /* ICMP errors: the quoted packet, reversed to the direction of the
+     * original (the error travels against it). */
+    __u32 in_saddr;
+    __u32 in_daddr;
+    __u16 in_sport;
+    __u16 in_dport;
+    __u8 in_proto;
+    __u8 is_icmp_err;
+    __u8 pad[2];
 };
 
 /* The whole runtime configuration, one entry of the `config` array, so

@@ -168,6 +168,9 @@ def main() -> int:
     args = ap.parse_args()
 
     muts = [m for m in load(LIST) if args.only in m.id]
+    if not muts:
+        print(f"mutate: no mutation id contains {args.only!r}", file=sys.stderr)
+        return 1
     if args.list:
         for m in muts:
             print(f"{m.id:36} {m.file:32} {m.why}")

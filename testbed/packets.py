@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Any
 
 ETH_SRC = bytes.fromhex("020000000001")
 ETH_DST = bytes.fromhex("020000000002")
@@ -50,9 +51,81 @@ def ipv4(
 
 
 def tcp_seg(
-    sport: int, dport: int, flags: int, payload: bytes = b"", seq: int = 1, ack: int = 0
+    sport: int,
+    dport: int,
+    flags: int,
+    payload: bytes = b"",
+    seq: int = 1,
+    ack: int = 0,
+    win: int = 65535,
+    options: bytes = b"",
 ) -> bytes:
-    return struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    """A TCP segment; `options` must be padded to a multiple of 4 bytes."""
+    assert len(options) % 4 == 0 and len(options) <= 40
+    doff = 5 + len(options) // 4
+    head = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, doff << 4,
+                       flags, win, 0, 0)
+    return head + options + payload
+
+
+def syn_options(wscale: int | None = 7, sack: bool = True, mss: int = 1460) -> bytes:
+    """A SYN's options as Linux sends them (MSS, SACK-permitted, window scale)."""
+    opts = struct.pack("!BBH", 2, 4, mss)
+    if sack:
+        opts += bytes([4, 2])
+    if wscale is not None:
+        opts += bytes([1, 3, 3, wscale])  # NOP, window scale
+    return opts + b"\x01" * (-len(opts) % 4)
+
+
+class TcpFlow:
+    """Both ends of one TCP connection, with the sequence and acknowledgement
+    numbers a real pair of stacks would use, so a window-tracking firewall can be
+    fed a believable conversation. "a" opened the connection, "b" answered.
+
+    Each builder returns one frame and advances the sender's sequence (and what the
+    other end has received); `seq=`/`ack=` override them for crafted attacks."""
+
+    def __init__(self, a: str, aport: int, b: str, bport: int, *, isn_a: int = 1000,
+                 isn_b: int = 900_000, win: int = 65535, vlans: tuple[int, ...] = ()) -> None:
+        self.ends = {"a": (a, aport), "b": (b, bport)}
+        self.snd_nxt = {"a": isn_a, "b": isn_b}
+        self.rcv_nxt = {"a": 0, "b": 0}
+        self.win = win
+        self.vlans = vlans
+
+    def frame(self, frm: str, flags: int, payload: bytes = b"", *, seq: int | None = None,
+              ack: int | None = None, win: int | None = None, options: bytes = b"",
+              advance: bool = True) -> bytes:
+        to = "b" if frm == "a" else "a"
+        (src, sport), (dst, dport) = self.ends[frm], self.ends[to]
+        s = self.snd_nxt[frm] if seq is None else seq
+        k = (self.rcv_nxt[frm] if flags & ACK else 0) if ack is None else ack
+        seg = tcp_seg(sport, dport, flags, payload, seq=s, ack=k,
+                      win=self.win if win is None else win, options=options)
+        if advance and seq is None:
+            used = len(payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            self.snd_nxt[frm] = (s + used) & 0xFFFFFFFF
+            self.rcv_nxt[to] = self.snd_nxt[frm]
+        return eth(ipv4(src, dst, 6, seg), vlans=self.vlans)
+
+    def syn(self, **kw: Any) -> bytes:
+        return self.frame("a", SYN, **kw)
+
+    def synack(self, **kw: Any) -> bytes:
+        return self.frame("b", SYN | ACK, **kw)
+
+    def ack(self, frm: str = "a", **kw: Any) -> bytes:
+        return self.frame(frm, ACK, **kw)
+
+    def data(self, frm: str, payload: bytes, **kw: Any) -> bytes:
+        return self.frame(frm, PSH | ACK, payload, **kw)
+
+    def fin(self, frm: str, **kw: Any) -> bytes:
+        return self.frame(frm, FIN | ACK, **kw)
+
+    def rst(self, frm: str, **kw: Any) -> bytes:
+        return self.frame(frm, RST | ACK, **kw)
 
 
 def tcp(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -24,14 +25,17 @@ from sami_xdp.loader import bpfsys  # noqa: E402
 from sami_xdp.loader.compile import Limits  # noqa: E402
 from sami_xdp.loader.pinned import Firewall, unpin_all  # noqa: E402
 from sami_xdp.policy.config import create_firewall, default_config_slots  # noqa: E402
+from sami_xdp.policy.roles import set_role  # noqa: E402
 
 IN_CI = os.environ.get("CI", "") not in ("", "0", "false")
-TEST_LIMITS = Limits(max_sessions=262144, max_halfopen=4096, max_syn_counters=4096,
+TEST_LIMITS = Limits(max_sessions=262144, max_unassured=4096, max_syn_counters=4096,
                      max_blacklist=4096)
 # maps emptied between tests (arrays are reset by value instead)
 RESETTABLE = (
-    "sessions", "halfopen", "syn_counters", "blacklist", "pickup", "fragments", "acl_rules",
+    "sessions", "unassured", "syn_counters", "blacklist", "pickup", "fragments", "acl_rules",
+    "iface_roles",
 )
+LO_IFINDEX = socket.if_nametoindex("lo")  # PROG_TEST_RUN without an interface: lo
 
 
 def unavailable(reason: str) -> NoReturn:
@@ -126,6 +130,8 @@ def reset_firewall(fw: Firewall) -> None:
             for idx in range(m.info.max_entries):
                 m.update(np.array([idx], np.uint32), zero)
     fw.write_config(default_config_slots(fw.layout))
+    # crafted frames enter on lo: the test harness's stand-in for a VM-facing link
+    set_role(fw, LO_IFINDEX, "vm")
 
 
 def bpfsys_possible() -> int:

@@ -29,6 +29,7 @@ from sami_xdp.base.netutil import ip_to_be32, port_be
 from sami_xdp.loader import bpfsys
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.policy import protect, sessions, stats
+from sami_xdp.policy.roles import set_role
 from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
@@ -100,7 +101,7 @@ def side_of(src: str, sport: int, dst: str, dport: int) -> int:
 def find(fw: Firewall, proto: int, src: str, sport: int, dst: str, dport: int):
     """(map name, value) of a flow's session, or (None, None). Never in both maps."""
     key = key_of(fw, proto, src, sport, dst, dport)
-    hits = [(name, fw.maps[name].lookup(key)) for name in ("sessions", "halfopen")]
+    hits = [(name, fw.maps[name].lookup(key)) for name in ("sessions", "unassured")]
     hits = [(n, v) for n, v in hits if v is not None]
     assert len(hits) <= 1, f"flow in both session maps: {hits}"
     return hits[0] if hits else (None, None)
@@ -139,11 +140,14 @@ def pfw(fw: Firewall) -> Firewall:
 
 
 def handshake(fw: Firewall, vm: str = VM, vport: int = 40000, peer: str = CLIENT,
-              pport: int = 80, vlans: tuple[int, ...] = ()) -> None:
-    """VM-initiated TCP handshake; asserts each step's verdict."""
-    assert run(fw, P.tcp(vm, vport, peer, pport, P.SYN, vlans=vlans)) == "pass-outbound"
-    assert run(fw, P.tcp(peer, pport, vm, vport, P.SYN | P.ACK, vlans=vlans)) == "pass-session"
-    assert run(fw, P.tcp(vm, vport, peer, pport, P.ACK, vlans=vlans)) == "pass-session"
+              pport: int = 80, vlans: tuple[int, ...] = ()) -> P.TcpFlow:
+    """VM-initiated TCP handshake with consistent sequence numbers; asserts each
+    step's verdict and returns the flow ("a" = the VM) to continue it."""
+    flow = P.TcpFlow(vm, vport, peer, pport, vlans=vlans)
+    assert run(fw, flow.syn()) == "pass-outbound"
+    assert run(fw, flow.synack()) == "pass-session"
+    assert run(fw, flow.ack("a")) == "pass-session"
+    return flow
 
 
 @pytest.fixture
@@ -177,7 +181,7 @@ def test_outbound_handshake_promotes_halfopen_to_established(pfw, peer):
     assert run(fw, syn, ifindex=LO_IFINDEX) == "pass-outbound"
     t_syn = time.monotonic_ns()
     where, v = find(fw, TCP, VM, 40000, peer, 80)
-    assert where == "halfopen"
+    assert where == "unassured"
     assert v["state"] == ST["SYN_SENT"]
     assert v["initiator"] == side_of(VM, 40000, peer, 80)
     assert list(v["packets"]) == [1, 0] and list(v["bytes"]) == [40, 0]
@@ -188,7 +192,7 @@ def test_outbound_handshake_promotes_halfopen_to_established(pfw, peer):
 
     assert run(fw, P.tcp(peer, 80, VM, 40000, P.SYN | P.ACK), ifindex=LO_IFINDEX) == "pass-session"
     where, v = find(fw, TCP, VM, 40000, peer, 80)
-    assert where == "halfopen" and v["state"] == ST["SYN_RECV"]
+    assert where == "unassured" and v["state"] == ST["SYN_RECV"]
     assert list(v["packets"]) == [1, 1]
 
     assert run(fw, P.tcp(VM, 40000, peer, 80, P.ACK), ifindex=LO_IFINDEX) == "pass-session"
@@ -208,7 +212,7 @@ def test_outbound_handshake_promotes_halfopen_to_established(pfw, peer):
     assert list(v["bytes"]) == [40 + 40 + 140, 40 + 1040 + 40]  # IPv4 total lengths
     assert int(v["created_ns"]) == created, "created time is the first packet's"
     assert created <= v["last_seen_ns"] <= t1
-    assert v["ifindex"] == LO_IFINDEX
+    assert list(v["ifindex"]) == [LO_IFINDEX, LO_IFINDEX]
     vm_flag = fw.const("SESS_F_VM_LO") if peer == CLIENT else fw.const("SESS_F_VM_HI")
     assert v["flags"] == vm_flag, "only the VM's end is marked: not inbound, migrated, picked up"
 
@@ -219,19 +223,21 @@ def test_outbound_handshake_promotes_halfopen_to_established(pfw, peer):
     assert rec["table"] == "sessions" and 0 <= rec["idle_s"] <= rec["age_s"] < 60
 
 
-def test_ingress_ifindex_recorded_and_follows_latest_packet(pfw, other_ifindex):
+def test_ingress_ifindex_recorded_per_direction(pfw, other_ifindex):
+    """Each direction records the interface its latest packet came in on (DESIGN 1:
+    one set of maps shared by every interface)."""
     fw = pfw
+    set_role(fw, other_ifindex, "vm")  # the VM's side, for anti-spoofing
     assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN), ifindex=other_ifindex) == "pass-outbound"
     _, v = find(fw, TCP, VM, 40000, CLIENT, 80)
-    assert v["ifindex"] == other_ifindex
-    # the reply arrives on another interface (DESIGN 1: shared maps across interfaces)
+    assert list(v["ifindex"]) == [other_ifindex, 0]
     assert run(fw, P.tcp(CLIENT, 80, VM, 40000, P.SYN | P.ACK),
                ifindex=LO_IFINDEX) == "pass-session"
     _, v = find(fw, TCP, VM, 40000, CLIENT, 80)
-    assert v["ifindex"] == LO_IFINDEX
+    assert list(v["ifindex"]) == [other_ifindex, LO_IFINDEX]
     assert run(fw, P.udp(VM, 5000, CLIENT, 53), ifindex=other_ifindex) == "pass-outbound"
     _, v = find(fw, UDP, VM, 5000, CLIENT, 53)
-    assert v["ifindex"] == other_ifindex
+    assert list(v["ifindex"]) == [other_ifindex, 0]
 
 
 def test_syn_retransmission_stays_half_open(pfw):
@@ -240,26 +246,34 @@ def test_syn_retransmission_stays_half_open(pfw):
     assert run(fw, syn) == "pass-outbound"
     assert run(fw, syn) == "pass-session"
     where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
-    assert where == "halfopen" and v["state"] == ST["SYN_SENT"]
+    assert where == "unassured" and v["state"] == ST["SYN_SENT"]
     assert list(v["packets"]) == [2, 0]
 
 
-@pytest.mark.parametrize(
-    "frame, reason",
-    [
-        (P.tcp(CLIENT, 80, VM, 40000, P.ACK), "drop-invalid"),  # ACK without SYN
-        (P.tcp(CLIENT, 80, VM, 40000, P.SYN), "drop-invalid"),  # simultaneous open
-        (P.tcp(VM, 40000, CLIENT, 80, P.ACK), "drop-invalid"),  # initiator ACK too early
-    ],
-    ids=["peer-ack", "peer-syn", "vm-ack"],
-)
-def test_packets_invalid_in_syn_sent_are_dropped(pfw, frame, reason):
+def test_packets_invalid_in_syn_sent_are_dropped(pfw):
+    """The initiator may not ACK what it has not been answered (conntrack: invalid)."""
     fw = pfw
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
-    assert run(fw, frame) == reason
+    flow = P.TcpFlow(VM, 40000, CLIENT, 80)
+    assert run(fw, flow.syn()) == "pass-outbound"
+    assert run(fw, flow.ack("a", ack=900_001)) == "drop-invalid"  # ACKs the unknown
+    assert run(fw, flow.ack("a", ack=0, advance=False)) == "drop-invalid"  # the state says so
+    assert run(fw, flow.data("a", b"early", ack=900_001)) == "drop-invalid"
     where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
-    assert where == "halfopen" and v["state"] == ST["SYN_SENT"]
+    assert where == "unassured" and v["state"] == ST["SYN_SENT"]
     assert list(v["packets"]) == [1, 0], "a dropped packet is not counted in the session"
+
+
+def test_responder_ack_in_syn_sent_is_ignored(pfw):
+    """A bare ACK from the responder before its SYN/ACK (a half-open connection on
+    its side) passes but changes nothing, as conntrack ignores it."""
+    fw = pfw
+    flow = P.TcpFlow(VM, 40000, CLIENT, 80)
+    assert run(fw, flow.syn()) == "pass-outbound"
+    before = find(fw, TCP, VM, 40000, CLIENT, 80)[1]
+    assert run(fw, flow.ack("b", ack=1001)) == "pass-session"
+    where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
+    assert where == "unassured" and v["state"] == ST["SYN_SENT"]
+    assert v["last_seen_ns"] == before["last_seen_ns"], "an ignored packet refreshes nothing"
 
 
 @pytest.mark.parametrize("peer", [CLIENT, CLIENT_LOW], ids=["vm-is-lo", "vm-is-hi"])
@@ -267,16 +281,17 @@ def test_only_the_initiators_ack_completes_the_handshake(pfw, peer):
     """In SYN_RECV the responder's own ACK (it sent the SYN/ACK) must not establish the
     session: only the initiator's ACK answers the SYN/ACK (as in conntrack)."""
     fw = pfw
-    assert run(fw, P.tcp(VM, 40000, peer, 80, P.SYN)) == "pass-outbound"
-    assert run(fw, P.tcp(peer, 80, VM, 40000, P.SYN | P.ACK)) == "pass-session"
+    flow = P.TcpFlow(VM, 40000, peer, 80)
+    assert run(fw, flow.syn()) == "pass-outbound"
+    assert run(fw, flow.synack()) == "pass-session"
     assert state_of(fw, TCP, VM, 40000, peer, 80) == "SYN_RECV"
-    assert run(fw, P.tcp(peer, 80, VM, 40000, P.ACK)) == "drop-invalid"
+    assert run(fw, flow.ack("b")) == "pass-session"  # in window: passes, changes nothing
     where, v = find(fw, TCP, VM, 40000, peer, 80)
-    assert where == "halfopen" and v["state"] == ST["SYN_RECV"]
-    assert run(fw, P.tcp(peer, 80, VM, 40000, P.PSH | P.ACK, b"data")) == "drop-invalid"
+    assert where == "unassured" and v["state"] == ST["SYN_RECV"]
+    assert run(fw, flow.data("b", b"data")) == "pass-session"
     assert state_of(fw, TCP, VM, 40000, peer, 80) == "SYN_RECV"
     # the initiator's ACK does complete it
-    assert run(fw, P.tcp(VM, 40000, peer, 80, P.ACK)) == "pass-session"
+    assert run(fw, flow.ack("a")) == "pass-session"
     where, v = find(fw, TCP, VM, 40000, peer, 80)
     assert where == "sessions" and v["state"] == ST["ESTABLISHED"]
 
@@ -295,7 +310,7 @@ def test_only_the_initiators_ack_completes_the_handshake(pfw, peer):
         (P.tcp(CLIENT, 5555, VM, 22, P.RST), "drop-no-session"),
         (P.udp(CLIENT, 5555, VM, 53), "drop-acl-default"),
         (P.icmp_echo(CLIENT, VM, ident=7), "drop-acl-default"),
-        (P.icmp_echo(CLIENT, VM, ident=7, reply=True), "drop-acl-default"),
+        (P.icmp_echo(CLIENT, VM, ident=7, reply=True), "drop-no-session"),
         (P.eth(P.ipv4(CLIENT, VM, 47, b"\0" * 8)), "drop-acl-default"),  # GRE
     ],
     ids=["syn", "ack", "synack", "data", "fin", "rst", "udp", "echo", "echo-reply", "gre"],
@@ -310,8 +325,9 @@ def test_unsolicited_inbound_dropped_without_state(pfw, frame, reason):
     ids=["ack", "synack", "data", "fin", "rst", "rstack", "null"],
 )
 def test_strict_tcp_outbound_non_syn_without_session_dropped(pfw, flags):
+    want = "drop-invalid" if flags == 0 else "drop-no-session"  # no flags: never valid
     assert run(pfw, P.tcp(VM, 40000, CLIENT, 80, flags, b"z" if flags & P.PSH else b"")) \
-        == "drop-no-session"
+        == want
     assert n_sessions(pfw) == 0
 
 
@@ -332,7 +348,7 @@ def test_udp_reply_passes_and_marks_replied(pfw):
     fw = pfw
     assert run(fw, P.udp(VM, 5353, CLIENT, 53, b"q" * 30)) == "pass-outbound"
     where, v = find(fw, UDP, VM, 5353, CLIENT, 53)
-    assert where == "sessions" and v["state"] == ST["UDP_NEW"]
+    assert where == "unassured" and v["state"] == ST["UDP_NEW"]
     assert list(v["packets"]) == [1, 0] and list(v["bytes"]) == [20 + 8 + 30, 0]
     assert run(fw, P.udp(VM, 5353, CLIENT, 53)) == "pass-session"
     assert state_of(fw, UDP, VM, 5353, CLIENT, 53) == "UDP_NEW"
@@ -343,27 +359,64 @@ def test_udp_reply_passes_and_marks_replied(pfw):
     # a reply from another port or host is not part of the flow
     assert run(fw, P.udp(CLIENT, 54, VM, 5353)) == "drop-acl-default"
     assert run(fw, P.udp(ROUTER, 53, VM, 5353)) == "drop-acl-default"
+    assert find(fw, UDP, VM, 5353, CLIENT, 53)[0] == "unassured", "one answer assures nothing"
+
+
+def test_udp_flow_still_talking_after_two_seconds_is_assured(pfw):
+    """Like conntrack's UDP stream: answered, and still active 2 s after its first
+    packet, a flow moves to the never-evicted table with the long timeout."""
+    fw = pfw
+    assert run(fw, P.udp(VM, 5353, CLIENT, 53)) == "pass-outbound"
+    assert run(fw, P.udp(CLIENT, 53, VM, 5353)) == "pass-session"
+    key = key_of(fw, UDP, VM, 5353, CLIENT, 53)
+    m = fw.maps["unassured"]
+    v = np.array([m.lookup(key)], dtype=m.value_dtype)
+    v["created_ns"] = time.monotonic_ns() - int(1.9 * NS)
+    m.update(key, v)
+    assert run(fw, P.udp(VM, 5353, CLIENT, 53)) == "pass-session"
+    assert find(fw, UDP, VM, 5353, CLIENT, 53)[0] == "unassured", "1.9 s: not yet"
+    v = np.array([m.lookup(key)], dtype=m.value_dtype)
+    v["created_ns"] = time.monotonic_ns() - int(2.1 * NS)
+    m.update(key, v)
+    assert run(fw, P.udp(CLIENT, 53, VM, 5353)) == "pass-session"
+    where, v = find(fw, UDP, VM, 5353, CLIENT, 53)
+    assert where == "sessions" and v["state"] == ST["UDP_ASSURED"]
+    assert list(v["packets"]) == [2, 2]
+
+
+def test_unanswered_udp_is_never_assured(pfw):
+    fw = pfw
+    assert run(fw, P.udp(VM, 5353, CLIENT, 53)) == "pass-outbound"
+    key = key_of(fw, UDP, VM, 5353, CLIENT, 53)
+    m = fw.maps["unassured"]
+    v = np.array([m.lookup(key)], dtype=m.value_dtype)
+    v["created_ns"] = time.monotonic_ns() - 10 * NS
+    m.update(key, v)
+    assert run(fw, P.udp(VM, 5353, CLIENT, 53)) == "pass-session"
+    where, v = find(fw, UDP, VM, 5353, CLIENT, 53)
+    assert where == "unassured" and v["state"] == ST["UDP_NEW"]
 
 
 def test_icmp_echo_reply_matches_request(pfw):
     fw = pfw
     assert run(fw, P.icmp_echo(VM, CLIENT, ident=0x1234)) == "pass-outbound"
     where, v = find(fw, ICMP, VM, 0x1234, CLIENT, 0)
-    assert where == "sessions" and v["state"] == ST["ICMP"]
+    assert where == "unassured" and v["state"] == ST["ICMP"]
     assert run(fw, P.icmp_echo(CLIENT, VM, ident=0x1234, reply=True)) == "pass-session"
     _, v = find(fw, ICMP, VM, 0x1234, CLIENT, 0)
     assert list(v["packets"]) == [1, 1]
     # another identifier, or the same identifier from another host, has no session
-    assert run(fw, P.icmp_echo(CLIENT, VM, ident=0x1235, reply=True)) == "drop-acl-default"
-    assert run(fw, P.icmp_echo(ROUTER, VM, ident=0x1234, reply=True)) == "drop-acl-default"
+    assert run(fw, P.icmp_echo(CLIENT, VM, ident=0x1235, reply=True)) == "drop-no-session"
+    assert run(fw, P.icmp_echo(ROUTER, VM, ident=0x1234, reply=True)) == "drop-no-session"
     (rec,) = sessions.session_records(fw, sessions.read_sessions(fw))
     assert (rec["proto"], rec["src"], rec["dst"], rec["sport"]) == ("icmp", VM, CLIENT, 0x1234)
 
 
 def test_outbound_icmp_other_than_echo_passes_without_session(pfw):
     fw = pfw
-    assert run(fw, P.icmp_echo(VM, CLIENT, ident=9, reply=True)) == "pass-outbound"
     assert run(fw, P.eth(P.ipv4(VM, CLIENT, 1, P.icmp_msg(13)))) == "pass-outbound"  # timestamp
+    # an echo reply answers a request, or nothing (conntrack: invalid)
+    assert run(fw, P.icmp_echo(VM, CLIENT, ident=9, reply=True)) == "drop-no-session"
     assert n_sessions(fw) == 0
 
 
@@ -379,97 +432,96 @@ def test_udp_from_two_vms_to_same_service_are_distinct_sessions(pfw):
 # ---- FIN / RST transitions and port reuse ---------------------------------------
 
 
-def _flag_bits(fw: Firewall, src: str, sport: int, dst: str, dport: int) -> int:
-    return fw.const("SESS_F_FIN_LO") if side_of(src, sport, dst, dport) == SIDE_LO \
-        else fw.const("SESS_F_FIN_HI")
+def _close_init(v: np.ndarray, d: int) -> bool:
+    return bool(v["tcp"][d]["flags"] & load_layout().const("TCPD_F_CLOSE_INIT"))
 
 
-@pytest.mark.parametrize("closer", ["vm", "peer"])
+@pytest.mark.parametrize("closer", ["a", "b"], ids=["vm", "peer"])
 @pytest.mark.parametrize("peer", [CLIENT, CLIENT_LOW], ids=["vm-is-lo", "vm-is-hi"])
-def test_orderly_close_fin_wait_close_wait_time_wait(pfw, closer, peer):
+def test_orderly_close_fin_wait_close_wait_last_ack_time_wait(pfw, closer, peer):
+    """conntrack's close: FIN -> FIN_WAIT, its ACK -> CLOSE_WAIT (the other end may
+    still talk: half-close), the other FIN -> LAST_ACK, the last ACK -> TIME_WAIT."""
     fw = pfw
-    handshake(fw, peer=peer)
-    a = (VM, 40000, peer, 80) if closer == "vm" else (peer, 80, VM, 40000)
-    b = (a[2], a[3], a[0], a[1])
-    fin_a, fin_b = _flag_bits(fw, *a), _flag_bits(fw, *b)
-
-    assert run(fw, P.tcp(*a, P.FIN | P.ACK)) == "pass-session"
-    _, v = find(fw, TCP, *a)
-    assert v["state"] == ST["FIN_WAIT"] and v["flags"] & fin_a and not v["flags"] & fin_b
-
-    assert run(fw, P.tcp(*b, P.ACK)) == "pass-session"  # the other side acks the FIN
-    assert state_of(fw, TCP, *a) == "CLOSE_WAIT"
-    assert run(fw, P.tcp(*b, P.PSH | P.ACK, b"tail")) == "pass-session"  # half-close: b talks
-    assert state_of(fw, TCP, *a) == "CLOSE_WAIT"
-
-    assert run(fw, P.tcp(*b, P.FIN | P.ACK)) == "pass-session"
-    _, v = find(fw, TCP, *a)
-    assert v["state"] == ST["TIME_WAIT"] and v["flags"] & fin_a and v["flags"] & fin_b
-    assert run(fw, P.tcp(*a, P.ACK)) == "pass-session"  # last ACK
-    where, v = find(fw, TCP, *a)
+    flow = handshake(fw, peer=peer)
+    other = "b" if closer == "a" else "a"
+    d = 0 if closer == "a" else 1  # direction index of the closer (the VM opened)
+    assert run(fw, flow.fin(closer)) == "pass-session"
+    _, v = find(fw, TCP, VM, 40000, peer, 80)
+    assert v["state"] == ST["FIN_WAIT"] and _close_init(v, d) and not _close_init(v, 1 - d)
+    assert run(fw, flow.ack(other)) == "pass-session"  # the other side acks the FIN
+    assert state_of(fw, TCP, VM, 40000, peer, 80) == "CLOSE_WAIT"
+    assert run(fw, flow.data(other, b"tail")) == "pass-session"  # half-close: it talks on
+    assert run(fw, flow.ack(closer)) == "pass-session"
+    assert state_of(fw, TCP, VM, 40000, peer, 80) == "CLOSE_WAIT"
+    assert run(fw, flow.fin(other)) == "pass-session"
+    assert state_of(fw, TCP, VM, 40000, peer, 80) == "LAST_ACK"
+    assert run(fw, flow.ack(closer)) == "pass-session"  # last ACK
+    where, v = find(fw, TCP, VM, 40000, peer, 80)
     assert where == "sessions" and v["state"] == ST["TIME_WAIT"]
 
 
 def test_simultaneous_close_goes_to_time_wait(pfw):
     fw = pfw
-    handshake(fw)
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.FIN | P.ACK)) == "pass-session"
+    flow = handshake(fw)
+    assert run(fw, flow.fin("a")) == "pass-session"
     assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "FIN_WAIT"
-    assert run(fw, P.tcp(CLIENT, 80, VM, 40000, P.FIN | P.ACK)) == "pass-session"
+    assert run(fw, flow.fin("b")) == "pass-session"
+    assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "LAST_ACK"
+    assert run(fw, flow.ack("a")) == "pass-session"
     assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "TIME_WAIT"
 
 
-def test_fin_wait_closer_retransmits_fin_stays(pfw):
+def test_retransmitted_fin_counts_as_both_ways(pfw):
+    """As in conntrack, a second FIN in FIN_WAIT (a retransmission, or the other
+    one) means FIN seen both ways: LAST_ACK."""
     fw = pfw
-    handshake(fw)
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.FIN | P.ACK)) == "pass-session"
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.FIN | P.ACK)) == "pass-session"
-    assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "FIN_WAIT"
+    flow = handshake(fw)
+    fin = flow.fin("a")
+    assert run(fw, fin) == "pass-session"
+    assert run(fw, fin) == "pass-session"
+    assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "LAST_ACK"
 
 
-@pytest.mark.parametrize("sender", ["vm", "peer"])
+@pytest.mark.parametrize("sender", ["a", "b"], ids=["vm", "peer"])
 def test_rst_closes_established(pfw, sender):
     fw = pfw
-    handshake(fw)
-    frame = (P.tcp(VM, 40000, CLIENT, 80, P.RST | P.ACK) if sender == "vm"
-             else P.tcp(CLIENT, 80, VM, 40000, P.RST))
-    assert run(fw, frame) == "pass-session"
+    flow = handshake(fw)
+    assert run(fw, flow.rst(sender)) == "pass-session"
     where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
     assert where == "sessions" and v["state"] == ST["CLOSED"]
 
 
 def _to_time_wait(fw: Firewall) -> None:
-    handshake(fw)
-    for frame in (P.tcp(VM, 40000, CLIENT, 80, P.FIN | P.ACK),
-                  P.tcp(CLIENT, 80, VM, 40000, P.FIN | P.ACK),
-                  P.tcp(VM, 40000, CLIENT, 80, P.ACK)):
+    flow = handshake(fw)
+    for frame in (flow.fin("a"), flow.fin("b"), flow.ack("a")):
         assert run(fw, frame) == "pass-session"
     assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "TIME_WAIT"
 
 
 def _to_closed(fw: Firewall) -> None:
-    handshake(fw)
-    assert run(fw, P.tcp(CLIENT, 80, VM, 40000, P.RST)) == "pass-session"
+    flow = handshake(fw)
+    assert run(fw, flow.rst("b")) == "pass-session"
     assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "CLOSED"
 
 
 @pytest.mark.parametrize("close", [_to_time_wait, _to_closed], ids=["time-wait", "closed"])
 def test_port_reuse_after_close_reopens(pfw, close):
-    """A SYN on a TIME_WAIT/CLOSED tuple is a new connection: half-open again."""
+    """A SYN on a TIME_WAIT/CLOSED tuple is a new connection: unassured again."""
     fw = pfw
     close(fw)
     _, old = find(fw, TCP, VM, 40000, CLIENT, 80)
     t0 = time.monotonic_ns()
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
+    flow = P.TcpFlow(VM, 40000, CLIENT, 80, isn_a=5_000_000, isn_b=7_000_000)
+    assert run(fw, flow.syn()) == "pass-outbound"
     where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
-    assert where == "halfopen" and v["state"] == ST["SYN_SENT"]
+    assert where == "unassured" and v["state"] == ST["SYN_SENT"]
     assert v["created_ns"] >= t0 - TICK_NS, "a reopened session is a new connection"
     assert v["created_ns"] >= old["created_ns"]
     assert v["initiator"] == side_of(VM, 40000, CLIENT, 80)
-    assert not v["flags"] & (fw.const("SESS_F_FIN_LO") | fw.const("SESS_F_FIN_HI"))
-    assert run(fw, P.tcp(CLIENT, 80, VM, 40000, P.SYN | P.ACK)) == "pass-session"
+    assert not _close_init(v, 0) and not _close_init(v, 1)
+    assert run(fw, flow.synack()) == "pass-session"
     assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "SYN_RECV"
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.ACK)) == "pass-session"
+    assert run(fw, flow.ack("a")) == "pass-session"
     where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
     assert where == "sessions" and v["state"] == ST["ESTABLISHED"]
 
@@ -499,22 +551,22 @@ def test_inbound_syn_on_closed_tuple_still_needs_the_acl(pfw, close):
     assert find(fw, TCP, VM, 40000, CLIENT, 80) == (None, None)
 
 
-@pytest.mark.parametrize("rst", [
-    P.tcp(CLIENT, 80, VM, 40000, P.RST | P.ACK),  # connection refused by the peer
-    P.tcp(VM, 40000, CLIENT, 80, P.RST),  # initiator aborts its own SYN
-], ids=["refused", "aborted"])
-def test_rst_during_handshake_stays_out_of_main_table(pfw, rst):
+@pytest.mark.parametrize("who", ["b", "a"], ids=["refused", "aborted"])
+def test_rst_during_handshake_stays_out_of_main_table(pfw, who):
     """Regression: a RST on a half-open entry used to promote it (CLOSED) into the
     never-evicted main table, so refused or aborted handshakes consumed its slots."""
     fw = pfw
-    assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
+    flow = P.TcpFlow(VM, 40000, CLIENT, 80)
+    assert run(fw, flow.syn()) == "pass-outbound"
+    # a refusal answers the SYN (seq 0, ack ISN+1); an abort is the initiator's own
+    rst = flow.frame("b", P.RST | P.ACK, seq=0) if who == "b" else flow.frame("a", P.RST)
     assert run(fw, rst) == "pass-session"
     where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
-    assert where == "halfopen" and v["state"] == ST["CLOSED"]
+    assert where == "unassured" and v["state"] == ST["CLOSED"]
     # the tuple can be reused at once
     assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
     where, v = find(fw, TCP, VM, 40000, CLIENT, 80)
-    assert where == "halfopen" and v["state"] == ST["SYN_SENT"]
+    assert where == "unassured" and v["state"] == ST["SYN_SENT"]
     assert list(v["packets"]) == [1, 0]
 
 
@@ -527,9 +579,9 @@ def test_expired_udp_session_is_a_miss_and_is_recreated(pfw):
     assert run(fw, P.udp(VM, 5353, CLIENT, 53)) == "pass-outbound"
     assert run(fw, P.udp(CLIENT, 53, VM, 5353)) == "pass-session"
     key = key_of(fw, UDP, VM, 5353, CLIENT, 53)
-    age(fw, "sessions", key, 29)
+    age(fw, "unassured", key, 29)
     assert run(fw, P.udp(CLIENT, 53, VM, 5353)) == "pass-session", "29 s idle of 30: live"
-    age(fw, "sessions", key, 31)
+    age(fw, "unassured", key, 31)
     assert run(fw, P.udp(CLIENT, 53, VM, 5353)) == "drop-acl-default", "expired = miss"
     t0 = time.monotonic_ns()
     assert run(fw, P.udp(VM, 5353, CLIENT, 53)) == "pass-outbound"
@@ -553,7 +605,7 @@ def test_expired_halfopen_is_a_miss(pfw):
     fw = pfw
     set_timeout(fw, "SYN_SENT", 10)
     assert run(fw, P.tcp(VM, 40000, CLIENT, 80, P.SYN)) == "pass-outbound"
-    age(fw, "halfopen", key_of(fw, TCP, VM, 40000, CLIENT, 80), 11)
+    age(fw, "unassured", key_of(fw, TCP, VM, 40000, CLIENT, 80), 11)
     assert run(fw, P.tcp(CLIENT, 80, VM, 40000, P.SYN | P.ACK)) == "drop-no-session"
 
 
@@ -561,8 +613,8 @@ def test_expired_icmp_echo_is_a_miss(pfw):
     fw = pfw
     set_timeout(fw, "ICMP", 5)
     assert run(fw, P.icmp_echo(VM, CLIENT, ident=77)) == "pass-outbound"
-    age(fw, "sessions", key_of(fw, ICMP, VM, 77, CLIENT, 0), 6)
-    assert run(fw, P.icmp_echo(CLIENT, VM, ident=77, reply=True)) == "drop-acl-default"
+    age(fw, "unassured", key_of(fw, ICMP, VM, 77, CLIENT, 0), 6)
+    assert run(fw, P.icmp_echo(CLIENT, VM, ident=77, reply=True)) == "drop-no-session"
 
 
 def test_timeout_is_read_per_packet_from_config(pfw):
@@ -606,12 +658,12 @@ def test_gc_removes_expired_and_keeps_live(pfw):
         assert run(fw, P.udp(VM, port, CLIENT, 53)) == "pass-outbound"
     assert run(fw, P.tcp(VM, 41000, CLIENT, 443, P.SYN)) == "pass-outbound"  # half-open
     assert run(fw, P.tcp(VM, 41001, CLIENT, 443, P.SYN)) == "pass-outbound"
-    age(fw, "sessions", key_of(fw, UDP, VM, 1002, CLIENT, 53), 31)
-    age(fw, "sessions", key_of(fw, UDP, VM, 1003, CLIENT, 53), 60)
-    age(fw, "halfopen", key_of(fw, TCP, VM, 41001, CLIENT, 443), 31)
-    age(fw, "sessions", key_of(fw, UDP, VM, 1001, CLIENT, 53), 25)  # idle but live
+    age(fw, "unassured", key_of(fw, UDP, VM, 1002, CLIENT, 53), 31)
+    age(fw, "unassured", key_of(fw, UDP, VM, 1003, CLIENT, 53), 60)
+    age(fw, "unassured", key_of(fw, TCP, VM, 41001, CLIENT, 443), 31)
+    age(fw, "unassured", key_of(fw, UDP, VM, 1001, CLIENT, 53), 25)  # idle but live
 
-    assert sessions.gc(fw) == {"sessions": 2, "halfopen": 1}
+    assert sessions.gc(fw) == {"sessions": 0, "unassured": 3}
     assert find(fw, UDP, VM, 1002, CLIENT, 53) == (None, None)
     assert find(fw, UDP, VM, 1003, CLIENT, 53) == (None, None)
     assert find(fw, TCP, VM, 41001, CLIENT, 443) == (None, None)
@@ -620,7 +672,7 @@ def test_gc_removes_expired_and_keeps_live(pfw):
     assert n_sessions(fw) == 3
     assert run(fw, P.tcp(CLIENT, 80, VM, 40000, P.ACK)) == "pass-session"
     assert run(fw, P.udp(CLIENT, 53, VM, 1001)) == "pass-session"
-    assert sessions.gc(fw) == {"sessions": 0, "halfopen": 0}
+    assert sessions.gc(fw) == {"sessions": 0, "unassured": 0}
 
 
 def test_gc_in_bulk(pfw):
@@ -642,7 +694,7 @@ def test_gc_in_bulk(pfw):
     vals["created_ns"] = now - 40 * NS
     vals["last_seen_ns"] = np.where(i % 2 == 0, now - 31 * NS, now - 1 * NS)
     assert m.update_many(keys, vals) == n
-    assert sessions.gc(fw) == {"sessions": n // 2, "halfopen": 0}
+    assert sessions.gc(fw) == {"sessions": n // 2, "unassured": 0}
     left, _ = m.dump()
     assert len(left) == n // 2
     assert set(int(x) for x in left["addr_hi"].byteswap()) == {
@@ -783,9 +835,10 @@ def test_unrelated_icmp_errors(pfw):
     assert run(fw, P.icmp_error(CLIENT, VM, stray)) == "drop-no-session"
     assert run(fw, P.icmp_error(ROUTER, VM, P.icmp_echo_ip(VM, CLIENT, 5), 11, 0)) \
         == "drop-no-session"
-    # the VM may send errors about anything (e.g. port unreachable for an inbound probe)
+    # nor may the VM send errors about packets the firewall never let in (conntrack:
+    # invalid; the VM never saw an inbound probe this firewall dropped)
     probe = P.ipv4(CLIENT, VM, 17, P.udp_seg(4444, 9))
-    assert run(fw, P.icmp_error(VM, CLIENT, probe)) == "pass-outbound"
+    assert run(fw, P.icmp_error(VM, CLIENT, probe)) == "drop-no-session"
     assert n_sessions(fw) == 0, "errors never create sessions"
 
 
@@ -794,7 +847,7 @@ def test_icmp_error_quoting_expired_session_dropped(pfw):
     set_timeout(fw, "UDP_NEW", 10)
     out = P.ipv4(VM, CLIENT, 17, P.udp_seg(5353, 53))
     assert run(fw, P.eth(out)) == "pass-outbound"
-    age(fw, "sessions", key_of(fw, UDP, VM, 5353, CLIENT, 53), 11)
+    age(fw, "unassured", key_of(fw, UDP, VM, 5353, CLIENT, 53), 11)
     assert run(fw, P.icmp_error(CLIENT, VM, out)) == "drop-no-session"
 
 
@@ -890,50 +943,43 @@ def _fill_sessions(fw: Firewall, n: int) -> None:
     now = time.monotonic_ns()
     vals["created_ns"] = now
     vals["last_seen_ns"] = now
-    vals["state"] = ST["UDP_REPLIED"]
+    vals["state"] = ST["UDP_ASSURED"]
     vals["initiator"] = SIDE_LO
     vals["packets"][:, 0] = 1
     assert m.update_many(keys, vals) == n
 
 
-def test_full_table_refuses_new_sessions_keeps_established(pfw):
+def test_full_table_keeps_established_and_new_flows_stay_unassured(pfw):
+    """A full `sessions` table evicts nothing: established and assured sessions keep
+    passing; a new flow still works, unassured (in the LRU), until room is made."""
     fw = pfw
-    handshake(fw)  # an established TCP session
+    flow = handshake(fw)  # an established TCP session
     assert run(fw, P.udp(VM, 5353, CLIENT, 53)) == "pass-outbound"
-    assert run(fw, P.udp(CLIENT, 53, VM, 5353)) == "pass-session"
     cap = fw.maps["sessions"].info.max_entries
-    _fill_sessions(fw, cap - 2)
+    _fill_sessions(fw, cap - 1)
     assert len(fw.maps["sessions"].dump()[0]) == cap
 
-    # a new flow is refused, counted, and leaves no trace
-    assert run(fw, P.udp(VM, 5354, CLIENT, 53)) == "drop-table-full"
-    assert run(fw, P.icmp_echo(VM, CLIENT, ident=1)) == "drop-table-full"
-    assert find(fw, UDP, VM, 5354, CLIENT, 53) == (None, None)
     # existing sessions keep passing both ways
-    for frame in (P.tcp(CLIENT, 80, VM, 40000, P.PSH | P.ACK, b"still here"),
-                  P.tcp(VM, 40000, CLIENT, 80, P.ACK),
-                  P.udp(VM, 5353, CLIENT, 53),
-                  P.udp(CLIENT, 53, VM, 5353),
+    for frame in (flow.data("b", b"still here"), flow.ack("a"),
                   P.udp("172.16.0.1", 53, VM2, 10000)):  # a loaded entry is a real session
         assert run(fw, frame) == "pass-session"
-    # a new TCP handshake may start (half-open LRU) but cannot be promoted
-    assert run(fw, P.tcp(VM, 41000, CLIENT, 443, P.SYN)) == "pass-outbound"
-    assert run(fw, P.tcp(CLIENT, 443, VM, 41000, P.SYN | P.ACK)) == "pass-session"
-    assert run(fw, P.tcp(VM, 41000, CLIENT, 443, P.ACK)) == "drop-table-full"
-    assert state_of(fw, TCP, VM, 41000, CLIENT, 443) == "SYN_RECV"
+    # a new TCP handshake completes but cannot be promoted: it stays unassured and works
+    new = P.TcpFlow(VM, 41000, CLIENT, 443)
+    for frame in (new.syn(), new.synack(), new.ack("a"), new.data("b", b"x")):
+        assert run(fw, frame) in ("pass-outbound", "pass-session")
+    where, v = find(fw, TCP, VM, 41000, CLIENT, 443)
+    assert where == "unassured" and v["state"] == ST["ESTABLISHED"]
     assert state_of(fw, TCP, VM, 40000, CLIENT, 80) == "ESTABLISHED"
     assert len(fw.maps["sessions"].dump()[0]) == cap
 
     # an expired entry's own flow may take its slot back (same key, no new slot)
-    set_timeout(fw, "UDP_REPLIED", 30)
+    set_timeout(fw, "UDP_ASSURED", 30)
     age(fw, "sessions", key_of(fw, UDP, VM2, 10001, "172.16.0.0", 53), 31)
     assert run(fw, P.udp(VM2, 10001, "172.16.0.0", 53)) == "pass-outbound"
-    # room made by GC-like deletion is usable again
+    # room made by deletion is used by the next flow that becomes assured
     assert fw.maps["sessions"].delete(key_of(fw, UDP, VM2, 10002, "172.16.0.0", 53))
-    assert run(fw, P.udp(VM, 5354, CLIENT, 53)) == "pass-outbound"
-    assert run(fw, P.udp(VM, 5355, CLIENT, 53)) == "drop-table-full"
-    counts = stats.verdict_packets(fw)
-    assert counts["drop-table-full"] == 4
+    assert run(fw, new.data("a", b"y")) == "pass-session"
+    assert find(fw, TCP, VM, 41000, CLIENT, 443)[0] == "sessions"
 
 
 def test_echo_request_from_the_pinged_side_does_not_ride_the_ping_session(pfw):
@@ -951,6 +997,7 @@ def test_fragment_followers_expire_after_30s(pfw):
     assert run(fw, first).startswith("pass-")
     assert run(fw, later) == "pass-fragment"
     m = fw.maps["fragments"]
-    keys, _ = m.dump()
-    m.update(keys[:1], np.array([time.monotonic_ns() - 31 * 10**9], dtype=np.uint64))
+    keys, values = m.dump()
+    values["seen_ns"] = time.monotonic_ns() - 31 * 10**9
+    m.update(keys[:1], values[:1])
     assert run(fw, later) == "drop-fragment"

@@ -25,7 +25,7 @@ from sami_xdp.loader.compile import MAP_NAMES, Limits, bcc_layouts, compile_prog
 from sami_xdp.loader.pinned import MAP_TYPES, PERCPU_TYPES, possible_cpus
 
 Flat = dict[str, tuple[int, ...]]
-SMALL = Limits(max_sessions=1024, max_halfopen=64, max_syn_counters=64, max_blacklist=64)
+SMALL = Limits(max_sessions=1024, max_unassured=64, max_syn_counters=64, max_blacklist=64)
 
 # ---- flatteners ----------------------------------------------------------------
 
@@ -200,9 +200,11 @@ def test_checker_sees_a_real_struct_drift():
     ffi = load_layout().ffi
     real = flat_cffi(ffi, ffi.typeof("struct session_value"))
     drifted = cffi.FFI()
-    drifted.cdef("""struct session_value { uint64_t created_ns; uint64_t last_seen_ns;
-        uint64_t packets[2]; uint64_t bytes[2]; uint32_t ifindex; uint16_t state;
-        uint8_t initiator; uint8_t flags; };""")
+    drifted.cdef("""struct tcp_dir { uint32_t end; uint32_t maxend; uint32_t maxwin;
+        uint32_t maxack; uint8_t scale; uint8_t flags; uint16_t pad; };
+        struct session_value { uint64_t last_seen_ns; uint32_t ifindex[2]; uint16_t state;
+        uint8_t initiator; uint8_t flags; uint32_t pad2; struct tcp_dir tcp[2];
+        uint64_t packets[2]; uint64_t bytes[2]; uint64_t created_ns; };""")
     diff = layout_diff(real, flat_cffi(drifted, drifted.typeof("struct session_value")))
     # same total size (the pad byte went), yet every moved or vanished field is reported
     assert set(diff) == {"state", "initiator", "flags", "pad"}
@@ -305,6 +307,7 @@ def test_pinned_maps_match_this_build(fw):
 # here; after a bump, add the new version's line.
 LAYOUT_DIGESTS = {
     5: "2f833fd91da79a44b7e29045624c5c590937d8f86a8d5108010c9152e665e5dd",
+    6: "1a3d5ed0ff90111d2924d43590e36a727f120bce543c9a111dfd85bb0640eda9",
 }
 
 

@@ -58,7 +58,7 @@ pytestmark = pytest.mark.needs_root
 VM, VM2, CLIENT, ATTACKER = "10.1.1.1", "10.1.1.2", "192.0.2.10", "198.51.100.7"
 PREFIX = "10.1.1.0/24"
 MIGRATED = 1
-STATE_MAPS = ("sessions", "halfopen", "syn_counters", "blacklist", "pickup")
+STATE_MAPS = ("sessions", "unassured", "syn_counters", "blacklist", "pickup")
 LAYOUT = load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
 
 
@@ -151,9 +151,9 @@ def vm_entries(fw: Firewall, vm: str = VM) -> dict[str, tuple[np.ndarray, np.nda
     """Each state map's entries of one VM, sorted by key bytes."""
     be = ip_to_be32(vm)
     out = {}
-    for name in ("sessions", "halfopen", "syn_counters", "blacklist"):
+    for name in ("sessions", "unassured", "syn_counters", "blacklist"):
         k, v = fw.maps[name].dump()
-        if name in ("sessions", "halfopen"):
+        if name in ("sessions", "unassured"):
             mask = (k["addr_lo"] == be) | (k["addr_hi"] == be)
         elif name == "syn_counters":
             mask = k["dst"] == be
@@ -220,8 +220,9 @@ def full_bundle(
 def test_round_trip_sessions_syn_blacklist_acl(fw_a, fw_b, hosts):
     make_state_a(fw_a)
     before = vm_entries(fw_a)
-    assert len(before["sessions"][0]) == 3  # TCP established, UDP, ICMP
-    assert len(before["halfopen"][0]) == 2  # outbound SYN, ACL-allowed inbound SYN
+    assert len(before["sessions"][0]) == 1  # TCP established
+    # outbound SYN, ACL-allowed inbound SYN, UDP answered once, ICMP echo
+    assert len(before["unassured"][0]) == 4
     # SYNs towards the VM: the ACL-allowed client's one and the attacker's three
     assert sorted(before["syn_counters"][1]["count"].tolist()) == [1, 3]
     assert len(before["blacklist"][0]) == 1
@@ -230,15 +231,15 @@ def test_round_trip_sessions_syn_blacklist_acl(fw_a, fw_b, hosts):
     data = full_bundle(fw_a, hosts)
     res = hosts.receive(fw_b, data, pickup_s=0)
     assert res.counts == {
-        "sessions": 3,
-        "halfopen": 2,
+        "sessions": 1,
+        "unassured": 4,
         "syn_counters": 2,
         "blacklist": 1,
         "acl_rules": 2,
     }
     assert not res.warnings
     after = vm_entries(fw_b)
-    for name in ("sessions", "halfopen"):
+    for name in ("sessions", "unassured"):
         ka, va = before[name]
         kb, vb = after[name]
         assert ka.tobytes() == kb.tobytes(), name
@@ -342,7 +343,7 @@ def test_clock_rebasing_on_another_clock(fw_a, fw_b, hosts):
     )
     after = vm_entries(fw_b)
     tol = 30_000_000  # 30 ms: ms truncation + the time between export and a_now
-    for name in ("sessions", "halfopen"):
+    for name in ("sessions", "unassured"):
         va, vbv = before[name][1], after[name][1]
         for f in ("created_ns", "last_seen_ns"):
             expect = va[f].astype(np.int64) + shift - 2 * 10**9
@@ -449,10 +450,10 @@ def test_cli_import_refuses_an_expired_bundle(fw_a, fw_b, hosts, tmp_path):
 
 
 def test_capacity_refusal_writes_nothing(fw_a, fw_b, hosts):
-    make_state_a(fw_a)  # 3 established sessions of the VM
+    make_state_a(fw_a)  # 1 established session of the VM
     m = fw_b.maps["sessions"]
     cap = m.info.max_entries
-    n = cap - 2  # room for two more
+    n = cap  # full
     k = np.zeros(n, m.key_dtype)
     k["addr_lo"] = np.arange(n, dtype=np.uint32)
     k["addr_hi"] = ip_to_be32("172.16.0.1")
@@ -470,7 +471,7 @@ def test_capacity_refusal_writes_nothing(fw_a, fw_b, hosts):
     # one entry less on B: now it fits
     m.delete(k[:1])
     res = hosts.receive(fw_b, full_bundle(fw_a, hosts))
-    assert res.counts["sessions"] == 3
+    assert res.counts["sessions"] == 1
     assert len(m.dump()[0]) == cap
 
 
@@ -542,8 +543,8 @@ def test_delta_rounds_apply_changes_and_deletes(fw_a, fw_b, hosts):
     # appears, the ban is lifted, the ACL changes
     assert run_frame(fw_a, P.tcp(CLIENT, 80, VM, 40001, P.SYN | P.ACK)) == "PASS"
     assert run_frame(fw_a, P.tcp(VM, 40001, CLIENT, 80, P.ACK)) == "PASS"
-    udp = [k for k in fw_a.maps["sessions"].dump()[0] if int(k["proto"]) == 17]
-    fw_a.maps["sessions"].delete(udp[0])
+    udp = [k for k in fw_a.maps["unassured"].dump()[0] if int(k["proto"]) == 17]
+    fw_a.maps["unassured"].delete(udp[0])
     assert run_frame(fw_a, P.tcp(VM, 40002, CLIENT, 443, P.SYN)) == "PASS"
     fw_a.maps["blacklist"].delete(np.array([ip_to_be32(ATTACKER)], np.uint32))
     acl.add_rules(fw_a, [acl.make_rule(fw_a, vm=VM, proto="tcp", dport="443", priority=5)])
@@ -556,13 +557,14 @@ def test_delta_rounds_apply_changes_and_deletes(fw_a, fw_b, hosts):
     assert c["del_sessions"] == 1 and c["del_blacklist"] == 1
     assert c["sessions"] == 2  # the completed handshake and the new SYN, nothing else
     res = hosts.receive(fw_b, data, pickup_s=0)
-    assert res.deleted.get("sessions") == 1 and res.deleted.get("blacklist") == 1
+    # the UDP flow went, the completed handshake moved to `sessions`, the ban was lifted
+    assert res.deleted == {"unassured": 2, "blacklist": 1}
     # B now equals A for this VM (modulo rebased times and the migrated flag)
     a, bb = vm_entries(fw_a), vm_entries(fw_b)
-    for name in ("sessions", "halfopen", "syn_counters", "blacklist"):
+    for name in ("sessions", "unassured", "syn_counters", "blacklist"):
         assert a[name][0].tobytes() == bb[name][0].tobytes(), name
     assert a["sessions"][1]["state"].tolist() == bb["sessions"][1]["state"].tolist()
-    assert len(bb["halfopen"][0]) == 2  # inbound SYN to :22 and the new outbound SYN
+    assert len(bb["unassured"][0]) == 3  # inbound SYN to :22, the new outbound SYN, ICMP
     assert [int(r["rule"]["dport_lo"]) for r in acl.vm_entries(fw_b, VM)] == [443, 22, 0]
 
     # an unchanged round carries nothing but the ACL digest
@@ -591,7 +593,7 @@ def test_abort_removes_exactly_the_imported_entries(fw_a, fw_b, hosts):
     hosts.receive(fw_b, build_bundle(fw_a, VM, "host-b", 2, mid, "delta", src, identity=hosts.a))
     assert snapshot(fw_b) != before
     counts = abort_import(fw_b, mid, hosts.state_b, replay=hosts.replay)
-    assert counts["sessions.removed"] >= 2 and counts["sessions.restored"] >= 1
+    assert counts["unassured.removed"] >= 4 and counts["sessions.restored"] >= 1
     assert snapshot(fw_b) == before  # imported gone, overwritten back, the rest untouched
     meta = ImportRecords(hosts.state_b).meta(mid)
     assert meta is not None and meta["status"] == "aborted"
@@ -664,8 +666,8 @@ def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
     assert res.exit_code == 11 and "host-b" in res.output
 
     imp = json.loads(run("b", "import", str(out), "--pickup", "0", "--json").output)
-    assert imp["counts"]["sessions"] == 3 and imp["counts"]["halfopen"] == 2
-    assert len(vm_entries(fw_b)["sessions"][0]) == 3
+    assert imp["counts"]["sessions"] == 1 and imp["counts"]["unassured"] == 4
+    assert len(vm_entries(fw_b)["sessions"][0]) == 1
     again = run("b", "import", str(out), ok=False)
     assert isinstance(again.exception, ReplayError)
     res = run("b", "bundle", "inspect", str(out), ok=False)

@@ -7,12 +7,8 @@ harness (`conntrack_diff.py`) sends each packet through both firewalls at once; 
   (the case documents the yardstick, and the nft rule that dropped each packet);
 - `test_samixdp_matches_conntrack` checks that sami-xdp gives the same verdicts, except
   for the packets listed in `INTENDED` (differences that stay, with the reason), and
-  that its drop counters (`samixdp stats --json`) name the expected reasons. The cases
-  in `KNOWN_BAD` are today's gaps of the datapath-security work: there the test is
-  `xfail(strict=True)`, so fixing the datapath makes it XPASS, which fails until the
-  entry is removed;
-- `test_samixdp_known_bad_today` pins exactly what sami-xdp does today in those cases,
-  so a change to any of them (a fix or a new break) is seen at once.
+  that its drop counters (`samixdp stats --json`) name the expected reasons, and its
+  final TCP state.
 
 Each case uses its own ports, ICMP ids and IP ids, so no case shares conntrack or
 session state with another, and any order passes.
@@ -235,7 +231,7 @@ def icmp_echo_inbound(p: Ports) -> list[Probe]:
 @case("an echo reply nobody asked for")
 def icmp_reply_unsolicited(p: Ports) -> list[Probe]:
     return [Probe("reply", "client", icmp_echo(CLIENT_IP, VM_IP, p.icmp_id, reply=True), X,
-                  why="invalid")]
+                  why="invalid", ours="drop-no-session")]
 
 
 @case("port unreachable quoting the VM's live SYN")
@@ -273,7 +269,7 @@ def icmp_error_inbound_nothing(p: Ports) -> list[Probe]:
 def icmp_error_outbound_nothing(p: Ports) -> list[Probe]:
     quoted = udp(CLIENT_IP, p.client, VM_IP, 9999)
     return [Probe("unreachable", "vm", icmp_error(VM_IP, CLIENT_IP, quoted), X,
-                  why="invalid")]
+                  why="invalid", ours="drop-no-session")]
 
 
 @case("an error sent to the VM about a packet the VM received (not one it sent)")
@@ -294,17 +290,20 @@ def icmp_error_misaddressed(p: Ports) -> list[Probe]:
 def spoofed_vm_source_tcp(p: Ports) -> list[Probe]:
     f = TcpFlow(2222, p.vm)  # the VM's port p.vm is not allowed inbound
     return [
-        tcp(f, "spoofed-syn", "vm", "S", X, sender="client", why="rpf"),
-        tcp(f, "syn-ack", "client", "SA", X, why="invalid"),
-        tcp(f, "spoofed-ack", "vm", "A", X, sender="client", why="rpf"),
-        tcp(f, "data-in", "client", "PA", X, b"in through a denied port", why="invalid"),
+        tcp(f, "spoofed-syn", "vm", "S", X, sender="client", why="rpf", ours="drop-spoofed"),
+        tcp(f, "syn-ack", "client", "SA", X, why="invalid", ours="drop-no-session"),
+        tcp(f, "spoofed-ack", "vm", "A", X, sender="client", why="rpf", ours="drop-spoofed"),
+        tcp(f, "data-in", "client", "PA", X, b"in through a denied port", why="invalid",
+            ours="drop-no-session"),
     ]
 
 
 @case("from the uplink, spoofing the VM: UDP out, then the 'reply' into a denied port")
 def spoofed_vm_source_udp(p: Ports) -> list[Probe]:
-    return [Probe("spoofed-request", "client", udp(VM_IP, p.vm, CLIENT_IP, DNS), X, why="rpf"),
-            Probe("reply", "client", udp(CLIENT_IP, DNS, VM_IP, p.vm), X, why="policy")]
+    return [Probe("spoofed-request", "client", udp(VM_IP, p.vm, CLIENT_IP, DNS), X, why="rpf",
+                  ours="drop-spoofed"),
+            Probe("reply", "client", udp(CLIENT_IP, DNS, VM_IP, p.vm), X, why="policy",
+                  ours="drop-acl-default")]
 
 
 @case("a blind RST far outside the window, then data that must still pass",
@@ -312,7 +311,7 @@ def spoofed_vm_source_udp(p: Ports) -> list[Probe]:
 def blind_rst_out_of_window(p: Ports) -> list[Probe]:
     f = TcpFlow(p.client, HTTP)
     return [*handshake(f, "client"),
-            tcp(f, "blind-rst", "client", "R", X, why="invalid",
+            tcp(f, "blind-rst", "client", "R", X, why="invalid", ours="drop-invalid",
                 seq=f.nxt["client"] + 2**30),
             tcp(f, "data-in", "client", "PA", D, b"GET /"),
             tcp(f, "data-out", "vm", "PA", D, b"200 OK")]
@@ -324,8 +323,8 @@ def out_of_window_data(p: Ports) -> list[Probe]:
     f = TcpFlow(p.client, HTTP)
     return [*handshake(f, "client"),
             tcp(f, "far-data", "client", "PA", X, b"injected", why="invalid",
-                seq=f.nxt["client"] + 2**31 - 1),
-            tcp(f, "ack-unsent", "client", "A", X, why="invalid",
+                ours="drop-invalid", seq=f.nxt["client"] + 2**31 - 1),
+            tcp(f, "ack-unsent", "client", "A", X, why="invalid", ours="drop-invalid",
                 seq=f.nxt["client"], ack=f.nxt["vm"] + 2**30),
             tcp(f, "data-in", "client", "PA", D, b"GET /")]
 
@@ -333,27 +332,28 @@ def out_of_window_data(p: Ports) -> list[Probe]:
 @case("SYN|FIN to an allowed port", state=NO_ENTRY)
 def syn_fin_allowed_port(p: Ports) -> list[Probe]:
     f = TcpFlow(p.client, HTTP)
-    return [tcp(f, "syn-fin", "client", "SF", X, why="invalid"),
-            tcp(f, "syn-ack", "vm", "SA", X, why="invalid")]
+    return [tcp(f, "syn-fin", "client", "SF", X, why="invalid", ours="drop-invalid"),
+            tcp(f, "syn-ack", "vm", "SA", X, why="invalid", ours="drop-no-session")]
 
 
 @case("NULL scan (no flags) to an allowed port, no session")
 def null_scan(p: Ports) -> list[Probe]:
     f = TcpFlow(p.client, HTTP)
-    return [tcp(f, "null", "client", "", X, why="invalid", ours="drop-no-session")]
+    return [tcp(f, "null", "client", "", X, why="invalid", ours="drop-invalid")]
 
 
 @case("XMAS scan (FIN|PSH|URG) to an allowed port, no session")
 def xmas_scan(p: Ports) -> list[Probe]:
     f = TcpFlow(p.client, HTTP)
-    return [tcp(f, "xmas", "client", "FPU", X, why="invalid", ours="drop-no-session")]
+    return [tcp(f, "xmas", "client", "FPU", X, why="invalid", ours="drop-invalid")]
 
 
 @case("NULL flags inside an established session", state="ESTABLISHED")
 def null_in_session(p: Ports) -> list[Probe]:
     f = TcpFlow(p.client, HTTP)
     return [*handshake(f, "client"),
-            tcp(f, "null", "client", "", X, why="invalid", seq=f.nxt["client"]),
+            tcp(f, "null", "client", "", X, why="invalid", ours="drop-invalid",
+                seq=f.nxt["client"]),
             tcp(f, "data-in", "client", "PA", D, b"GET /")]
 
 
@@ -361,7 +361,8 @@ def null_in_session(p: Ports) -> list[Probe]:
 def xmas_in_session(p: Ports) -> list[Probe]:
     f = TcpFlow(p.client, HTTP)
     return [*handshake(f, "client"),
-            tcp(f, "xmas", "client", "FPU", X, why="invalid", seq=f.nxt["client"]),
+            tcp(f, "xmas", "client", "FPU", X, why="invalid", ours="drop-invalid",
+                seq=f.nxt["client"]),
             tcp(f, "data-in", "client", "PA", D, b"GET /")]
 
 
@@ -439,14 +440,6 @@ def frag_overlap_transport_header(p: Ports) -> list[Probe]:
 
 # Differences that stay: (case, probe) -> (sami-xdp's verdict, its drop reason, why).
 INTENDED: dict[tuple[str, str], tuple[Verdict, str | None, str]] = {
-    ("icmp_reply_unsolicited", "reply"): (
-        D, None,
-        "the ACL allows proto icmp, every type; conntrack marks an echo reply without "
-        "its request INVALID before any rule sees it"),
-    ("icmp_error_outbound_nothing", "unreachable"): (
-        D, None,
-        "what a protected VM sends is trusted (outbound passes); conntrack marks an "
-        "ICMP error quoting no connection INVALID in both directions"),
     ("frag_tiny_first", "tiny-first"): (
         X, "drop-malformed",
         "stricter: a first fragment must carry the whole TCP header (RFC 1858 section "
@@ -465,61 +458,6 @@ INTENDED: dict[tuple[str, str], tuple[Verdict, str | None, str]] = {
 
 
 
-@dataclass(frozen=True)
-class Gap:
-    """A known gap of today's datapath in one case: the xfail reason, what sami-xdp
-    does today with the probes where it differs (probe -> verdict, drop reason), and
-    its final TCP state when that differs from conntrack's."""
-
-    reason: str
-    probes: dict[str, tuple[Verdict, str | None]]
-    state: str | None = None
-
-
-# Today's gaps, closed by the datapath-security work. Fixing one makes its xfail test
-# XPASS (which fails, strict) and its `test_samixdp_known_bad_today` fail: then delete
-# the entry.
-KNOWN_BAD: dict[str, Gap] = {
-    "spoofed_vm_source_tcp": Gap(
-        "datapath security: anti-spoofing (a VM source arriving on the uplink creates "
-        "a session and lets the 'reply' into a denied port)",
-        {"spoofed-syn": (D, None), "syn-ack": (D, None), "spoofed-ack": (D, None),
-         "data-in": (D, None)}, state="ESTABLISHED"),
-    "spoofed_vm_source_udp": Gap(
-        "datapath security: anti-spoofing (a VM source arriving on the uplink opens a "
-        "UDP session)",
-        {"spoofed-request": (D, None), "reply": (D, None)}),
-    "blind_rst_out_of_window": Gap(
-        "datapath security: window tracking (an out-of-window RST passes and closes "
-        "the session)",
-        {"blind-rst": (D, None)}, state="CLOSED"),
-    "out_of_window_data": Gap(
-        "datapath security: window tracking (out-of-window data and ACKs pass)",
-        {"far-data": (D, None), "ack-unsent": (D, None)}),
-    "syn_fin_allowed_port": Gap(
-        "datapath security: invalid TCP flag combinations (SYN|FIN opens a session)",
-        {"syn-fin": (D, None), "syn-ack": (D, None)}, state="SYN_RECV"),
-    "null_in_session": Gap(
-        "datapath security: invalid TCP flag combinations (NULL passes in a session)",
-        {"null": (D, None)}),
-    "xmas_in_session": Gap(
-        "datapath security: invalid TCP flag combinations (FIN|PSH|URG passes in a "
-        "session and half-closes it)",
-        {"xmas": (D, None)}, state="FIN_WAIT"),
-    "simultaneous_open": Gap(
-        "datapath security: simultaneous open (crossing SYNs are dropped as invalid)",
-        {"syn-in": (X, "drop-invalid"), "syn-ack-out": (X, "drop-invalid")}),
-    "frag_offset1_overlap": Gap(
-        "datapath security: fragments (a TCP fragment at offset 1 rewrites the checked "
-        "header; RFC 1858 drops it)",
-        {"overlap-1": (D, None)}),
-    "frag_overlap_transport_header": Gap(
-        "datapath security: fragments (a later fragment overlapping the TCP header of "
-        "an accepted first fragment passes)",
-        {"overlap-2": (D, None)}),
-}
-
-
 # ---- running and judging ------------------------------------------------------------
 
 
@@ -536,12 +474,9 @@ def build_case(name: str) -> list[Probe]:
     return probes
 
 
-def expected_ours(name: str, probes: list[Probe], today: bool) -> tuple[list[Verdict],
-                                                                       Counter[str] | None]:
-    """sami-xdp's expected verdicts (conntrack's, with the intended differences; with
-    `today`, also the known-bad ones) and drop reasons (None when some drop has no
-    reason listed)."""
-    bad = KNOWN_BAD[name].probes if today and name in KNOWN_BAD else {}
+def expected_ours(name: str, probes: list[Probe]) -> tuple[list[Verdict], Counter[str] | None]:
+    """sami-xdp's expected verdicts (conntrack's, with the intended differences) and
+    drop reasons (None when some drop has no reason listed)."""
     verdicts: list[Verdict] = []
     reasons: Counter[str] = Counter()
     complete = True
@@ -549,8 +484,6 @@ def expected_ours(name: str, probes: list[Probe], today: bool) -> tuple[list[Ver
         verdict, reason = q.ct, q.ours
         if (name, q.label) in INTENDED:
             verdict, reason, _ = INTENDED[(name, q.label)]
-        if q.label in bad:
-            verdict, reason = bad[q.label]
         verdicts.append(verdict)
         if verdict == X:
             if reason is None:
@@ -610,17 +543,10 @@ def final_state(out: Outcome, side: str) -> str:
     return NO_ENTRY if state is None else state
 
 
-def _samixdp_param(name: str) -> object:
-    if name in KNOWN_BAD:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True,
-                                                          reason=KNOWN_BAD[name].reason))
-    return name
-
-
-@pytest.mark.parametrize("name", [_samixdp_param(n) for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_samixdp_matches_conntrack(harness: DiffHarness, outcomes: Runs, name: str) -> None:
     probes, out = run_case(harness, outcomes, name)
-    want, reasons = expected_ours(name, probes, today=False)
+    want, reasons = expected_ours(name, probes)
     got = out.verdicts["samixdp"]
     assert got == want, f"{name}: sami-xdp\n{table(probes, got, want)}"
     if reasons is not None:
@@ -629,27 +555,7 @@ def test_samixdp_matches_conntrack(harness: DiffHarness, outcomes: Runs, name: s
         assert final_state(out, "samixdp") == CASES[name].state, f"{name}: session state"
 
 
-@pytest.mark.parametrize("name", list(KNOWN_BAD))
-def test_samixdp_known_bad_today(harness: DiffHarness, outcomes: Runs, name: str) -> None:
-    probes, out = run_case(harness, outcomes, name)
-    want, reasons = expected_ours(name, probes, today=True)
-    got = out.verdicts["samixdp"]
-    assert got == want, (
-        f"{name}: sami-xdp no longer does what KNOWN_BAD says (fixed? then delete the "
-        f"entry and its xfail goes with it)\n{table(probes, got, want)}")
-    if reasons is not None:
-        assert out.drops["samixdp"] == reasons, f"{name}: drop counters"
-    if CASES[name].state is not None:
-        state = KNOWN_BAD[name].state or CASES[name].state
-        assert final_state(out, "samixdp") == state, f"{name}: session state today"
-
-
 def test_tables_name_real_probes() -> None:
-    """A typo in INTENDED or KNOWN_BAD must not silently match nothing."""
+    """A typo in INTENDED must not silently match nothing."""
     for name, label in INTENDED:
         assert label in [q.label for q in build_case(name)], (name, label)
-    for name, gap in KNOWN_BAD.items():
-        assert gap.reason.startswith("datapath security: ")
-        labels = [q.label for q in build_case(name)]
-        assert set(gap.probes) <= set(labels), (name, gap.probes)
-        assert gap.state is None or CASES[name].state is not None, name

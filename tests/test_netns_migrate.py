@@ -40,6 +40,6 @@ def test_connections_survive_only_with_migration(tmp_path: Path) -> None:
     names = [p["name"] for p in mig["phases"]]
     assert names[0] == "preflight" and names[1] == "full copy" and names[-1] == "final delta"
     full = mig["phases"][1]
-    assert full["imported"]["sessions"] + full["imported"]["halfopen"] >= 20
+    assert full["imported"]["sessions"] + full["imported"]["unassured"] >= 20
     assert full["imported"]["acl_rules"] == 1  # the VM's ACL rule travelled with it
     assert (out / "timeline.png").stat().st_size > 10_000

@@ -159,12 +159,12 @@ def test_spoofed_syn_flood_never_evicts_established(pfw):
         assert run_frame(pfw, P.tcp(CLIENT, 443, VM, sport, P.SYN | P.ACK)) == "PASS"
         assert run_frame(pfw, P.tcp(VM, sport, CLIENT, 443, P.ACK)) == "PASS"
         established.append(sport)
-    halfopen_cap = pfw.maps["halfopen"].info.max_entries
+    halfopen_cap = pfw.maps["unassured"].info.max_entries
     # 2x the half-open capacity of spoofed sources, one SYN each (under the rate)
     for i in range(2 * halfopen_cap):
         src = f"100.{64 + (i >> 16) % 64}.{(i >> 8) & 255}.{i & 255}"
         run_frame(pfw, syn(src, 1024 + i % 60000, VM, 80))
-    assert len(pfw.maps["halfopen"].dump()[0]) <= halfopen_cap
+    assert len(pfw.maps["unassured"].dump()[0]) <= halfopen_cap
     est = sessions.read_sessions(pfw)
     est = est.select(est.source == 0)
     assert len(est) == 50

@@ -13,7 +13,14 @@
 #define TCPF_FIN 0x01
 #define TCPF_SYN 0x02
 #define TCPF_RST 0x04
+#define TCPF_PSH 0x08
 #define TCPF_ACK 0x10
+#define TCPF_URG 0x20
+#define TCPOPT_EOL 0
+#define TCPOPT_NOP 1
+#define TCPOPT_WSCALE 3
+#define TCPOPT_SACK_PERM 4
+#define TCP_OPTS_MAX 40         /* bytes of options a TCP header can hold */
 
 /* ICMP types we reason about */
 #define ICMP_ECHOREPLY_T 0
@@ -32,29 +39,47 @@ struct vlan_hdr_s {
     __be16 proto;
 };
 
-/* What the rest of the program needs to know about one packet. */
-struct pkt {
-    __u32 saddr;        /* network order */
-    __u32 daddr;
-    __u16 sport;        /* network order; ICMP echo: identifier */
-    __u16 dport;        /* network order; ICMP echo: 0 */
-    __u32 l3_len;       /* IPv4 total length */
-    __u16 vlan;         /* innermost VID, 0 when untagged */
-    __u16 ip_id;
-    __u8 proto;
-    __u8 tcp_flags;
-    __u8 icmp_type;
-    __u8 frag;          /* 0 = whole, 1 = first fragment, 2 = later fragment */
-    /* ICMP errors: the quoted packet, reversed to the direction of the
-     * original (the error travels against it). */
-    __u32 in_saddr;
-    __u32 in_daddr;
-    __u16 in_sport;
-    __u16 in_dport;
-    __u8 in_proto;
-    __u8 is_icmp_err;
-    __u8 pad[2];
-};
+
+/* The SYN options the window tracker needs: window scale and SACK-permitted.
+ * Unrolled over the 40 possible option bytes with constant offsets only (a
+ * loop with a moving pointer costs the verifier far more); `next` is where the
+ * next option starts, a malformed list ends the walk. */
+static __always_inline void parse_syn_options(struct xdp_md *ctx, struct pkt *p)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    __u32 len = p->opt_len;
+    __u8 *opt = data + (p->opt_off & 0x3ff); /* the headers before the options fit in 1 KiB */
+    __u32 next = 0;
+#pragma unroll
+    for (__u32 j = 0; j < TCP_OPTS_MAX; j++) {
+        if (j == next && j < len) {
+            if ((void *)(opt + j + 1) > data_end)
+                return;
+            __u8 kind = opt[j];
+            if (kind == TCPOPT_EOL)
+                return;
+            if (kind == TCPOPT_NOP) {
+                next = j + 1;
+            } else {
+                if ((void *)(opt + j + 2) > data_end)
+                    return;
+                __u8 size = opt[j + 1];
+                if (size < 2 || j + size > len)
+                    return;
+                if (kind == TCPOPT_WSCALE && size == 3) {
+                    if ((void *)(opt + j + 3) > data_end)
+                        return;
+                    __u8 ws = opt[j + 2];
+                    p->wscale = ws > TCP_MAX_WSCALE ? TCP_MAX_WSCALE : ws;
+                } else if (kind == TCPOPT_SACK_PERM && size == 2) {
+                    p->sack_perm = 1;
+                }
+                next = j + size;
+            }
+        }
+    }
+}
 
 static __always_inline int is_icmp_error(__u8 type)
 {
@@ -140,6 +165,7 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
     __u16 frag_off = bpf_ntohs(iph->frag_off);
     if (frag_off & IP_OFFSET) {
         p->frag = 2;
+        p->frag_off = frag_off & IP_OFFSET;
         return PARSE_OK; /* no L4 header in this fragment */
     }
     if (frag_off & IP_MF)
@@ -158,17 +184,27 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
         p->sport = th->source;
         p->dport = th->dest;
         p->tcp_flags = ((__u8 *)th)[13];
+        p->seq = bpf_ntohl(th->seq);
+        p->ack_seq = bpf_ntohl(th->ack_seq);
+        p->win = bpf_ntohs(th->window);
+        p->seg_len = l4_len - th->doff * 4;
+        p->l4_hdr_len = th->doff * 4;
+        p->wscale = NO_WSCALE;
+        p->opt_off = (__u8 *)(th + 1) - (__u8 *)data; /* read by the slow path for SYNs */
+        p->opt_len = th->doff * 4 - sizeof(*th);
     } else if (p->proto == PROTO_UDP) {
         struct udphdr *uh = (void *)l4;
         if ((void *)(uh + 1) > data_end)
             return PARSE_MALFORMED;
         p->sport = uh->source;
         p->dport = uh->dest;
+        p->l4_hdr_len = sizeof(*uh);
     } else if (p->proto == PROTO_ICMP) {
         struct icmphdr *ih = (void *)l4;
         if ((void *)(ih + 1) > data_end)
             return PARSE_MALFORMED;
         p->icmp_type = ih->type;
+        p->l4_hdr_len = sizeof(*ih);
         if (ih->type == ICMP_ECHO_T || ih->type == ICMP_ECHOREPLY_T) {
             p->sport = ih->un.echo.id;
             p->dport = 0;

@@ -28,6 +28,7 @@ typedef uint64_t __u64;
 STRUCTS = (
     "samixdp_meta",
     "session_key",
+    "tcp_dir",
     "session_value",
     "lpm_v4_key",
     "acl_key",
@@ -38,6 +39,8 @@ STRUCTS = (
     "acl_set",
     "acl_entry",
     "frag_key",
+    "frag_value",
+    "pkt",
     "fw_config",
     "verdict_counter",
 )

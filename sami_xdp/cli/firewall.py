@@ -13,7 +13,7 @@ from ..loader import attach as xdp
 from ..loader import bpffs
 from ..loader.compile import Limits
 from ..loader.pinned import Firewall, unpin_all
-from ..policy import blacklist, protect, sessions, stats
+from ..policy import blacklist, protect, roles, sessions, stats
 from ..policy.config import config_names, create_firewall, parse_config_value
 from .common import emit_json, root_opts, table
 
@@ -57,24 +57,32 @@ def attach_cmd(
         typer.Option("--protect", help="VM prefix behind this host (repeatable)."),
     ] = None,
     mode: Annotated[str, typer.Option(help="auto|native|generic")] = "auto",
+    role: Annotated[
+        str,
+        typer.Option(
+            help="What IFACE leads to, for anti-spoofing: auto (the routes say), vm, uplink."
+        ),
+    ] = "auto",
     syn_rate: Annotated[
         str | None, typer.Option("--syn-rate", help="SYNs/s per source and VM before a ban.")
     ] = None,
     ban: Annotated[int | None, typer.Option(help="Ban time in seconds.")] = None,
     max_sessions: Annotated[int, typer.Option(help="Session table size (first attach).")] = 1 << 20,
-    max_halfopen: Annotated[int, typer.Option(help="Half-open LRU size (first attach).")] = 1 << 16,
+    max_unassured: Annotated[int, typer.Option(help="Unassured-flow LRU size (first attach).")] = 1
+    << 18,
 ) -> None:
     """Load the firewall (once per host) and attach it to IFACE."""
     c = root_opts(ctx)
     if mode not in xdp.MODES:
         raise InvalidArgument(f"--mode must be one of {', '.join(xdp.MODES)}, got {mode!r}")
+    roles.parse_role(role)
     nets = [parse_network(p) for p in (protect_ or [])]
     rate = _parse_rate(syn_rate) if syn_rate is not None else None
     if ban is not None and ban < 1:
         raise InvalidArgument("--ban must be at least 1 second")
     bpffs.require_root()
     xdp.query(iface)  # fails early and clearly for a missing interface
-    limits = Limits(max_sessions=max_sessions, max_halfopen=max_halfopen)
+    limits = Limits(max_sessions=max_sessions, max_unassured=max_unassured)
     with create_firewall(c.bpffs, limits) as fw:
         for net in nets:
             protect.add_protected(fw, str(net))
@@ -83,6 +91,7 @@ def attach_cmd(
         if ban is not None:
             fw.set_config(fw.const("CFG_BAN_S"), ban)
         state = xdp.attach(iface, fw.prog_fd, fw.prog_id(), mode)
+        roles.set_role(fw, state.ifindex, role)
         typer.echo(f"attached to {iface} in {state.mode} mode (program id {state.prog_id})")
 
 
@@ -91,7 +100,8 @@ def detach_cmd(ctx: typer.Context, iface: str) -> None:
     bpffs.require_root()
     xdp.query(iface)
     with root_opts(ctx).open() as fw:
-        xdp.detach(iface, fw.prog_fd, fw.prog_id())
+        state = xdp.detach(iface, fw.prog_fd, fw.prog_id())
+        roles.set_role(fw, state.ifindex, "auto")
     typer.echo(f"detached from {iface}")
 
 
@@ -119,7 +129,12 @@ def reset_cmd(
 
 def _status(fw: Firewall) -> dict[str, object]:
     ifaces = [
-        {"ifname": s.ifname, "ifindex": s.ifindex, "mode": s.mode}
+        {
+            "ifname": s.ifname,
+            "ifindex": s.ifindex,
+            "mode": s.mode,
+            "role": roles.role_of(fw, s.ifindex),
+        }
         for s in xdp.list_attached(fw.prog_id())
     ]
     maps = {
@@ -129,7 +144,7 @@ def _status(fw: Firewall) -> dict[str, object]:
             "entries": m.count(),
         }
         for name, m in fw.maps.items()
-        if name not in ("config", "meta", "verdicts", "acl_hits")
+        if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "scratch")
     }
     slots = fw.read_config()
     return {
@@ -155,7 +170,10 @@ def status_cmd(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")
     assert isinstance(ifaces, list)
     typer.echo(
         "interfaces: "
-        + (", ".join(f"{i['ifname']} ({i['mode']})" for i in ifaces) or "none in this netns")
+        + (
+            ", ".join(f"{i['ifname']} ({i['mode']}, role {i['role']})" for i in ifaces)
+            or "none in this netns"
+        )
     )
     prot = st["protected"]
     assert isinstance(prot, list)

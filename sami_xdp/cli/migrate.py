@@ -173,7 +173,7 @@ def import_cmd(
     n = res.counts
     typer.echo(
         f"imported {res.vm} from {res.source} ({res.kind}, migration {res.migration_id} "
-        f"#{res.seq}): {n['sessions']} sessions, {n['halfopen']} half-open, "
+        f"#{res.seq}): {n['sessions']} sessions, {n['unassured']} unassured, "
         f"{n['syn_counters']} SYN counters, {n['blacklist']} bans, {n['acl_rules']} ACL rules"
         f"{f'; pickup window {pickup:g} s' if pickup > 0 else ''}"
     )

@@ -83,6 +83,7 @@ BPF_EXIST = 2
 MAP_TYPE_NAMES = {
     1: "hash",
     2: "array",
+    3: "prog_array",
     5: "percpu_hash",
     6: "percpu_array",
     9: "lru_hash",

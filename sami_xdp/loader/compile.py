@@ -7,6 +7,7 @@ command reopens the pins, so the CLI stays fast and bcc is only needed here.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import tempfile
@@ -17,14 +18,18 @@ from pathlib import Path
 from bcc import BPF
 
 from ..base.errors import CompileError
+from ..base.layout import load_layout
 from ..base.paths import bpf_dir, program_path
 
 PROG_NAME = "xdp_firewall"
 PROG_PIN = "prog"
+# the programs the entry point reaches by tail call, by their slot in `stages`
+# (STAGE_* of the header)
+STAGE_PROGS = (("STAGE_SLOW", "xdp_slow"), ("STAGE_ACL", "xdp_acl"))
 
 MAP_NAMES = (
     "sessions",
-    "halfopen",
+    "unassured",
     "protected",
     "syn_counters",
     "blacklist",
@@ -33,6 +38,9 @@ MAP_NAMES = (
     "acl_rules",
     "pickup",
     "fragments",
+    "iface_roles",
+    "stages",
+    "scratch",
     "config",
     "meta",
     "verdicts",
@@ -44,14 +52,14 @@ class Limits:
     """Map capacities, fixed when the maps are created."""
 
     max_sessions: int = 1 << 20
-    max_halfopen: int = 1 << 16
+    max_unassured: int = 1 << 18
     max_syn_counters: int = 1 << 16
     max_blacklist: int = 1 << 16
 
     def cflags(self) -> list[str]:
         return [
             f"-DMAX_SESSIONS={self.max_sessions}",
-            f"-DMAX_HALFOPEN={self.max_halfopen}",
+            f"-DMAX_UNASSURED={self.max_unassured}",
             f"-DMAX_SYN_COUNTERS={self.max_syn_counters}",
             f"-DMAX_BLACKLIST={self.max_blacklist}",
         ]
@@ -98,6 +106,11 @@ def compile_program(limits: Limits, extra_cflags: tuple[str, ...] = ()) -> tuple
         try:
             bpf = BPF(src_file=str(program_path()).encode(), cflags=cflags)
             fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+            consts = load_layout().consts
+            stages = bpf[b"stages"]
+            for slot, name in STAGE_PROGS:
+                stage_fn = bpf.load_func(name.encode(), BPF.XDP)
+                stages[ctypes.c_int(consts[slot])] = ctypes.c_int(stage_fn.fd)
         except Exception as exc:  # bcc raises bare Exception
             log = log_path.read_text(errors="replace")
             log_path.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from .compile import MAP_NAMES, PROG_PIN, Limits, compile_program, map_fds
 # key / value struct of each map (None: a plain integer type)
 MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "sessions": ("session_key", "session_value"),
-    "halfopen": ("session_key", "session_value"),
+    "unassured": ("session_key", "session_value"),
     "protected": ("lpm_v4_key", None),
     "syn_counters": ("syn_key", "syn_value"),
     "blacklist": (None, "blacklist_value"),
@@ -32,7 +32,10 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "acl_hits": (None, None),
     "acl_rules": (None, "acl_entry"),
     "pickup": (None, None),
-    "fragments": ("frag_key", None),
+    "fragments": ("frag_key", "frag_value"),
+    "iface_roles": (None, None),
+    "stages": (None, None),
+    "scratch": (None, "pkt"),
     "config": (None, "fw_config"),
     "meta": (None, "samixdp_meta"),
     "verdicts": (None, "verdict_counter"),
@@ -255,7 +258,7 @@ class Firewall:
         meta = np.zeros(1, dtype=self.maps["meta"].value_dtype)
         meta["layout_version"] = self.layout.consts["SAMIXDP_LAYOUT_VERSION"]
         meta["max_sessions"] = limits.max_sessions
-        meta["max_halfopen"] = limits.max_halfopen
+        meta["max_unassured"] = limits.max_unassured
         meta["max_blacklist"] = limits.max_blacklist
         meta["max_syn_counters"] = limits.max_syn_counters
         meta["created_ns"] = time.monotonic_ns()

@@ -102,7 +102,7 @@ class Agent:
             m = self.fw.maps[name]
             free[name] = m.info.max_entries - m.scan(_count_only).scanned
         need = int(body.get("sessions", 0))
-        if need > free["sessions"] + free["halfopen"]:
+        if need > free["sessions"] + free["unassured"]:
             reasons.append(f"{me} has room for {free['sessions']} sessions, {need} needed")
         ok = not reasons
         _log("preflight", peer=peer.name, vm=body.get("vm"), ok=ok, reasons=reasons)

@@ -40,7 +40,7 @@ from .keys import KEY_ID_LEN, HostIdentity, validate_host_id
 from .wire import SECTIONS
 
 MAGIC = b"SXMB"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: session records carry each end's TCP window scale (36 B)
 SIG_ALG_ED25519 = 1
 SIG_LEN = 64
 

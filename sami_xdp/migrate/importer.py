@@ -4,7 +4,8 @@ Steps (under an exclusive lock in the state dir, so concurrent imports do not
 race each other's capacity checks):
 
 1. Plan, reading only (plan.py): rebase ages on the local CLOCK_MONOTONIC, split
-   sessions into `halfopen` (TCP SYN_SENT/SYN_RECV) and `sessions`, read each
+   sessions into `unassured` (TCP handshakes, UDP not yet assured, ICMP) and
+   `sessions` by their state, read each
    touched map once (its fill level and the current values of every key we
    will overwrite or delete), and refuse if a map lacks room. The session
    maps are read while the records are converted, keeping only the VM's
@@ -40,6 +41,7 @@ from ..policy.acl import (
     vm_rules_dtype,
 )
 from ..policy.protect import is_protected
+from ..policy.sessions import unassured_states
 from . import wire
 from .errors import (
     BundleRefused,
@@ -84,27 +86,26 @@ def _elapsed_ns(vb: VerifiedBundle, now_ms: int) -> int:
 
 
 def _session_plans(fw: Firewall, vb: VerifiedBundle, base: int) -> list[MapPlan]:
-    """The plans of both session maps: a half-open record goes to `halfopen`, the
-    rest to `sessions`, and a key moving from one table to the other leaves it."""
+    """The plans of both session maps: a record in an unassured state goes to
+    `unassured`, the rest to `sessions`, and a key moving from one table to the
+    other leaves it."""
     c = fw.layout.consts
     sec = vb.sections
-    sm, hm = fw.maps["sessions"], fw.maps["halfopen"]
+    sm, um = fw.maps["sessions"], fw.maps["unassured"]
     srec, dsess = sec["sessions"], sec["del_sessions"]
     assert isinstance(srec, np.ndarray) and isinstance(dsess, np.ndarray)
     # the session maps' snapshot is read while the records are converted
     only = vm_filter(vb.vm, srec, dsess)
     snap = SessionSnapshot(fw, only) if only is not None and (len(srec) or len(dsess)) else None
     try:
-        half = (srec["proto"] == c["PROTO_TCP"]) & (
-            (srec["state"] == c["ST_SYN_SENT"]) | (srec["state"] == c["ST_SYN_RECV"])
-        )
+        half = np.isin(srec["state"], unassured_states(fw.layout))
         skeys = wire.wire_to_session_keys(srec, sm.key_dtype)
         svals = wire.wire_to_session_values(srec, sm.value_dtype, base, c["SESS_F_MIGRATED"])
         dkeys = wire.wire_to_session_keys(dsess, sm.key_dtype)
         if half.any():
             est_k, est_v = take_rows(skeys, ~half), take_rows(svals, ~half)
             half_k, half_v = take_rows(skeys, half), take_rows(svals, half)
-        else:  # the usual case: nothing half-open, no copies
+        else:  # the usual case: nothing unassured, no copies
             est_k, est_v, half_k, half_v = skeys, svals, skeys[:0], svals[:0]
         scans = snap.result() if snap is not None else {}
     finally:
@@ -112,7 +113,7 @@ def _session_plans(fw: Firewall, vb: VerifiedBundle, base: int) -> list[MapPlan]
             snap.join()
     return [
         plan_map(sm, est_k, est_v, concat_rows([dkeys, half_k]), scan=scans.get("sessions")),
-        plan_map(hm, half_k, half_v, concat_rows([dkeys, est_k]), scan=scans.get("halfopen")),
+        plan_map(um, half_k, half_v, concat_rows([dkeys, est_k]), scan=scans.get("unassured")),
     ]
 
 
@@ -268,7 +269,7 @@ def import_vm_state(
 
         counts = {
             "sessions": len(plans[0].write_keys),
-            "halfopen": len(plans[1].write_keys),
+            "unassured": len(plans[1].write_keys),
             "syn_counters": len(plans[2].write_keys),
             "blacklist": len(plans[3].write_keys),
             "acl_rules": len(acl_rules) if acl_rules is not None else 0,

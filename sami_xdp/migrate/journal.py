@@ -22,7 +22,7 @@ from ..policy.acl import restore_vm_rules
 MIGRATIONS_DIR = "migrations"
 LOCK_FILE = "import.lock"
 # the map writes of one round, in order (then the pickup window, then the ACL)
-MAP_ORDER = ("sessions", "halfopen", "syn_counters", "blacklist")
+MAP_ORDER = ("sessions", "unassured", "syn_counters", "blacklist")
 UNDO_STEPS = (*MAP_ORDER, "pickup", "acl")
 
 

@@ -1,7 +1,7 @@
 """Selecting one VM's state from the pinned maps, and deltas between rounds.
 
 Everything is read with batch dumps into NumPy and filtered with vectorised
-masks: a VM's sessions (either end, both the `sessions` and `halfopen` maps),
+masks: a VM's sessions (either end, both the `sessions` and `unassured` maps),
 the SYN counters towards it, the blacklist entries it triggered, and its ACL
 rules. Expired entries are left behind (same rule as the datapath).
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..base.layout import load_layout
 from ..base.netutil import ip_to_be32
 from ..base.rows import KeyIndex, copy_rows, take_rows
 from ..loader.pinned import Firewall
@@ -63,7 +64,9 @@ class VmState:
 
     def sections(self) -> dict[str, np.ndarray | bytes]:
         secs: dict[str, np.ndarray | bytes] = {
-            "sessions": wire.sessions_to_wire(self.sess_keys, self.sess_values, self.now_ns),
+            "sessions": wire.sessions_to_wire(
+                self.sess_keys, self.sess_values, self.now_ns, wire.tcp_wire_flags(load_layout())
+            ),
             "syn": wire.syn_to_wire(self.syn_keys, self.syn_values, self.now_ns),
             "blacklist": wire.blacklist_to_wire(self.bl_keys, self.bl_values, self.now_ns),
         }
@@ -116,7 +119,7 @@ def export_vm_state(
         keys, values = take_rows(keys, live), take_rows(values, live)
         source = source[live]
     # a key live in both maps (a promotion caught mid-way): the datapath reads
-    # `sessions` first, so the half-open copy is left out
+    # `sessions` first, so the unassured copy is left out
     half = source == 1
     if half.any() and (~half).any():
         dup = KeyIndex(keys[half]).contains(keys[~half])

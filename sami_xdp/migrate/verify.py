@@ -46,21 +46,14 @@ from .errors import (
 )
 from .keys import Peer, TrustStore
 from .replay import ReplayCache
-from .wire import ACL_WIRE_FLAGS, ruleset_digest
+from .wire import ACL_WIRE_FLAGS, ruleset_digest, tcp_wire_flags
 
 DEFAULT_SKEW_S = 5.0
 
 # the session states each protocol may be in (names of the header's ST_* constants)
-TCP_STATES = (
-    "SYN_SENT",
-    "SYN_RECV",
-    "ESTABLISHED",
-    "FIN_WAIT",
-    "CLOSE_WAIT",
-    "TIME_WAIT",
-    "CLOSED",
-)
-UDP_STATES = ("UDP_NEW", "UDP_REPLIED")
+TCP_STATES = ("SYN_SENT", "SYN_SENT2", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+              "LAST_ACK", "TIME_WAIT", "CLOSED")
+UDP_STATES = ("UDP_NEW", "UDP_REPLIED", "UDP_ASSURED")
 ICMP_STATES = ("ICMP",)
 
 
@@ -165,6 +158,12 @@ def check_sessions(rec: np.ndarray, vm: int, layout: Layout, what: str = "sessio
     if (rec["flags"] & ~known).any():
         i = _first((rec["flags"] & ~known) != 0)
         raise InvalidRecordError(f"session record {i} has unknown flags {int(rec['flags'][i]):#x}")
+    tcp_ok = (rec["tcp_scale"] <= c["TCP_MAX_WSCALE"]).all(axis=1)
+    tcp_ok &= ((rec["tcp_flags"] & ~np.uint8(tcp_wire_flags(layout))) == 0).all(axis=1)
+    tcp_ok &= tcp | ((rec["tcp_scale"] == 0) & (rec["tcp_flags"] == 0)).all(axis=1)
+    if not tcp_ok.all():
+        i = _first(~tcp_ok)
+        raise InvalidRecordError(f"session record {i} has invalid TCP window scale or flags")
 
 
 def check_records(b: Bundle, sections: dict[str, np.ndarray | bytes]) -> None:

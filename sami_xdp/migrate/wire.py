@@ -9,9 +9,14 @@ Times never travel as clock values: the datapath's times are per-host
 CLOCK_MONOTONIC, so export turns them into ages (ms before the export
 instant) or remaining durations, and import rebases them on the local clock.
 
-What the session record drops compared to `struct session_value` (56 B + 16 B
-key -> 32 B):
+What the session record drops compared to `struct session_value` (104 B + 16 B
+key -> 36 B):
   * ifindex (local to the source host, never migrated) and padding;
+  * TCP window edges: only each end's window scale and option flags travel; the
+    destination anchors each direction on its first packet after the move (a
+    migrated connection's edges would be stale by the cutover, and without the
+    scale it could only track liberally, as conntrack does for picked-up
+    connections);
   * counter precision: the four packet/byte counters are 16-bit
     floating-point codes (exact below 2048, otherwise truncated with a
     relative error below 1/1024, i.e. never overstated);
@@ -46,6 +51,8 @@ SESSION_WIRE = np.dtype(
         ("idle_age_ms", "<u4"),
         ("packets", "<u2", (2,)),  # f16 codes, [0] initiator->responder
         ("bytes", "<u2", (2,)),
+        ("tcp_scale", "u1", (2,)),  # window scale of each end, [0] the initiator
+        ("tcp_flags", "u1", (2,)),  # TCPD_F_* of each end that travel (TCP_WIRE_FLAGS)
     ]
 )
 
@@ -100,7 +107,7 @@ DEL_SESSION_WIRE = np.dtype(
 DEL_SYN_WIRE = np.dtype([("src", "<u4"), ("dst", "<u4")])
 DEL_BLACKLIST_WIRE = np.dtype([("src", "<u4"), ("vm", "<u4")])
 
-assert SESSION_WIRE.itemsize == 32
+assert SESSION_WIRE.itemsize == 36
 assert SYN_WIRE.itemsize == 24 and BLACKLIST_WIRE.itemsize == 24
 assert ACL_WIRE.itemsize == 32 and DEL_SESSION_WIRE.itemsize == 13
 
@@ -114,6 +121,14 @@ SECTIONS: tuple[tuple[str, np.dtype, str], ...] = (
     ("del_syn", DEL_SYN_WIRE, "n_del_syn"),
     ("del_blacklist", DEL_BLACKLIST_WIRE, "n_del_blacklist"),
 )
+
+# per-end TCP flags that describe the connection rather than this host's view of it
+TCP_WIRE_FLAGS = ("WSCALE", "SACK_PERM", "CLOSE_INIT", "LIBERAL")
+
+
+def tcp_wire_flags(layout: Layout) -> int:
+    return sum(layout.const(f"TCPD_F_{n}") for n in TCP_WIRE_FLAGS)
+
 
 U32_MAX = np.uint64(0xFFFFFFFF)
 NS_PER_MS = 1_000_000
@@ -217,7 +232,10 @@ def _by_rows(n: int, fn: Callable[[int, int], None]) -> None:
     run_parallel(workers, lambda i: fn(bounds[i], bounds[i + 1]))
 
 
-def sessions_to_wire(keys: np.ndarray, values: np.ndarray, now_ns: int) -> np.ndarray:
+def sessions_to_wire(
+    keys: np.ndarray, values: np.ndarray, now_ns: int, tcp_wire_flags: int
+) -> np.ndarray:
+    """`tcp_wire_flags`: the TCPD_F_* bits that travel (the rest are local)."""
     out = np.empty(len(keys), dtype=SESSION_WIRE)
 
     def part(lo: int, hi: int) -> None:
@@ -231,6 +249,8 @@ def sessions_to_wire(keys: np.ndarray, values: np.ndarray, now_ns: int) -> np.nd
         o["idle_age_ms"] = age_ms(now_ns, v["last_seen_ns"])
         o["packets"] = encode_counter16(v["packets"])
         o["bytes"] = encode_counter16(v["bytes"])
+        o["tcp_scale"] = v["tcp"]["scale"]
+        o["tcp_flags"] = v["tcp"]["flags"] & np.uint8(tcp_wire_flags)
 
     _by_rows(len(keys), part)
     return out
@@ -292,6 +312,8 @@ def wire_to_session_values(
         v["state"] = r["state"]
         v["initiator"] = r["initiator"]
         v["flags"] = r["flags"] | np.uint8(extra_flags)
+        v["tcp"]["scale"] = r["tcp_scale"]  # edges stay 0: anchored by the first packets
+        v["tcp"]["flags"] = r["tcp_flags"]
 
     _by_rows(len(rec), part)
     return vals  # ifindex stays 0: set by the datapath on the next packet

@@ -15,16 +15,21 @@ from ..base.layout import Layout, load_layout
 from ..loader.compile import Limits
 from ..loader.pinned import Firewall
 
+# conntrack's defaults; unassured UDP (one request, one answer) expires as fast as
+# unanswered UDP, only a flow that keeps talking (UDP_ASSURED) lives long
 DEFAULT_TIMEOUTS_S = {
     "SYN_SENT": 120,
+    "SYN_SENT2": 120,
     "SYN_RECV": 60,
     "ESTABLISHED": 432000,
     "FIN_WAIT": 120,
     "CLOSE_WAIT": 60,
+    "LAST_ACK": 30,
     "TIME_WAIT": 120,
     "CLOSED": 10,
     "UDP_NEW": 30,
-    "UDP_REPLIED": 180,
+    "UDP_REPLIED": 30,
+    "UDP_ASSURED": 180,
     "ICMP": 30,
 }
 DEFAULT_SYN_RATE = 200
@@ -49,6 +54,7 @@ def config_names(layout: Layout) -> dict[str, int]:
             "syn-window-ms": c["CFG_SYN_WINDOW_MS"],
             "ban": c["CFG_BAN_S"],
             "frag-policy": c["CFG_FRAG_POLICY"],
+            "tcp-liberal": c["CFG_TCP_LIBERAL"],
         }
     )
     return names
@@ -86,4 +92,6 @@ def parse_config_value(name: str, value: str) -> int:
         raise InvalidArgument(f"{name} out of range: {value}")
     if name in ("syn-rate", "syn-window-ms") and number == 0:
         raise InvalidArgument(f"{name} must be at least 1")
+    if name == "tcp-liberal" and number > 1:
+        raise InvalidArgument("tcp-liberal is 0 (window checks) or 1 (out-of-window TCP passes)")
     return number

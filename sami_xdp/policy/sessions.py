@@ -1,6 +1,6 @@
 """Session table: listing, selection by VM and garbage collection.
 
-Both session maps (established and half-open) are read with batch lookups
+Both session maps (assured `sessions` and the `unassured` LRU) are read with batch lookups
 into NumPy structured arrays; filtering is vectorised, so a million entries
 never become a million Python objects unless someone asks to print them.
 """
@@ -19,7 +19,16 @@ from ..loader.batch import KeepFn
 from ..loader.pinned import Firewall
 from .config import state_names
 
-SESSION_MAPS = ("sessions", "halfopen")
+SESSION_MAPS = ("sessions", "unassured")
+
+
+# states of flows that have not proved themselves yet (the datapath's is_assured()):
+# they live in the evictable `unassured` LRU
+UNASSURED_STATES = ("SYN_SENT", "SYN_SENT2", "SYN_RECV", "UDP_NEW", "UDP_REPLIED", "ICMP")
+
+
+def unassured_states(layout: Layout) -> np.ndarray:
+    return np.array([layout.const(f"ST_{n}") for n in UNASSURED_STATES], dtype=np.uint8)
 
 
 def proto_names(layout: Layout) -> dict[int, str]:
@@ -147,7 +156,8 @@ def session_records(
                 "packets_reply": int(pk[1]),
                 "bytes_orig": int(by[0]),
                 "bytes_reply": int(by[1]),
-                "ifindex": int(v["ifindex"][i]),
+                "ifindex": int(v["ifindex"][i][0]),
+                "ifindex_reply": int(v["ifindex"][i][1]),
                 "migrated": bool(flags & f_migrated),
                 "picked_up": bool(flags & f_picked),
                 "table": SESSION_MAPS[int(table.source[i])],
