@@ -7,13 +7,17 @@ Standard library only, so it runs under any python3 inside `ip netns exec`.
       Echo every line back on every connection, until S seconds have passed.
       Prints "listening ADDR:PORT" once ready (and creates F if given).
 
-  tcp_probe.py connect ADDR PORT [--timeout S] [--message TEXT]
+  tcp_probe.py connect ADDR PORT [--timeout S] [--message TEXT] [--sport P]
                        [--hold-file F] [--hold-max S] [--after-hold TEXT]
       Connect (failing after S seconds), send TEXT, expect it echoed.
       Prints "ok LOCAL -> REMOTE" and exits 0, or "fail: REASON" and exits 1.
       With --hold-file the connection then stays open until F exists (at most
       --hold-max seconds); with --after-hold, that text is exchanged next, so
       the same connection is proved to still carry data (exit 1 if not).
+      --sport binds the local port first (an attacker's chosen port).
+
+  tcp_probe.py udp-echo ADDR PORT [--lifetime S]
+      Answer every UDP datagram with the same bytes, until S seconds have passed.
 """
 
 from __future__ import annotations
@@ -103,9 +107,32 @@ def _exchange(sock: socket.socket, text: str, timeout: float) -> str | None:
     return None
 
 
+def udp_echo(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.lifetime
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((args.addr, args.port))
+    except OSError as exc:
+        _say(f"fail: bind {args.addr}:{args.port}: {exc.strerror or exc}")
+        return 1
+    sock.settimeout(0.2)
+    _say(f"listening udp {args.addr}:{args.port}")
+    with sock:
+        while time.monotonic() < deadline:
+            try:
+                data, peer = sock.recvfrom(65536)
+                sock.sendto(data, peer)
+            except (TimeoutError, OSError):
+                continue
+    return 0
+
+
 def connect(args: argparse.Namespace) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(args.timeout)
+    if args.sport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", args.sport))
     try:
         sock.connect((args.addr, args.port))
     except TimeoutError:
@@ -155,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--hold-file")
     c.add_argument("--hold-max", type=float, default=30.0)
     c.add_argument("--after-hold")
+    c.add_argument("--sport", type=int, default=0)
+    u = sub.add_parser("udp-echo")
+    u.add_argument("addr")
+    u.add_argument("port", type=int)
+    u.add_argument("--lifetime", type=float, default=30.0)
     args = ap.parse_args(argv)
-    return serve(args) if args.cmd == "serve" else connect(args)
+    return {"serve": serve, "connect": connect, "udp-echo": udp_echo}[args.cmd](args)
 
 
 if __name__ == "__main__":

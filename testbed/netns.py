@@ -338,8 +338,11 @@ class HeldConnection:
         return rc, self.reader.seen
 
 
-def tcp_connect(ns: Netns, addr: str, port: int, timeout: float = 1.5) -> tuple[bool, str]:
-    """One bounded connect + echo from `ns`; (worked, what the probe said)."""
+def tcp_connect(
+    ns: Netns, addr: str, port: int, timeout: float = 1.5, sport: int = 0
+) -> tuple[bool, str]:
+    """One bounded connect + echo from `ns` (from local port `sport` if given);
+    (worked, what the probe said)."""
     res = ns.run(
         sys.executable,
         PROBE,
@@ -348,6 +351,8 @@ def tcp_connect(ns: Netns, addr: str, port: int, timeout: float = 1.5) -> tuple[
         str(port),
         "--timeout",
         str(timeout),
+        "--sport",
+        str(sport),
         check=False,
         timeout=timeout * 3 + 10,
     )
