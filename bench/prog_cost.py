@@ -37,6 +37,7 @@ import ipaddress
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -51,6 +52,7 @@ from sami_xdp.loader import batch, bpfsys
 from sami_xdp.loader.compile import Limits
 from sami_xdp.loader.pinned import Firewall, unpin_all
 from sami_xdp.policy import acl, blacklist, protect, stats
+from sami_xdp.policy.roles import set_role
 from sami_xdp.policy.config import create_firewall
 from testbed import packets as P
 
@@ -106,24 +108,26 @@ def client(i: int) -> str:
     return str(ipaddress.IPv4Address(CLIENT_BASE + 1 + i))
 
 
-def flow_frames() -> list[bytes]:
-    """One data frame per flow; even flows VM->client, odd flows client->VM."""
-    frames = []
-    for i in range(N_FLOWS):
-        vport, cport = 30000 + i, 443
-        if i % 2 == 0:
-            frames.append(P.tcp(vm(i), vport, client(i), cport, P.PSH | P.ACK, b"x" * 64))
-        else:
-            frames.append(P.tcp(client(i), cport, vm(i), vport, P.PSH | P.ACK, b"y" * 64))
-    return frames
+def flows() -> list[P.TcpFlow]:
+    """The measured connections, each opened by its VM."""
+    return [P.TcpFlow(vm(i), 30000 + i, client(i), 443) for i in range(N_FLOWS)]
 
 
-def open_flows(fw: Firewall) -> None:
-    """Real handshakes through the program: the flows' sessions end ESTABLISHED."""
-    for i in range(N_FLOWS):
-        v, c, vport = vm(i), client(i), 30000 + i
-        for frame in (P.tcp(v, vport, c, 443, P.SYN), P.tcp(c, 443, v, vport, P.SYN | P.ACK),
-                      P.tcp(v, vport, c, 443, P.ACK)):
+def flow_frames(conns: list[P.TcpFlow]) -> list[bytes]:
+    """One data frame per flow, in window (each repetition is a retransmission);
+    even flows VM->client, odd flows client->VM."""
+    return [c.data("a" if i % 2 == 0 else "b", (b"x" if i % 2 == 0 else b"y") * 64,
+                   advance=False) for i, c in enumerate(conns)]
+
+
+def open_flows(fw: Firewall, conns: list[P.TcpFlow]) -> None:
+    """Real handshakes through the program: the flows' sessions end ESTABLISHED.
+    PROG_TEST_RUN packets arrive on lo, which stands for the VM-facing interface
+    here (anti-spoofing role `vm`); a session's later packets skip that check as
+    long as they keep arriving where they came in."""
+    set_role(fw, socket.if_nametoindex("lo"), "vm")
+    for i, c in enumerate(conns):
+        for frame in (c.syn(), c.synack(), c.ack()):
             if bpfsys.prog_test_run(fw.prog_fd, frame).retval != XDP_PASS:
                 raise SystemExit(f"handshake of flow {i} was dropped")
 
@@ -211,7 +215,8 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("run as root (BPF_PROG_TEST_RUN, bpffs mount)")
 
-    frames = flow_frames()
+    conns = flows()
+    frames = flow_frames(conns)
     transit = [P.tcp(f"198.51.100.{1 + i % 200}", 1000 + i, "203.0.113.9", 443, P.PSH | P.ACK,
                      b"t" * 64) for i in range(N_FLOWS)]
     results: dict[str, dict] = {}
@@ -229,7 +234,7 @@ def main() -> None:
         protect.add_protected(fw, VM_NET)
         check_hits(fw, transit, "pass-transit")
         results["transit (no session)"] = measure(fw.prog_fd, transit, args.repeat, args.runs)
-        open_flows(fw)
+        open_flows(fw, conns)
         for total in (N_SESSIONS, *([] if args.quick else [1_000_000])):
             n = len(fw.maps["sessions"].dump()[0])
             fill_sessions(fw, total - n, start=n)
