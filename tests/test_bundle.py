@@ -33,7 +33,8 @@ from sami_xdp.migrate.errors import (
     SignatureError,
     UnknownSignerError,
 )
-from sami_xdp.migrate.keys import HostIdentity, TrustStore
+from sami_xdp.migrate.keys import HostIdentity
+from sami_xdp.migrate.peers import TrustStore
 from sami_xdp.migrate.verify import verify_bundle
 
 VM, CLIENT, OTHER = "10.1.1.1", "192.0.2.10", "10.1.1.2"
@@ -49,7 +50,7 @@ def ident_a() -> HostIdentity:
 @pytest.fixture(scope="module")
 def trust_b(ident_a: HostIdentity) -> TrustStore:
     t = TrustStore()
-    t.add("host-a", "192.0.2.1:7800", ident_a.public_raw)
+    t.add("host-a", "192.0.2.1:7800", ident_a.public_raw, vms="10.1.1.0/24")
     return t
 
 
@@ -413,7 +414,7 @@ def test_counts_must_match_sections(ident_a, compression):
     resigned = h.tobytes() + body
     resigned += ident.sign(resigned)
     t = TrustStore()
-    t.add("host-a", "192.0.2.1:7800", ident.public_raw)
+    t.add("host-a", "192.0.2.1:7800", ident.public_raw, vms="10.1.1.0/24")
     with pytest.raises(CountMismatchError):
         verify_bundle(resigned, t, "host-b")
 

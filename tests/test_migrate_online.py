@@ -101,7 +101,7 @@ def pair(fw: Firewall, firewall_b: Firewall, tmp_path: Path) -> Iterator[Pair]:
     assert a.cli("peers", "add", "hostb", "--address", f"127.0.0.1:{port}", "--key",
                  key_b).returncode == 0
     assert b.cli("peers", "add", "hosta", "--address", "127.0.0.1:1", "--key",
-                 key_a).returncode == 0
+                 key_a, "--vms", "10.1.1.0/24").returncode == 0
     agent = b.popen("agent", "--listen", f"127.0.0.1:{port}", "--pickup", "5")
     try:
         _wait_line(agent, '"listening"')

@@ -26,10 +26,12 @@ from ..migrate.bundle import (
     parse_bundle,
 )
 from ..migrate.errors import BundleRefused, MigrationRefused, UnknownMigrationError
-from ..migrate.export import build_bundle
+from ..migrate.export import build_bundle, require_protected
 from ..migrate.importer import DEFAULT_PICKUP_S, abort_import, import_vm_state
 from ..migrate.journal import ImportRecords
-from ..migrate.keys import HostIdentity, TrustStore
+from ..migrate.plan import record_limits
+from ..migrate.keys import HostIdentity
+from ..migrate.peers import TrustStore
 from ..migrate.phases import MigrateOptions, resolve_peer, wait_and_cleanup
 from ..migrate.replay import REPLAY_FILE, ReplayCache
 from ..migrate.select import ExportState
@@ -88,7 +90,8 @@ def export_cmd(
     ] = None,
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Write a signed full-snapshot bundle of one VM's state for peer TO."""
+    """Write a signed bundle of one VM's whole state for peer TO (a single, final
+    round: importing it opens the VM's pickup window there)."""
     c = root_opts(ctx)
     ip_to_be32(vm)
     if compress not in COMPRESSIONS:
@@ -116,7 +119,7 @@ def export_cmd(
             peer.name,
             seq,
             mid,
-            "full",
+            "final",  # one offline round: the whole state, and the last
             ExportState(),
             identity=ident,
             validity_s=validity,
@@ -162,11 +165,9 @@ def import_cmd(
     data = _read_file(file)
     ident = HostIdentity.load(c.config_dir)
     trust = TrustStore.load(c.config_dir)
-    with ReplayCache(c.state_dir) as replay:
-        # refusals need no firewall: verify first, then open the maps
-        vb = verify_bundle(data, trust, ident.host_id, replay)
-        with c.open() as fw:
-            res = import_vm_state(fw, vb, c.state_dir, replay=replay, pickup_s=pickup)
+    with c.open() as fw, ReplayCache(c.state_dir) as replay:
+        vb = verify_bundle(data, trust, ident.host_id, replay, limits=record_limits(fw))
+        res = import_vm_state(fw, vb, c.state_dir, replay=replay, pickup_s=pickup)
     if json_:
         emit_json(res.as_dict())
         return
@@ -415,6 +416,7 @@ def migrate_cmd(
     )
     say = (lambda m: typer.echo(m, err=True)) if not json_ else (lambda _m: None)
     with Firewall.open(c.bpffs) as fw:
+        require_protected(fw, vm)
         report = running.run_recorded(
             fw,
             identity,

@@ -28,7 +28,8 @@ from .errors import BundleRefused, ImportFailed, MigrateError
 from .export import build_bundle
 from .importer import ImportResult, abort_import, import_vm_state, receive_bundle
 from .journal import ImportRecords
-from .keys import HostIdentity, Peer, TrustStore
+from .keys import HostIdentity
+from .peers import Peer, TrustStore
 from .replay import ReplayCache
 from .select import ExportState, VmState, delta_since, export_vm_state
 from .verify import VerifiedBundle, verify_bundle

@@ -28,7 +28,8 @@ from .bundle import parse_bundle
 from .control import sign_control, verify_control
 from .errors import ControlError, MigrateError, TransportError
 from .importer import abort_import, receive_bundle
-from .keys import HostIdentity, TrustStore
+from .keys import HostIdentity
+from .peers import TrustStore
 from .replay import ReplayCache
 from .transport import (
     CONTROL_MAX_MESSAGE,

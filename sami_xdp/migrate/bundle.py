@@ -119,10 +119,41 @@ def _shuffle(buf: bytes | memoryview, itemsize: int) -> bytes | memoryview:
     return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
 
 
-def _unshuffle(buf: bytes, itemsize: int) -> bytes:
-    if itemsize <= 1 or not buf:
-        return buf
+def _unshuffle(buf: bytes | bytearray | memoryview, itemsize: int) -> bytes | memoryview:
+    if itemsize <= 1 or not len(buf):
+        return memoryview(buf)
     return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
+
+
+INFLATE_CHUNK = 1 << 20
+
+
+def inflate_exact(body: bytes | memoryview, raw_len: int) -> bytearray:
+    """zlib-inflates `body` into exactly `raw_len` bytes, never more: output that
+    would go past the length the signed header announces is refused without being
+    produced, so memory stays at `raw_len` plus one chunk whatever the input."""
+    out = bytearray(raw_len)
+    d = zlib.decompressobj()
+    pos = 0
+    pending: bytes | memoryview = body
+    try:
+        while pos < raw_len:
+            chunk = d.decompress(pending, min(INFLATE_CHUNK, raw_len - pos))
+            out[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+            pending = d.unconsumed_tail
+            if not chunk and (d.eof or not pending):
+                break
+        extra = d.decompress(pending, 1) if not d.eof else b""
+    except zlib.error as exc:
+        raise BundleFormatError(f"bundle body does not decompress: {exc}") from exc
+    if pos < raw_len:
+        raise CountMismatchError(f"bundle body inflates to {pos} bytes, header says {raw_len}")
+    if extra or not d.eof or d.unused_data:
+        raise CountMismatchError(
+            f"bundle body inflates past the {raw_len} bytes its header announces"
+        )
+    return out
 
 
 def section_sizes(h: np.void) -> list[tuple[str, int, int]]:
@@ -232,25 +263,20 @@ class Bundle:
         comp = int(h["compression"])
         raw_len = int(h["raw_body_len"])
         if comp == COMP_NONE:
-            raw: bytes | memoryview = self.body
+            raw: bytes | bytearray | memoryview = self.body
         else:
-            d = zlib.decompressobj()
-            try:
-                raw = d.decompress(bytes(self.body), raw_len + 1)
-            except zlib.error as exc:
-                raise BundleFormatError(f"bundle body does not decompress: {exc}") from exc
-            if not d.eof or d.unused_data or d.unconsumed_tail:
-                raise BundleFormatError("bundle body has trailing or missing compressed data")
+            raw = inflate_exact(self.body, raw_len)
         if len(raw) != raw_len:
             raise CountMismatchError(f"bundle body is {len(raw)} bytes, header says {raw_len}")
         out: dict[str, np.ndarray | bytes] = {}
         off = 0
         dtypes = {name: dt for name, dt, _ in SECTIONS}
+        view = memoryview(raw)  # slices of it share the buffer (a bytearray slice copies)
         for name, size, itemsize in section_sizes(h):
-            chunk = raw[off : off + size]
+            chunk: bytes | memoryview = view[off : off + size]
             off += size
             if comp == COMP_ZLIB_SHUFFLE:
-                chunk = _unshuffle(bytes(chunk), itemsize)
+                chunk = _unshuffle(chunk, itemsize)
             if name == "acl" and self.flags & FLAG_ACL_BLOB:
                 out[name] = bytes(chunk)
             else:
@@ -259,12 +285,12 @@ class Bundle:
         return out
 
 
-def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
-    """Structural checks only: sizes, magic, versions, known flags."""
-    mv = memoryview(data).cast("B")
-    if len(mv) < HEADER_SIZE + SIG_LEN:
-        raise BundleFormatError(f"not a bundle: {len(mv)} bytes is shorter than any bundle")
-    h = np.frombuffer(mv[:HEADER_SIZE], dtype=HEADER)[0]
+def parse_header(head: bytes | bytearray | memoryview) -> np.void:
+    """The header of a bundle, structurally checked (magic, versions, known flags);
+    nothing in it is authenticated yet."""
+    if len(head) < HEADER_SIZE:
+        raise BundleFormatError(f"not a bundle: {len(head)} bytes is shorter than any bundle")
+    h = np.frombuffer(head[:HEADER_SIZE], dtype=HEADER)[0]
     if bytes(h["magic"]) != MAGIC:
         raise BundleFormatError("not a sami-xdp bundle (bad magic)")
     if int(h["format_version"]) != FORMAT_VERSION:
@@ -281,11 +307,23 @@ def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
         raise BundleFormatError(f"unknown compression {int(h['compression'])}")
     if int(h["reserved"]) != 0:
         raise BundleFormatError("reserved header bytes are not zero")
+    return h
+
+
+def bundle_size(h: np.void) -> int:
+    """The whole bundle's length in bytes as its header announces it."""
+    return HEADER_SIZE + int(h["body_len"]) + SIG_LEN
+
+
+def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
+    """Structural checks only: sizes, magic, versions, known flags."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < HEADER_SIZE + SIG_LEN:
+        raise BundleFormatError(f"not a bundle: {len(mv)} bytes is shorter than any bundle")
+    h = parse_header(mv)
     body_len = int(h["body_len"])
-    if HEADER_SIZE + body_len + SIG_LEN != len(mv):
-        raise BundleFormatError(
-            f"bundle is {len(mv)} bytes, header announces {HEADER_SIZE + body_len + SIG_LEN}"
-        )
+    if bundle_size(h) != len(mv):
+        raise BundleFormatError(f"bundle is {len(mv)} bytes, header announces {bundle_size(h)}")
     return Bundle(
         header=h,
         data=mv,

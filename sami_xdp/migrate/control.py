@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from .errors import ControlError
-from .keys import HostIdentity, Peer, TrustStore
+from .keys import HostIdentity
+from .peers import Peer, TrustStore
 
 MAX_SKEW_MS = 120_000
 

@@ -31,7 +31,8 @@ from .bundle import new_migration_id, parse_bundle
 from .control import sign_control, verify_control
 from .errors import ControlError, MigrateError, MigrationRefused, TransportError
 from .export import Kind, build_bundle
-from .keys import HostIdentity, Peer, TrustStore
+from .keys import HostIdentity
+from .peers import Peer, TrustStore
 from .select import ExportState
 from .transport import (
     MSG_ABORT,

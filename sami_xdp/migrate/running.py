@@ -15,7 +15,8 @@ from typing import Any
 from ..base.errors import InvalidArgument
 from ..loader.pinned import Firewall
 from .errors import MigrateError, MigrationRefused
-from .keys import HostIdentity, Peer, TrustStore
+from .keys import HostIdentity
+from .peers import Peer, TrustStore
 from .phases import (
     MigrateOptions,
     Migration,
