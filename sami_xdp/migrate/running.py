@@ -136,6 +136,7 @@ def abort_migration(
     identity: HostIdentity,
     trust: TrustStore,
     peer: str | None,
+    plaintext: bool = False,
 ) -> str:
     """`--abort`: stops the running migration of `vm`, or asks the destination of
     the last recorded one to drop what it imported. Nothing changes here."""
@@ -147,7 +148,7 @@ def abort_migration(
     if not doc:
         raise InvalidArgument(f"no migration of {vm} recorded on this host")
     target = resolve_peer(trust, peer or doc["peer"])
-    ack = send_abort(identity, trust, target, doc["migration_id"])
+    ack = send_abort(identity, trust, target, doc["migration_id"], plaintext)
     write_record(state_dir, vm, {**doc, "status": "aborted"})
     return (
         f"aborted migration {doc['migration_id'][:12]} of {vm}; {target.name} removed "

@@ -24,8 +24,10 @@ from .bundle import (
     FLAG_ACL,
     FLAG_ACL_BLOB,
     FLAG_DELTA,
+    HEADER_SIZE,
     MAX_RAW_BODY,
     MAX_VALIDITY_S,
+    SIG_LEN,
     Bundle,
     expected_raw_len,
     parse_bundle,
@@ -48,7 +50,7 @@ from .errors import (
 )
 from .peers import Peer, TrustStore, scope_text
 from .replay import ReplayCache
-from .wire import ACL_WIRE_FLAGS, ruleset_digest
+from .wire import ACL_WIRE_FLAGS, SECTIONS, ruleset_digest
 
 DEFAULT_SKEW_S = 5.0
 
@@ -93,6 +95,18 @@ class RecordLimits:
                 raise TooLargeError(
                     f"bundle announces {int(h[field])} {count}, this host holds at most {cap}"
                 )
+
+    def max_bundle_bytes(self) -> int:
+        """The largest bundle these limits allow, stored uncompressed (zlib adds at
+        most a few bytes per 16 KiB to incompressible data: 1% is plenty)."""
+        sizes = {name: dt.itemsize for name, dt, _ in SECTIONS}
+        raw = (
+            self.sessions * (sizes["sessions"] + sizes["del_sessions"])
+            + self.syn * (sizes["syn"] + sizes["del_syn"])
+            + self.blacklist * (sizes["blacklist"] + sizes["del_blacklist"])
+            + max(self.acl * sizes["acl"], self.acl_blob)
+        )
+        return HEADER_SIZE + SIG_LEN + raw + raw // 100 + 4096
 
 
 @dataclass
