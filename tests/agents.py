@@ -17,6 +17,7 @@ from pathlib import Path
 from conftest import reset_firewall, run_frame
 
 from sami_xdp.loader.pinned import Firewall
+from sami_xdp.migrate import HostIdentity, TrustStore
 from sami_xdp.policy import protect, sessions
 from testbed import packets as P
 
@@ -114,16 +115,16 @@ def make_pair(fw_a: Firewall, fw_b: Firewall, root: Path, *agent_args: str,
     reset_firewall(fw_b)
     a = Host("hosta", fw_a, root / "a-cfg", root / "a-state")
     b = Host("hostb", fw_b, root / "b-cfg", root / "b-state")
-    for h in (a, b):
+    ids = {}
+    for h in (a, b):  # what `keys init` and `peers add` write (the CLI has tests of its own)
         protect.add_protected(h.fw, PREFIX)
-        assert h.cli("keys", "init", "--host-id", h.name).returncode == 0
+        ids[h.name] = HostIdentity.init(h.config, h.name)
     port = free_port()
-    key_a = a.cli("keys", "show").stdout.strip()
-    key_b = b.cli("keys", "show").stdout.strip()
-    assert a.cli("peers", "add", "hostb", "--address", f"127.0.0.1:{port}", "--key",
-                 key_b, "--vms", PREFIX).returncode == 0
-    assert b.cli("peers", "add", "hosta", "--address", "127.0.0.1:1", "--key",
-                 key_a, "--vms", a_scope).returncode == 0
+    for h, other, address, scope in ((a, b, f"127.0.0.1:{port}", PREFIX),
+                                     (b, a, "127.0.0.1:1", a_scope)):
+        trust = TrustStore.load(h.config)
+        trust.add(other.name, address, ids[other.name].public_b64, vms=scope)
+        trust.save()
     agent = start_agent(b, port, "--pickup", "5", *agent_args)
     try:
         yield Pair(a, b, agent, port)

@@ -193,7 +193,10 @@ class Connection:
                 f"from the peers file ({exc.verify_message})"
             ) from exc
         except OSError as exc:
-            raise TransportError(f"TLS handshake with {self.address} failed: {exc}") from exc
+            raise TransportError(
+                f"TLS handshake with {self.address} failed (an agent run with --plaintext?): "
+                f"{exc}"
+            ) from exc
         if peer_key(tls) != peer.public_raw:  # the anchor already saw to it
             raise TransportError(f"TLS: the agent at {self.address} is not {peer.name}")
 
