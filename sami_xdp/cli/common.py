@@ -33,6 +33,7 @@ from ..migrate.errors import (
     TrustStoreError,
     UnknownMigrationError,
 )
+from ..migrate.recovery import recover
 
 # The exit code of each error family, most specific first (README "Exit codes").
 EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -75,7 +76,25 @@ class Ctx:
     state_dir: Path
 
     def open(self) -> Firewall:
+        """The pinned firewall, for reading."""
         return Firewall.open(self.bpffs)
+
+    def change(self) -> Firewall:
+        """The pinned firewall, for a command that changes it: first an import that a
+        crash (kill -9) interrupted is rolled back or completed (recovery.py)."""
+        fw = Firewall.open(self.bpffs)
+        try:
+            recovered(fw, self.state_dir)
+        except BaseException:
+            fw.close()
+            raise
+        return fw
+
+
+def recovered(fw: Firewall, state_dir: Path) -> None:
+    done = recover(fw, state_dir)
+    if done:
+        typer.echo(f"samixdp: recovered an interrupted import: {done.describe()}", err=True)
 
 
 def root_opts(ctx: typer.Context) -> Ctx:

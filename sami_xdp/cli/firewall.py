@@ -15,7 +15,7 @@ from ..loader.compile import Limits
 from ..loader.pinned import Firewall, unpin_all
 from ..policy import blacklist, protect, sessions, stats
 from ..policy.config import config_names, create_firewall, parse_config_value
-from .common import emit_json, root_opts, table
+from .common import emit_json, recovered, root_opts, table
 
 config_app = typer.Typer(no_args_is_help=True, help="Show or change runtime settings.")
 
@@ -76,6 +76,7 @@ def attach_cmd(
     xdp.query(iface)  # fails early and clearly for a missing interface
     limits = Limits(max_sessions=max_sessions, max_halfopen=max_halfopen)
     with create_firewall(c.bpffs, limits) as fw:
+        recovered(fw, c.state_dir)
         for net in nets:
             protect.add_protected(fw, str(net))
         if rate is not None:
@@ -90,7 +91,7 @@ def detach_cmd(ctx: typer.Context, iface: str) -> None:
     """Detach the firewall from IFACE (state stays pinned)."""
     bpffs.require_root()
     xdp.query(iface)
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         xdp.detach(iface, fw.prog_fd, fw.prog_id())
     typer.echo(f"detached from {iface}")
 
@@ -106,7 +107,7 @@ def reset_cmd(
         raise InvalidArgument("reset deletes all firewall state: add --yes to confirm")
     if Firewall.exists(c.bpffs):
         try:
-            with c.open() as fw:
+            with c.change() as fw:
                 still = xdp.list_attached(fw.prog_id())
         except SamiError:
             still = []  # an unreadable (old layout) state may always be removed
@@ -229,7 +230,7 @@ def stats_cmd(
 
 def gc_cmd(ctx: typer.Context) -> None:
     """Delete expired sessions in batches."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         removed = sessions.gc(fw)
         removed.update(blacklist.gc(fw))
     total = sum(removed.values())
@@ -246,7 +247,7 @@ def protect_cmd(
     remove: Annotated[bool, typer.Option("--remove")] = False,
 ) -> None:
     """Add (or --remove) a protected VM prefix."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         if remove:
             if not protect.remove_protected(fw, cidr):
                 raise InvalidArgument(f"{cidr} is not protected")
@@ -270,7 +271,7 @@ def config_show(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json"
 @config_app.command("set")
 def config_set(ctx: typer.Context, name: str, value: str) -> None:
     """Change a setting live, e.g. `config set syn-rate 500`, `config set ban 120`."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         names = config_names(fw.layout)
         if name not in names:
             raise InvalidArgument(f"unknown setting {name!r}; known: {', '.join(names)}")

@@ -15,7 +15,6 @@ import typer
 from ..base.errors import InvalidArgument
 from ..base.netutil import ip_to_be32
 from ..loader import bpffs
-from ..loader.pinned import Firewall
 from ..migrate import running
 from ..migrate.agent import AgentConfig, serve
 from ..migrate.bundle import (
@@ -283,7 +282,7 @@ def imports_abort(
         raise InvalidArgument("migration id must be 32 hex digits")
     if ImportRecords(c.state_dir).meta(mid) is None:
         raise UnknownMigrationError(f"no import of migration {mid.hex()} in {c.state_dir}")
-    with c.open() as fw:
+    with c.change() as fw:
         counts = abort_import(fw, mid, c.state_dir)
     if json_:
         emit_json(counts)
@@ -442,7 +441,7 @@ def migrate_cmd(
         plaintext=plaintext,
     )
     say = (lambda m: typer.echo(m, err=True)) if not json_ else (lambda _m: None)
-    with Firewall.open(c.bpffs) as fw:
+    with c.change() as fw:
         require_protected(fw, vm)
         report = running.run_recorded(
             fw,
@@ -468,6 +467,6 @@ def cleanup_cmd(
     ip_to_be32(vm)
     seconds("--grace", grace, 0, MAX_WAIT_S)
     seconds("--max-wait", max_wait, 0, MAX_WAIT_S)
-    with Firewall.open(root_opts(ctx).bpffs) as fw:
+    with root_opts(ctx).change() as fw:
         removed = wait_and_cleanup(fw, vm, grace, max_wait, progress=typer.echo)
     typer.echo(json.dumps({"vm": vm, "removed": removed}))
