@@ -29,6 +29,7 @@ from ..migrate.errors import (
     MigrateError,
     MigrationRefused,
     RollbackIncomplete,
+    StateDirError,
     TransportError,
     TrustStoreError,
     UnknownMigrationError,
@@ -51,6 +52,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (RollbackIncomplete, 15, "an import failed and its rollback failed too"),
     (ImportFailed, 13, "an import failed and was rolled back"),
     (UnknownMigrationError, 14, "no such migration recorded here"),
+    (StateDirError, 18, "the state dir (replay cache, import journal, records) is unusable"),
     (TransportError, 16, "the peer cannot be reached or the connection failed"),
     (MigrationRefused, 17, "the peer refused the migration"),
     (MigrateError, 10, "another migration failure"),
@@ -58,6 +60,9 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (SamiError, 1, "another failure"),
     (OSError, 1, "a system call or file operation failed"),
 )
+
+
+INTERNAL_ERROR = 70  # a bug (EX_SOFTWARE): one line, SAMIXDP_DEBUG=1 for the traceback
 
 
 def exit_code(exc: BaseException) -> int:

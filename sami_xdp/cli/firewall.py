@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..base.errors import InvalidArgument, SamiError
-from ..base.netutil import parse_network
+from ..base.netutil import ip_to_be32, parse_network
 from ..loader import attach as xdp
 from ..loader import bpffs
 from ..loader.compile import Limits
@@ -16,6 +16,11 @@ from ..loader.pinned import Firewall, unpin_all
 from ..policy import blacklist, protect, sessions, stats
 from ..policy.config import config_names, create_firewall, parse_config_value
 from .common import emit_json, recovered, root_opts, table
+from .values import whole
+
+MAX_SETTING = 2**32  # the largest value a numeric setting takes (config slots are u64)
+MAX_SESSIONS = 1 << 24  # 2.3 GiB of session map
+MAX_HALFOPEN = 1 << 22
 
 config_app = typer.Typer(no_args_is_help=True, help="Show or change runtime settings.")
 
@@ -41,9 +46,7 @@ def _parse_rate(value: str) -> int:
         rate = int(text)
     except ValueError as exc:
         raise InvalidArgument(f"--syn-rate needs N or N/s, got {value!r}") from exc
-    if rate < 1:
-        raise InvalidArgument("--syn-rate must be at least 1")
-    return rate
+    return whole("--syn-rate", rate, 1, MAX_SETTING)
 
 
 # ---- attach / detach / status ----------------------------------------------
@@ -70,8 +73,10 @@ def attach_cmd(
         raise InvalidArgument(f"--mode must be one of {', '.join(xdp.MODES)}, got {mode!r}")
     nets = [parse_network(p) for p in (protect_ or [])]
     rate = _parse_rate(syn_rate) if syn_rate is not None else None
-    if ban is not None and ban < 1:
-        raise InvalidArgument("--ban must be at least 1 second")
+    if ban is not None:
+        whole("--ban", ban, 1, MAX_SETTING)
+    whole("--max-sessions", max_sessions, 1, MAX_SESSIONS)
+    whole("--max-halfopen", max_halfopen, 1, MAX_HALFOPEN)
     bpffs.require_root()
     xdp.query(iface)  # fails early and clearly for a missing interface
     limits = Limits(max_sessions=max_sessions, max_halfopen=max_halfopen)
@@ -181,8 +186,9 @@ def sessions_cmd(
     limit: Annotated[int, typer.Option(help="Rows in the human table (0 = all).")] = 50,
 ) -> None:
     """List sessions (src = initiator)."""
+    whole("--limit", limit, 0, 1 << 32)
     if vm is not None:
-        parse_network(vm)
+        ip_to_be32(vm)
     with root_opts(ctx).open() as fw:
         tbl = sessions.read_sessions(fw)
         if vm is not None:

@@ -24,19 +24,25 @@ from ..migrate.bundle import (
     new_migration_id,
     parse_bundle,
 )
-from ..migrate.errors import BundleRefused, MigrationRefused, TransportError, UnknownMigrationError
+from ..migrate.errors import (
+    BundleRefused,
+    MigrationRefused,
+    TrustStoreError,
+    UnknownMigrationError,
+)
 from ..migrate.export import build_bundle, require_protected
 from ..migrate.importer import DEFAULT_PICKUP_S, MAX_PICKUP_S, abort_import, import_vm_state
 from ..migrate.journal import ImportRecords
 from ..migrate.keys import HostIdentity
+from ..migrate.keys import parse_address as host_port
 from ..migrate.peers import TrustStore
 from ..migrate.phases import MigrateOptions, resolve_peer, wait_and_cleanup
 from ..migrate.plan import record_limits
 from ..migrate.replay import REPLAY_FILE, ReplayCache
 from ..migrate.select import ExportState
-from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S, parse_address
+from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S
 from ..migrate.verify import inspect_bundle, verify_bundle
-from .common import emit_json, exit_code, root_opts, table
+from .common import emit_json, root_opts, table
 from .values import output_path, read_input, seconds, whole
 
 MAX_WAIT_S = 7 * 86400.0
@@ -203,7 +209,7 @@ def bundle_inspect(
     else:
         _print_inspect(file, info)
     if not info["valid"]:
-        raise typer.Exit(exit_code(BundleRefused(info["reason"])))
+        raise BundleRefused(str(info["reason"]))
 
 
 def _print_inspect(file: Path, info: dict[str, Any]) -> None:
@@ -336,8 +342,8 @@ def agent_cmd(
     whole("--max-pending-per-ip", max_pending_per_ip, 1, 4096)
     whole("--max-bundles", max_bundles, 1, 64)
     try:
-        parse_address(listen)
-    except TransportError as exc:
+        host_port(listen)
+    except TrustStoreError as exc:
         raise InvalidArgument(f"--listen: {exc}") from exc
     bpffs.require_root()
     cfg = AgentConfig(

@@ -8,8 +8,10 @@ from typing import Annotated
 import typer
 
 from ..base.errors import InvalidArgument
+from ..base.layout import load_layout
 from ..policy import acl, blacklist
 from .common import emit_json, root_opts, table
+from .values import whole
 
 acl_app = typer.Typer(no_args_is_help=True, help="Ordered first-match inbound rules per VM.")
 bl_app = typer.Typer(no_args_is_help=True, help="Sources banned for SYN floods.")
@@ -85,6 +87,7 @@ def acl_list(
 @acl_app.command("del")
 def acl_del(ctx: typer.Context, rule_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
     """Delete rule ID."""
+    whole("ID", rule_id, 1, load_layout().const("SAMIXDP_ACL_MAX_RULE_ID") - 1)
     with root_opts(ctx).change() as fw:
         if not acl.delete_rules(fw, [rule_id]):
             raise InvalidArgument(f"no ACL rule with id {rule_id}")

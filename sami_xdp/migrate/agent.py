@@ -145,6 +145,7 @@ class Agent:
         self.import_lock = threading.Lock()
         self.bundle_slots = threading.BoundedSemaphore(cfg.max_bundles)
         self.admission = Admission(cfg.max_conns, cfg.max_pending_per_ip)
+        self.trust()  # a bad peers file stops the agent now, not at its first peer
         self.limits = record_limits(self.fw)
         self.max_bundle = min(cfg.max_message, self.limits.max_bundle_bytes())
         self._tls_ctx: tuple[tuple[bytes, ...], ssl.SSLContext] | None = None

@@ -117,6 +117,8 @@ class ImportRecords:
         return [p for p in paths if p.exists()]
 
     def list(self) -> list[dict[str, Any]]:
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise StateDirError(f"the state dir {self.state_dir} is not a directory")
         if not self.root.is_dir():
             return []
         out = []

@@ -150,13 +150,13 @@ class TrustStore:
             doc = json.loads(raw)
             if not isinstance(doc, dict) or not isinstance(doc.get("peers", []), list):
                 raise TrustStoreError('expected {"peers": [...]}')
-            peers = [_peer_from(e, n) for n, e in enumerate(doc.get("peers", []), start=1)]
+            store = cls([], path)
+            for n, entry in enumerate(doc.get("peers", []), start=1):
+                peer = _peer_from(entry, n)
+                store._check_unique(peer)
+                store._peers[peer.name] = peer
         except (OSError, ValueError, TrustStoreError) as exc:
             raise TrustStoreError(f"cannot read peers file {path}: {one_line(exc)}") from exc
-        store = cls([], path)
-        for p in peers:
-            store._check_unique(p)
-            store._peers[p.name] = p
         return store
 
     def _check_unique(self, peer: Peer, replace: bool = False) -> None:
@@ -214,7 +214,7 @@ class TrustStore:
 
     def remove(self, name: str) -> None:
         if self._peers.pop(name, None) is None:
-            raise TrustStoreError(f"no peer named {name}")
+            raise TrustStoreError(f"no peer named {name!r}")
 
     def peers(self) -> list[Peer]:
         return sorted(self._peers.values(), key=lambda p: p.name)
