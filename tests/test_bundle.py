@@ -31,11 +31,12 @@ from sami_xdp.migrate.errors import (
     LayoutVersionError,
     PoisonedRecordError,
     SignatureError,
+    TooLargeError,
     UnknownSignerError,
 )
 from sami_xdp.migrate.keys import HostIdentity
 from sami_xdp.migrate.peers import TrustStore
-from sami_xdp.migrate.verify import verify_bundle
+from sami_xdp.migrate.verify import RecordLimits, verify_bundle
 
 VM, CLIENT, OTHER = "10.1.1.1", "192.0.2.10", "10.1.1.2"
 LAYOUT = load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
@@ -533,3 +534,14 @@ def test_delta_has_changed_new_and_deleted_keys(fw):
     assert d.syn_values["count"].tolist() == [2]
     assert len(d.del_syn_keys) == 0 and len(d.del_bl) == 0
     assert d.is_delta
+
+
+def test_counts_beyond_this_hosts_maps_are_refused_before_inflating(ident_a, trust_b):
+    """The signed header's counts are checked against what the maps could hold before
+    a byte of the body is inflated."""
+    data = make(ident_a, {"sessions": sessions_wire(70)}, flags=0, compression="zlib")
+    small = RecordLimits(sessions=64, syn=8, blacklist=8, acl=8)
+    with pytest.raises(TooLargeError, match="70 sessions, this host holds at most 64"):
+        verify_bundle(data, trust_b, "host-b", limits=small)
+    verify_bundle(data, trust_b, "host-b", limits=RecordLimits(sessions=70, syn=8, blacklist=8,
+                                                                acl=8))

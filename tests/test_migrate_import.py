@@ -94,6 +94,7 @@ def test_round_trip_sessions_syn_blacklist_acl(fw_a, fw_b, hosts):
         "acl_rules": 2,
     }
     assert not res.warnings
+    assert hosts.replay.seen(parse_bundle(data).migration_id, 1)  # recorded with the import
     after = vm_entries(fw_b)
     for name in ("sessions", "halfopen"):
         ka, va = before[name]
@@ -522,7 +523,7 @@ def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
         assert info["counts"]["sessions"] == 5 and info["vm"] == VM
     assert "valid" in run("b", "bundle", "inspect", str(out)).output
     res = run("a", "bundle", "inspect", str(out), ok=False)  # A is not the audience
-    assert res.exit_code == 11 and "host-b" in res.output
+    assert isinstance(res.exception, BundleRefused) and "host-b" in res.output  # exit 11
 
     imp = json.loads(run("b", "import", str(out), "--pickup", "0", "--json").output)
     assert imp["counts"]["sessions"] == 3 and imp["counts"]["halfopen"] == 2
@@ -530,7 +531,7 @@ def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
     again = run("b", "import", str(out), ok=False)
     assert isinstance(again.exception, ReplayError)
     res = run("b", "bundle", "inspect", str(out), ok=False)
-    assert res.exit_code == 11 and "replay" in res.output
+    assert isinstance(res.exception, BundleRefused) and "replay" in res.output
 
     # through cli.main(): one line on stderr and the refusal's exit code
     proc = subprocess.run(
@@ -558,3 +559,17 @@ def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
     assert len(listed) == 1 and listed[0]["vm"] == VM
     run("b", "imports", "abort", listed[0]["migration_id"])
     assert all(len(k) == 0 for k, _ in vm_entries(fw_b).values())
+
+
+def test_the_journal_refuses_a_round_it_committed_even_without_the_replay_cache(
+    fw_a, fw_b, hosts
+):
+    """The import journal is the durable truth: a round it lists is never loaded
+    again, whatever the replay cache says (its entry is only a mirror)."""
+    make_state_a(fw_a)
+    vb = verify_bundle(full_bundle(fw_a, hosts), hosts.trust_b, "host-b")
+    import_vm_state(fw_b, vb, hosts.state_b, pickup_s=0)
+    before = snapshot(fw_b)
+    with pytest.raises(ReplayError, match="already accepted"):
+        import_vm_state(fw_b, vb, hosts.state_b, pickup_s=0)
+    assert snapshot(fw_b) == before
