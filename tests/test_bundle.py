@@ -6,6 +6,8 @@ end, which read real pinned maps through the `fw` fixture."""
 from __future__ import annotations
 
 import time
+import tracemalloc
+import zlib
 from typing import Any
 
 import numpy as np
@@ -545,3 +547,25 @@ def test_counts_beyond_this_hosts_maps_are_refused_before_inflating(ident_a, tru
         verify_bundle(data, trust_b, "host-b", limits=small)
     verify_bundle(data, trust_b, "host-b", limits=RecordLimits(sessions=70, syn=8, blacklist=8,
                                                                 acl=8))
+
+
+def test_a_bomb_is_refused_before_a_buffer_of_its_declared_length_exists(ident_a, trust_b):
+    """The header declares 6.4 MB of records, the body inflates to 64 MiB: refused after
+    a first, counting pass, so at no point does a buffer of the declared length exist
+    (Python's own allocations traced)."""
+    data = bytearray(make(ident_a, {"sessions": sessions_wire(1)}, flags=0,
+                          compression="zlib"))
+    h = np.frombuffer(bytes(data[:HEADER_SIZE]), dtype=HEADER).copy()
+    body = zlib.compress(b"\0" * (64 << 20), 9)
+    declared = 200_000
+    h["n_sessions"], h["raw_body_len"], h["body_len"] = declared, declared * 32, len(body)
+    signed = h.tobytes() + body
+    bomb = signed + ident_a.sign(signed)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CountMismatchError, match="inflates past the 6400000 bytes"):
+            verify_bundle(bomb, trust_b, "host-b")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < declared * 32 // 4, peak

@@ -250,10 +250,17 @@ def imports_list(
     ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """Migrations imported here, with their rounds."""
-    recs = ImportRecords(root_opts(ctx).state_dir).list()
+    records = ImportRecords(root_opts(ctx).state_dir)
+    recs = records.list()
     if json_:
         emit_json(recs)
         return
+    if records.inflight_path.exists() or records.abort_path.exists():
+        typer.echo(
+            "note: an import or abort was interrupted; the next agent start or "
+            "state-changing command rolls it back or completes it",
+            err=True,
+        )
     if not recs:
         typer.echo("no imported migrations")
         return

@@ -15,12 +15,14 @@ Receiving side::
                             ReplayCache(state_dir), HostIdentity.load(config_dir).host_id)
     abort_import(fw, mid, state_dir)           # undo every round of that migration
 
-Modules, bottom up: errors; keys (identity, trust store); wire (record codecs);
-bundle (the signed container); select (a VM's state, deltas); export (select +
-encode one round); verify; replay; journal (undo records); plan (what a round
-touches, capacity); importer; control and transport (the wire between agents);
-phases (the source's pre-copy phases); running (a migration as the operator runs
-it); agent (the destination's server).
+Modules, bottom up: errors; keys (this host's identity); peers (trusted peers and
+their scopes); wire (record codecs); bundle (the signed container); select (a VM's
+state, deltas); export (select + encode one round); verify; replay (replay cache,
+control nonces); journal (the import journal), undo (undo records) and recovery
+(after a crash); plan (what a round touches, capacity); importer; fields and control
+(signed control messages); tlsid (TLS bound to the host keys) and transport (frames,
+deadlines); phases (the source's pre-copy phases); running (a migration as the operator
+runs it); agent (the destination's server).
 """
 
 from .bundle import Bundle, encode_bundle, new_migration_id, parse_bundle

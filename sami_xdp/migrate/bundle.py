@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,34 +126,54 @@ def _unshuffle(buf: bytes | bytearray | memoryview, itemsize: int) -> bytes | me
     return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
-INFLATE_CHUNK = 1 << 20
+INFLATE_IN = 64 << 10  # compressed input fed at a time
+INFLATE_OUT = 256 << 10  # output produced at a time
+
+
+def _inflate(body: bytes | memoryview, raw_len: int, sink: Callable[[bytes], None]) -> None:
+    """Feeds the inflated body to `sink` chunk by chunk; refuses as soon as it would go
+    past `raw_len`, and a stream that ends short, has trailing data or is corrupt.
+    Memory: one input slice and one output chunk, whatever the body holds."""
+    d = zlib.decompressobj()
+    total = 0
+    view = memoryview(body).cast("B")
+    try:
+        for start in range(0, max(len(view), 1), INFLATE_IN):
+            data: bytes | memoryview = view[start : start + INFLATE_IN]
+            while True:
+                out = d.decompress(data, INFLATE_OUT)
+                total += len(out)
+                if total > raw_len:
+                    raise CountMismatchError(
+                        f"bundle body inflates past the {raw_len} bytes its header announces"
+                    )
+                if out:
+                    sink(out)
+                data = d.unconsumed_tail
+                if not out and not data:
+                    break
+    except zlib.error as exc:
+        raise BundleFormatError(f"bundle body does not decompress: {exc}") from exc
+    if not d.eof or d.unused_data:
+        raise BundleFormatError("bundle body has trailing or missing compressed data")
+    if total != raw_len:
+        raise CountMismatchError(f"bundle body inflates to {total} bytes, header says {raw_len}")
 
 
 def inflate_exact(body: bytes | memoryview, raw_len: int) -> bytearray:
-    """zlib-inflates `body` into exactly `raw_len` bytes, never more: output that
-    would go past the length the signed header announces is refused without being
-    produced, so memory stays at `raw_len` plus one chunk whatever the input."""
+    """zlib-inflates `body` into exactly `raw_len` bytes. A first pass only counts, so
+    a body that would inflate past the length the signed header announces (a bomb) is
+    refused before a buffer of that length exists; then a second pass fills it."""
+    _inflate(body, raw_len, lambda _chunk: None)
     out = bytearray(raw_len)
-    d = zlib.decompressobj()
     pos = 0
-    pending: bytes | memoryview = body
-    try:
-        while pos < raw_len:
-            chunk = d.decompress(pending, min(INFLATE_CHUNK, raw_len - pos))
-            out[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-            pending = d.unconsumed_tail
-            if not chunk and (d.eof or not pending):
-                break
-        extra = d.decompress(pending, 1) if not d.eof else b""
-    except zlib.error as exc:
-        raise BundleFormatError(f"bundle body does not decompress: {exc}") from exc
-    if pos < raw_len:
-        raise CountMismatchError(f"bundle body inflates to {pos} bytes, header says {raw_len}")
-    if extra or not d.eof or d.unused_data:
-        raise CountMismatchError(
-            f"bundle body inflates past the {raw_len} bytes its header announces"
-        )
+
+    def fill(chunk: bytes) -> None:
+        nonlocal pos
+        out[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+
+    _inflate(body, raw_len, fill)
     return out
 
 
