@@ -193,11 +193,13 @@ def test_the_source_pins_the_destinations_key(pair, tmp_path):
 
 
 def test_slow_clients_are_cut_off_by_the_handshake_deadline(pair):
-    """20 connections sending a byte now and then, unauthenticated: each is closed by
-    the agent once its handshake deadline (2 s here) has passed, while it still sends."""
+    """Connections sending a ClientHello a byte at a time, unauthenticated: each is
+    closed by the agent once its handshake deadline (2 s here) has passed, while it
+    still sends (the 512-byte record would take 150 s)."""
     conns = []
     for _ in range(4):  # at most 4 unauthenticated connections per address (the default)
         s = socket.create_connection(("127.0.0.1", pair.port), timeout=5)
+        s.sendall(bytes.fromhex("1603010200"))  # a TLS record of 512 bytes begins...
         conns.append(s)
     closed = set()
     end = time.monotonic() + 30
@@ -206,7 +208,7 @@ def test_slow_clients_are_cut_off_by_the_handshake_deadline(pair):
             if i in closed:
                 continue
             try:
-                s.send(b"\x16")
+                s.send(b"\0")  # ... and goes on, a byte at a time
                 s.setblocking(False)
                 try:
                     if s.recv(1) == b"":

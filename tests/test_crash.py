@@ -265,3 +265,34 @@ def test_kill_9_of_the_agent_mid_import_is_undone_at_its_next_start(crash, tmp_p
     assert seen <= {"previous", "full"}
     assert parse_bundle(data).counts()["sessions"] >= N_SESSIONS
     assert run_frame(crash.b.fw, P.tcp(ATTACKER, 1, VM, 2, P.ACK)) == "DROP"
+
+
+@pytest.fixture
+def small_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state dir on a 1 MiB tmpfs (removed whatever happens)."""
+    path = tmp_path / "small-state"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_state_dir_refuses_the_import_without_burning_its_replay_entry(
+    crash, small_state_dir
+):
+    """The undo record of 200k sessions does not fit: the import is refused (exit 18),
+    nothing is loaded, no replay entry is written, and once there is room the very
+    same bundle loads."""
+    fw = crash.b.fw
+    host = Host(crash.b.name, fw, crash.b.config, small_state_dir)
+    res = host.cli("import", str(crash.bundle), "--pickup", "30")
+    assert res.returncode == 18, res.stderr
+    assert "No space left on device" in res.stderr and res.stderr.count("\n") == 1
+    assert outcome(crash, fw, small_state_dir) == "previous"
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_state_dir)], check=True)
+    res = host.cli("import", str(crash.bundle), "--pickup", "30")
+    assert res.returncode == 0, res.stderr
+    assert outcome(crash, fw, small_state_dir) == "full"
+    restore(crash, fw, small_state_dir, "full")
