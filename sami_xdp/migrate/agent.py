@@ -175,6 +175,7 @@ class Agent:
     def serve_connection(self, sock: socket.socket, addr: str) -> None:
         ip = addr.rsplit(":", 1)[0]
         authenticated = False
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out at once
         try:
             try:
                 sock, peer = self.authenticate(sock, addr)

@@ -53,8 +53,10 @@ def sign_control(
 
 
 def bundle_digest(data: bytes | bytearray | memoryview) -> str:
-    """What an acknowledgement names (`in_reply_to`) as the bundle it answers."""
-    return hashlib.sha256(data).hexdigest()[:32]
+    """What an acknowledgement names (`in_reply_to`) as the bundle it answers: a hash
+    of the bundle's signature (its last 64 bytes), which names the bundle as well as a
+    hash of all of it would, at no cost for a big one."""
+    return hashlib.sha256(bytes(memoryview(data)[-64:])).hexdigest()[:32]
 
 
 def nonce_of(data: bytes) -> str | None:

@@ -128,6 +128,7 @@ def _load_identity(ctx: ssl.SSLContext, identity: HostIdentity) -> None:
 def _context(side: int, identity: HostIdentity, trusted: Iterable[bytes]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(side)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= ssl.OP_NO_TICKET  # no session resumption: every connection authenticates
     if side == ssl.PROTOCOL_TLS_CLIENT:
         ctx.check_hostname = False  # peers are named by their keys, not by DNS
     ctx.verify_mode = ssl.CERT_REQUIRED
