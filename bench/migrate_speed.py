@@ -401,7 +401,7 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
             trust_a.add("host-b", f"127.0.0.1:{port}", idb.public_b64)
             trust_a.save()
             trust_b = TrustStore.load(cfg_b)
-            trust_b.add("host-a", "127.0.0.1:1", ida.public_b64)
+            trust_b.add("host-a", "127.0.0.1:1", ida.public_b64, vms=PROTECT)
             trust_b.save()
             peer = trust_a.get("host-b")
 

@@ -36,6 +36,9 @@ cp "$out/demo.json" bench/results/survival_${conns}.json
 cp "$out/timeline.png" bench/results/survival_${conns}.png
 rm -rf "$out"
 
+step "what an attacker costs the agent (unauthenticated frames, slow clients, zlib bombs)"
+timeout 300 "$PY" bench/agent_abuse.py "${QUICK[@]}" > /dev/null
+
 step "summary"
 "$PY" bench/summary.py
 echo "bench: done in $(( $(date +%s) - start )) s"

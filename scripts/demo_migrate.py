@@ -37,6 +37,7 @@ LOAD = REPO / "scripts" / "conn_load.py"
 PY = REPO / ".venv" / "bin" / "python"
 SAMIXDP = REPO / ".venv" / "bin" / "samixdp"
 VM_IP, CLIENT_IP = "10.1.1.1", "192.0.2.10"
+VM_PREFIX = "10.1.1.0/24"
 TO_CLIENT_PORT, TO_VM_PORT = 9000, 9001
 AGENT_PORT = 7800
 
@@ -211,15 +212,16 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
         for h in (a, b):
             h.cli("keys", "init", "--host-id", h.name)
         keys = {h.name: h.cli("keys", "show").stdout.strip() for h in (a, b)}
+        # each trusts the other for the VM prefix only (--vms: its scope)
         a.cli("peers", "add", b.name, "--address", f"{b.uplink_ip}:{AGENT_PORT}",
-              "--key", keys[b.name])
+              "--key", keys[b.name], "--vms", VM_PREFIX)
         b.cli("peers", "add", a.name, "--address", f"{a.uplink_ip}:{AGENT_PORT}",
-              "--key", keys[a.name])
+              "--key", keys[a.name], "--vms", VM_PREFIX)
         for h in (a, b):
             for iface in h.ifaces:
                 # the client opens all its connections within a second: above the
                 # default SYN rate limit (200/s per source and VM), which would ban it
-                h.cli("attach", iface, "--protect", "10.1.1.0/24", "--max-sessions", "65536",
+                h.cli("attach", iface, "--protect", VM_PREFIX, "--max-sessions", "65536",
                       "--syn-rate", str(max(200, 4 * args.conns)))
         a.cli("acl", "add", "--vm", VM_IP, "--proto", "tcp", "--dport", str(TO_VM_PORT))
         if migrate:

@@ -6,6 +6,8 @@ end, which read real pinned maps through the `fw` fixture."""
 from __future__ import annotations
 
 import time
+import tracemalloc
+import zlib
 from typing import Any
 
 import numpy as np
@@ -31,10 +33,12 @@ from sami_xdp.migrate.errors import (
     LayoutVersionError,
     PoisonedRecordError,
     SignatureError,
+    TooLargeError,
     UnknownSignerError,
 )
-from sami_xdp.migrate.keys import HostIdentity, TrustStore
-from sami_xdp.migrate.verify import verify_bundle
+from sami_xdp.migrate.keys import HostIdentity
+from sami_xdp.migrate.peers import TrustStore
+from sami_xdp.migrate.verify import RecordLimits, verify_bundle
 
 VM, CLIENT, OTHER = "10.1.1.1", "192.0.2.10", "10.1.1.2"
 LAYOUT = load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
@@ -49,7 +53,7 @@ def ident_a() -> HostIdentity:
 @pytest.fixture(scope="module")
 def trust_b(ident_a: HostIdentity) -> TrustStore:
     t = TrustStore()
-    t.add("host-a", "192.0.2.1:7800", ident_a.public_raw)
+    t.add("host-a", "192.0.2.1:7800", ident_a.public_raw, vms="10.1.1.0/24")
     return t
 
 
@@ -431,7 +435,7 @@ def test_counts_must_match_sections(ident_a, compression):
     resigned = h.tobytes() + body
     resigned += ident.sign(resigned)
     t = TrustStore()
-    t.add("host-a", "192.0.2.1:7800", ident.public_raw)
+    t.add("host-a", "192.0.2.1:7800", ident.public_raw, vms="10.1.1.0/24")
     with pytest.raises(CountMismatchError):
         verify_bundle(resigned, t, "host-b")
 
@@ -550,3 +554,37 @@ def test_delta_has_changed_new_and_deleted_keys(fw):
     assert d.syn_values["count"].tolist() == [2]
     assert len(d.del_syn_keys) == 0 and len(d.del_bl) == 0
     assert d.is_delta
+
+
+def test_counts_beyond_this_hosts_maps_are_refused_before_inflating(ident_a, trust_b):
+    """The signed header's counts are checked against what the maps could hold before
+    a byte of the body is inflated."""
+    data = make(ident_a, {"sessions": sessions_wire(70)}, flags=0, compression="zlib")
+    small = RecordLimits(sessions=64, syn=8, blacklist=8, acl=8)
+    with pytest.raises(TooLargeError, match="70 sessions, this host holds at most 64"):
+        verify_bundle(data, trust_b, "host-b", limits=small)
+    verify_bundle(data, trust_b, "host-b", limits=RecordLimits(sessions=70, syn=8, blacklist=8,
+                                                                acl=8))
+
+
+def test_a_bomb_is_refused_before_a_buffer_of_its_declared_length_exists(ident_a, trust_b):
+    """The header declares 7.2 MB of records, the body inflates to 64 MiB: refused after
+    a first, counting pass, so at no point does a buffer of the declared length exist
+    (Python's own allocations traced)."""
+    data = bytearray(make(ident_a, {"sessions": sessions_wire(1)}, flags=0,
+                          compression="zlib"))
+    h = np.frombuffer(bytes(data[:HEADER_SIZE]), dtype=HEADER).copy()
+    body = zlib.compress(b"\0" * (64 << 20), 9)
+    declared = 200_000
+    rec = wire.SESSION_WIRE.itemsize
+    h["n_sessions"], h["raw_body_len"], h["body_len"] = declared, declared * rec, len(body)
+    signed = h.tobytes() + body
+    bomb = signed + ident_a.sign(signed)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CountMismatchError, match=f"inflates past the {declared * rec} bytes"):
+            verify_bundle(bomb, trust_b, "host-b")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < declared * rec // 4, peak

@@ -12,8 +12,15 @@ import time
 
 import pytest
 
-from sami_xdp.migrate import HostIdentity, TrustStore
-from sami_xdp.migrate.control import MAX_SKEW_MS, ControlError, sign_control, verify_control
+from sami_xdp.migrate import HostIdentity, ReplayCache, TrustStore
+from sami_xdp.migrate.control import (
+    MAX_SKEW_MS,
+    ControlError,
+    nonce_of,
+    sign_control,
+    verify_control,
+)
+from sami_xdp.migrate.fields import FieldError, want_int, want_ip, want_mid
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,8 @@ def test_stale_and_future_messages_are_refused(hosts):
     a, _, trust_b = hosts
     now = int(time.time() * 1000)
     for ts in (now - MAX_SKEW_MS - 5000, now + MAX_SKEW_MS + 5000):
-        msg = _resign(a, {"type": "abort", "to": "host-b", "from": "host-a", "ts_ms": ts})
+        msg = _resign(a, {"type": "abort", "to": "host-b", "from": "host-a", "ts_ms": ts,
+                          "nonce": "0" * 32})
         with pytest.raises(ControlError, match="stale"):
             verify_control(msg, trust_b, "host-b")
 
@@ -69,7 +77,7 @@ def test_tampered_body_and_untrusted_key_are_refused(hosts):
 def test_a_peer_cannot_speak_for_another(hosts):
     a, c, trust_b = hosts
     forged = _resign(c, {"type": "abort", "to": "host-b", "from": "host-a",
-                         "ts_ms": int(time.time() * 1000)})
+                         "ts_ms": int(time.time() * 1000), "nonce": "0" * 32})
     with pytest.raises(ControlError, match="claims to be from host-a"):
         verify_control(forged, trust_b, "host-b")
     with pytest.raises(ControlError, match="expected a reply from host-a"):
@@ -83,3 +91,60 @@ def test_malformed_messages_are_refused(hosts, raw):
     _, _, trust_b = hosts
     with pytest.raises(ControlError):
         verify_control(raw, trust_b, "host-b")
+
+
+def test_every_message_carries_a_fresh_nonce(hosts):
+    a, _, trust_b = hosts
+    m1, m2 = (sign_control(a, {"type": "abort", "to": "host-b"}) for _ in range(2))
+    n1, n2 = nonce_of(m1), nonce_of(m2)
+    assert n1 and n2 and n1 != n2
+    body = json.loads(m1)["body"]
+    del body["nonce"]
+    with pytest.raises(ControlError, match="nonce"):
+        verify_control(_resign(a, body), trust_b, "host-b")
+
+
+def test_a_message_is_accepted_once_also_after_a_restart(hosts, tmp_path):
+    a, _, trust_b = hosts
+    msg = sign_control(a, {"type": "abort", "to": "host-b", "migration_id": "00" * 16})
+    with ReplayCache(tmp_path) as rc:
+        verify_control(msg, trust_b, "host-b", replay=rc)
+        with pytest.raises(ControlError, match="replay"):
+            verify_control(msg, trust_b, "host-b", replay=rc)
+    with ReplayCache(tmp_path) as rc:  # the agent restarted
+        with pytest.raises(ControlError, match="replay"):
+            verify_control(msg, trust_b, "host-b", replay=rc)
+        verify_control(sign_control(a, {"type": "abort", "to": "host-b"}), trust_b, "host-b",
+                       replay=rc)
+
+
+def test_a_reply_must_answer_this_request(hosts):
+    a, c, trust_b = hosts
+    request = sign_control(c, {"type": "preflight", "to": "host-a"})
+    answer = sign_control(a, {"type": "preflight-reply", "to": "host-b"}, nonce_of(request))
+    verify_control(answer, trust_b, "host-b", in_reply_to=nonce_of(request))
+    other = sign_control(c, {"type": "preflight", "to": "host-a"})
+    with pytest.raises(ControlError, match="does not answer this request"):
+        verify_control(answer, trust_b, "host-b", in_reply_to=nonce_of(other))
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"sessions": "lots"}, "sessions"),
+    ({"sessions": True}, "sessions"),
+    ({"sessions": -1}, "sessions"),
+    ({"sessions": 2**70}, "sessions"),
+    ({"sessions": 1.5}, "sessions"),
+    ({"migration_id": "not hex at all, not even 32 chars"}, "migration_id"),
+    ({"migration_id": "AB" * 16}, "migration_id"),
+    ({"migration_id": 7}, "migration_id"),
+    ({"vm": "10.1.1.300"}, "vm"),
+    ({"vm": ["10.1.1.1"]}, "vm"),
+])
+def test_bad_field_values_are_refusals_naming_the_field(body, field):
+    full = {"sessions": 1, "migration_id": "ab" * 16, "vm": "10.1.1.1", **body}
+    with pytest.raises(FieldError) as exc:
+        want_int(full, "sessions")
+        want_mid(full)
+        want_ip(full, "vm")
+    assert exc.value.field == field and field in str(exc.value)
+    assert isinstance(exc.value, ControlError)

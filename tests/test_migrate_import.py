@@ -12,16 +12,13 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import reset_firewall, run_frame
+from conftest import run_frame
 from typer.testing import CliRunner
 
-from sami_xdp.base.layout import load_layout
 from sami_xdp.base.netutil import ip_to_be32, port_be
 from sami_xdp.loader import batch
 from sami_xdp.loader.pinned import Firewall
@@ -29,13 +26,10 @@ from sami_xdp.migrate import (
     ExportState,
     HostIdentity,
     ImportRecords,
-    ReplayCache,
-    TrustStore,
     abort_import,
     build_bundle,
     import_vm_state,
     new_migration_id,
-    receive_bundle,
     verify_bundle,
 )
 from sami_xdp.migrate.bundle import encode_bundle, parse_bundle
@@ -50,168 +44,31 @@ from sami_xdp.migrate.errors import (
     SignatureError,
 )
 from sami_xdp.migrate.select import export_vm_state
-from sami_xdp.policy import acl, protect, stats
+from sami_xdp.policy import acl, stats
 from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
 
-VM, VM2, CLIENT, ATTACKER = "10.1.1.1", "10.1.1.2", "192.0.2.10", "198.51.100.7"
-PREFIX = "10.1.1.0/24"
-MIGRATED = 1
-STATE_MAPS = ("sessions", "unassured", "syn_counters", "blacklist", "pickup")
-LAYOUT = load_layout().consts["SAMIXDP_LAYOUT_VERSION"]
+from twohosts import (  # noqa: E402
+    ATTACKER,
+    CLIENT,
+    LAYOUT,
+    MIGRATED,
+    PREFIX,
+    VM,
+    VM2,
+    Hosts,
+    expired_bundle,
+    full_bundle,
+    fw_a,
+    fw_b,
+    hosts,
+    make_state_a,
+    snapshot,
+    vm_entries,
+)
 
-
-# ---- two hosts -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fw_a(fw: Firewall) -> Firewall:
-    protect.add_protected(fw, PREFIX)
-    return fw
-
-
-@pytest.fixture
-def fw_b(firewall_b: Firewall) -> Firewall:
-    reset_firewall(firewall_b)
-    protect.add_protected(firewall_b, PREFIX)
-    return firewall_b
-
-
-class Hosts:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.a = HostIdentity.init(root / "a", "host-a")
-        self.b = HostIdentity.init(root / "b", "host-b")
-        ta = TrustStore.load(root / "a")
-        ta.add("host-b", "127.0.0.1:7801", self.b.public_b64)
-        ta.save()
-        tb = TrustStore.load(root / "b")
-        tb.add("host-a", "127.0.0.1:7800", self.a.public_b64)
-        tb.save()
-        self.trust_b = TrustStore.load(root / "b")
-        self.state_b = root / "b-state"
-        self.replay = ReplayCache(self.state_b)
-
-    def reopen_replay(self) -> None:
-        self.replay.close()
-        self.replay = ReplayCache(self.state_b)
-
-    def receive(self, fw_b: Firewall, data: bytes, **kw: Any) -> Any:
-        return receive_bundle(fw_b, data, self.trust_b, self.replay, "host-b", **kw)
-
-
-@pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[Hosts]:
-    h = Hosts(tmp_path)
-    yield h
-    h.replay.close()
-
-
-def make_state_a(fw: Firewall) -> None:
-    """The VM's state on A, made by the datapath itself."""
-    fw.set_config(fw.const("CFG_SYN_RATE"), 2)
-    fw.set_config(fw.const("CFG_SYN_WINDOW_MS"), 60_000)
-    acl.add_rules(
-        fw,
-        [
-            acl.make_rule(fw, vm=VM, proto="tcp", dport="22", action="allow", priority=10),
-            acl.make_rule(fw, vm=VM, proto="udp", action="deny", priority=20),
-            acl.make_rule(fw, vm=VM2, proto="tcp", dport="80", priority=10),
-        ],
-    )
-    ok = [
-        # outbound TCP, established
-        P.tcp(VM, 40000, CLIENT, 80, P.SYN),
-        P.tcp(CLIENT, 80, VM, 40000, P.SYN | P.ACK),
-        P.tcp(VM, 40000, CLIENT, 80, P.ACK),
-        P.tcp(VM, 40000, CLIENT, 80, P.ACK | P.PSH, b"x" * 100),
-        # outbound TCP, half-open
-        P.tcp(VM, 40001, CLIENT, 80, P.SYN),
-        # inbound TCP allowed by the ACL, half-open
-        P.tcp(CLIENT, 50000, VM, 22, P.SYN),
-        # UDP both ways, ICMP echo
-        P.udp(VM, 5353, CLIENT, 53),
-        P.udp(CLIENT, 53, VM, 5353),
-        P.icmp_echo(VM, CLIENT, 7),
-        # another VM: must not travel
-        P.tcp(VM2, 40000, CLIENT, 80, P.SYN),
-        P.tcp(CLIENT, 80, VM2, 40000, P.SYN | P.ACK),
-        P.tcp(VM2, 40000, CLIENT, 80, P.ACK),
-    ]
-    for frame in ok:
-        assert run_frame(fw, frame) == "PASS"
-    # SYN flood towards the VM: the third SYN crosses the rate, the source is banned
-    for i in range(3):
-        run_frame(fw, P.tcp(ATTACKER, 1000 + i, VM, 80, P.SYN))
-    assert run_frame(fw, P.tcp(ATTACKER, 2000, VM2, 80, P.SYN)) == "DROP"
-
-
-def vm_entries(fw: Firewall, vm: str = VM) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each state map's entries of one VM, sorted by key bytes."""
-    be = ip_to_be32(vm)
-    out = {}
-    for name in ("sessions", "unassured", "syn_counters", "blacklist"):
-        k, v = fw.maps[name].dump()
-        if name in ("sessions", "unassured"):
-            mask = (k["addr_lo"] == be) | (k["addr_hi"] == be)
-        elif name == "syn_counters":
-            mask = k["dst"] == be
-        else:
-            mask = v["vm"] == be
-        k, v = k[mask], v[mask]
-        order = np.argsort([x.tobytes() for x in k]) if len(k) else np.zeros(0, int)
-        out[name] = (k[order], v[order])
-    return out
-
-
-def snapshot(fw: Firewall) -> dict[str, set[bytes]]:
-    """Every entry of every state map as raw bytes, plus the ACL rule table."""
-    snap = {}
-    for name in STATE_MAPS:
-        k, v = fw.maps[name].dump()
-        snap[name] = {a.tobytes() + b.tobytes() for a, b in zip(k, v, strict=True)}
-    snap["acl_rules"] = {e.tobytes() for e in acl.read_rules(fw)}
-    return snap
-
-
-def expired_bundle(fw_a: Firewall, hosts: Hosts, seq: int = 1) -> bytes:
-    """A valid, signed full bundle of the VM issued 70 s ago with 60 s of validity:
-    expired by 10 s, past the 5 s clock-skew allowance."""
-    state = export_vm_state(fw_a, VM)
-    return encode_bundle(
-        state.sections(),
-        identity=hosts.a,
-        vm=state.vm,
-        audience="host-b",
-        seq=seq,
-        migration_id=new_migration_id(),
-        layout_version=LAYOUT,
-        acl_digest=state.acl_digest,
-        validity_s=60,
-        issued_at_ms=int(time.time() * 1000) - 70_000,
-    )
-
-
-def full_bundle(
-    fw_a: Firewall,
-    hosts: Hosts,
-    mid: bytes | None = None,
-    seq: int = 1,
-    state: ExportState | None = None,
-    **kw: Any,
-) -> bytes:
-    return build_bundle(
-        fw_a,
-        VM,
-        "host-b",
-        seq,
-        mid or new_migration_id(),
-        "full",
-        state if state is not None else ExportState(),
-        identity=hosts.a,
-        **kw,
-    )
+__all__ = ["fw_a", "fw_b", "hosts"]  # fixtures used by name
 
 
 # ---- round trip -------------------------------------------------------------------------------
@@ -238,6 +95,7 @@ def test_round_trip_sessions_syn_blacklist_acl(fw_a, fw_b, hosts):
         "acl_rules": 2,
     }
     assert not res.warnings
+    assert hosts.replay.seen(parse_bundle(data).migration_id, 1)  # recorded with the import
     after = vm_entries(fw_b)
     for name in ("sessions", "unassured"):
         ka, va = before[name]
@@ -296,7 +154,7 @@ def test_imported_state_passes_traffic_on_b(fw_a, fw_b, hosts):
 def test_pickup_window_is_set(fw_a, fw_b, hosts):
     make_state_a(fw_a)
     t0 = time.monotonic_ns()
-    res = hosts.receive(fw_b, full_bundle(fw_a, hosts), pickup_s=7)
+    res = hosts.receive(fw_b, full_bundle(fw_a, hosts, kind="final"), pickup_s=7)
     deadline = int(fw_b.maps["pickup"].lookup(np.array([ip_to_be32(VM)], np.uint32)))
     assert deadline == res.pickup_until_ns
     assert t0 + 7e9 <= deadline <= time.monotonic_ns() + 7e9
@@ -526,8 +384,11 @@ def test_failure_mid_load_rolls_everything_back(fw_a, fw_b, hosts, monkeypatch, 
         hosts.receive(fw_b, data, pickup_s=5)
     monkeypatch.undo()
     assert snapshot(fw_b) == before
-    assert ImportRecords(hosts.state_b).list()[0]["rounds"] == []
-    assert not list((hosts.state_b / "migrations").rglob("undo-*.npz"))
+    assert ImportRecords(hosts.state_b).list() == []  # a round that failed left no record
+    assert not list(hosts.state_b.rglob("*.npz")) and not list(hosts.state_b.glob(".tmp/*"))
+    assert hosts.replay.count() == 0
+    res = hosts.receive(fw_b, data, pickup_s=5)  # the same bundle, retried, now loads
+    assert res.counts["sessions"] == 1
 
 
 # ---- abort and deltas ---------------------------------------------------------------------
@@ -650,7 +511,8 @@ def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
     key_b = run("b", "keys", "show").output
     assert key_a.count("\n") == 1 and len(key_a.strip()) == 44  # alone on one line
     run("a", "peers", "add", "host-b", "--address", "127.0.0.1:7801", "--key", key_b.strip())
-    run("b", "peers", "add", "host-a", "--address", "127.0.0.1:7800", "--key", key_a.strip())
+    run("b", "peers", "add", "host-a", "--address", "127.0.0.1:7800", "--key", key_a.strip(),
+        "--vms", PREFIX)
     peers = json.loads(run("b", "peers", "list", "--json").output)
     assert [p["name"] for p in peers] == ["host-a"]
 
@@ -663,7 +525,7 @@ def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
         assert info["counts"]["sessions"] == 5 and info["vm"] == VM
     assert "valid" in run("b", "bundle", "inspect", str(out)).output
     res = run("a", "bundle", "inspect", str(out), ok=False)  # A is not the audience
-    assert res.exit_code == 11 and "host-b" in res.output
+    assert isinstance(res.exception, BundleRefused) and "host-b" in res.output  # exit 11
 
     imp = json.loads(run("b", "import", str(out), "--pickup", "0", "--json").output)
     assert imp["counts"]["sessions"] == 1 and imp["counts"]["unassured"] == 4
@@ -671,7 +533,7 @@ def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
     again = run("b", "import", str(out), ok=False)
     assert isinstance(again.exception, ReplayError)
     res = run("b", "bundle", "inspect", str(out), ok=False)
-    assert res.exit_code == 11 and "replay" in res.output
+    assert isinstance(res.exception, BundleRefused) and "replay" in res.output
 
     # through cli.main(): one line on stderr and the refusal's exit code
     proc = subprocess.run(
@@ -699,3 +561,17 @@ def test_cli_keys_peers_export_inspect_import_abort(fw_a, fw_b, tmp_path):
     assert len(listed) == 1 and listed[0]["vm"] == VM
     run("b", "imports", "abort", listed[0]["migration_id"])
     assert all(len(k) == 0 for k, _ in vm_entries(fw_b).values())
+
+
+def test_the_journal_refuses_a_round_it_committed_even_without_the_replay_cache(
+    fw_a, fw_b, hosts
+):
+    """The import journal is the durable truth: a round it lists is never loaded
+    again, whatever the replay cache says (its entry is only a mirror)."""
+    make_state_a(fw_a)
+    vb = verify_bundle(full_bundle(fw_a, hosts), hosts.trust_b, "host-b")
+    import_vm_state(fw_b, vb, hosts.state_b, pickup_s=0)
+    before = snapshot(fw_b)
+    with pytest.raises(ReplayError, match="already accepted"):
+        import_vm_state(fw_b, vb, hosts.state_b, pickup_s=0)
+    assert snapshot(fw_b) == before

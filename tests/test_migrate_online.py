@@ -7,16 +7,13 @@ loopback. A's sessions are made by the real program through PROG_TEST_RUN."""
 from __future__ import annotations
 
 import json
-import select
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agents import CLIENT, VM, Pair, count_vm, establish, free_port, make_pair, wait_for
 from conftest import run_frame
 
 from sami_xdp.loader.pinned import Firewall
@@ -25,106 +22,17 @@ from sami_xdp.migrate.bundle import encode_bundle
 from sami_xdp.migrate.control import verify_control
 from sami_xdp.migrate.select import export_vm_state
 from sami_xdp.migrate.transport import MSG_ACK, MSG_BUNDLE, Connection
-from sami_xdp.policy import acl, protect, sessions
+from sami_xdp.policy import acl
 from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
 
-SAMIXDP = Path(sys.executable).parent / "samixdp"
-VM, CLIENT = "10.1.1.1", "192.0.2.10"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Host:
-    name: str
-    fw: Firewall
-    config: Path
-    state: Path
-
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(SAMIXDP), "--bpffs", str(self.fw.path), "--config-dir", str(self.config),
-             "--state-dir", str(self.state), *args],
-            capture_output=True, text=True, timeout=timeout,
-        )
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [str(SAMIXDP), "--bpffs", str(self.fw.path), "--config-dir", str(self.config),
-             "--state-dir", str(self.state), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-
-
-@dataclass
-class Pair:
-    a: Host
-    b: Host
-    agent: subprocess.Popen[str]
-    port: int
-
-
-def _wait_line(proc: subprocess.Popen[str], needle: str, timeout: float = 15) -> str:
-    assert proc.stdout is not None
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        r, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if r:
-            line = proc.stdout.readline()
-            if needle in line:
-                return line
-        elif proc.poll() is not None:
-            break
-    err = proc.stderr.read() if proc.stderr else ""
-    raise AssertionError(f"no {needle!r} from agent; stderr: {err}")
 
 
 @pytest.fixture
 def pair(fw: Firewall, firewall_b: Firewall, tmp_path: Path) -> Iterator[Pair]:
-    from conftest import reset_firewall
-
-    reset_firewall(firewall_b)
-    a = Host("hosta", fw, tmp_path / "a-cfg", tmp_path / "a-state")
-    b = Host("hostb", firewall_b, tmp_path / "b-cfg", tmp_path / "b-state")
-    for h in (a, b):
-        protect.add_protected(h.fw, "10.1.1.0/24")
-        assert h.cli("keys", "init", "--host-id", h.name).returncode == 0
-    port = free_port()
-    key_a = a.cli("keys", "show").stdout.strip()
-    key_b = b.cli("keys", "show").stdout.strip()
-    assert a.cli("peers", "add", "hostb", "--address", f"127.0.0.1:{port}", "--key",
-                 key_b).returncode == 0
-    assert b.cli("peers", "add", "hosta", "--address", "127.0.0.1:1", "--key",
-                 key_a).returncode == 0
-    agent = b.popen("agent", "--listen", f"127.0.0.1:{port}", "--pickup", "5")
-    try:
-        _wait_line(agent, '"listening"')
-        yield Pair(a, b, agent, port)
-    finally:
-        agent.terminate()
-        try:
-            agent.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-
-
-def establish(fw: Firewall, n: int, base: int = 20000) -> None:
-    for i in range(n):
-        sp = base + i
-        assert run_frame(fw, P.tcp(VM, sp, CLIENT, 443, P.SYN)) == "PASS"
-        assert run_frame(fw, P.tcp(CLIENT, 443, VM, sp, P.SYN | P.ACK)) == "PASS"
-        assert run_frame(fw, P.tcp(VM, sp, CLIENT, 443, P.ACK)) == "PASS"
-
-
-def count_vm(fw: Firewall) -> int:
-    t = sessions.read_sessions(fw)
-    return int(sessions.vm_mask(t.keys, VM).sum())
+    with make_pair(fw, firewall_b, tmp_path) as p:
+        yield p
 
 
 def test_migrate_copies_state_and_keeps_source(pair: Pair) -> None:
@@ -144,19 +52,6 @@ def test_migrate_copies_state_and_keeps_source(pair: Pair) -> None:
     assert run_frame(pair.b.fw, P.tcp(CLIENT, 443, VM, 20007, P.ACK | P.PSH, b"x")) == "PASS"
     assert run_frame(pair.b.fw, P.tcp(CLIENT, 5555, VM, 22, P.SYN)) == "PASS"
     assert run_frame(pair.b.fw, P.tcp(CLIENT, 5555, VM, 23, P.SYN)) == "DROP"
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 15.0,
-             alive: subprocess.Popen[str] | None = None) -> None:
-    """Polls `cond` until true (bounded); fails early if `alive` exited meanwhile."""
-    end = time.monotonic() + timeout
-    while not cond():
-        if alive is not None and alive.poll() is not None:
-            err = alive.stderr.read() if alive.stderr else ""
-            raise AssertionError(f"process exited ({alive.returncode}) waiting for {what}: {err}")
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_until_cutover_then_final(pair: Pair) -> None:
@@ -246,20 +141,46 @@ def test_source_cleanup_after_grace(pair: Pair) -> None:
     assert count_vm(pair.b.fw) == 4
 
 
-def test_agent_refuses_oversized_message(pair: Pair) -> None:
+def test_unauthenticated_bytes_are_never_read_as_a_message(pair: Pair) -> None:
+    """A client without a trusted key gets no further than the TLS handshake: a frame
+    header announcing 2 GiB is dropped with the connection, nothing is buffered, and
+    the agent keeps serving."""
     from sami_xdp.migrate.transport import HEADER, MAGIC, MSG_BUNDLE, VERSION
 
     with socket.create_connection(("127.0.0.1", pair.port), timeout=5) as s:
-        s.sendall(HEADER.pack(MAGIC, VERSION, MSG_BUNDLE, 0, 1 << 31))
-        reply = s.recv(4096)
-    assert b"exceeds the limit" in reply
-    # still serving: a new connection gets a whole migration through
+        s.sendall(HEADER.pack(MAGIC, VERSION, MSG_BUNDLE, 0, 1 << 31) + b"\0" * 4096)
+        try:
+            reply = s.recv(4096)
+        except ConnectionResetError:
+            reply = b""
+    assert b"exceeds" not in reply and b"SXMG" not in reply
     establish(pair.a.fw, 2)
     res = pair.a.cli("migrate", "--vm", VM, "--peer", "hostb", "--rounds", "0",
                      "--keep-source", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["outcome"] == "completed"
     assert count_vm(pair.b.fw) == 2
+
+
+def test_a_trusted_peers_oversized_message_gets_a_signed_refusal(pair: Pair) -> None:
+    from sami_xdp.migrate.transport import (
+        HEADER,
+        MAGIC,
+        MSG_ERROR,
+        VERSION,
+        Deadline,
+        recv_frame,
+        send_all,
+    )
+
+    ident = HostIdentity.load(pair.a.config)
+    trust = TrustStore.load(pair.a.config)
+    with Connection(trust.get("hostb"), ident) as conn:
+        send_all(conn.sock, HEADER.pack(MAGIC, VERSION, MSG_BUNDLE, 0, 1 << 31), Deadline(5))
+        reply = recv_frame(conn.sock, 1 << 16, Deadline(10))
+    assert reply.type == MSG_ERROR
+    _, body = verify_control(bytes(reply.payload), trust, "hosta", expect_from="hostb")
+    assert body["ok"] is False and "exceeds the limit" in body["reason"]
 
 
 def test_agent_refuses_an_expired_bundle(pair: Pair) -> None:
@@ -275,7 +196,7 @@ def test_agent_refuses_an_expired_bundle(pair: Pair) -> None:
         acl_digest=state.acl_digest, validity_s=60,
         issued_at_ms=int(time.time() * 1000) - 70_000,
     )
-    with Connection(f"127.0.0.1:{pair.port}") as conn:
+    with Connection(TrustStore.load(pair.a.config).get("hostb"), ident) as conn:
         reply = conn.request(MSG_BUNDLE, data)
     assert reply.type == MSG_ACK
     _, body = verify_control(reply.payload, TrustStore.load(pair.a.config), "hosta",

@@ -30,11 +30,11 @@ from sami_xdp.migrate.errors import (
 from sami_xdp.migrate.keys import (
     HOST_KEY_FILE,
     HostIdentity,
-    TrustStore,
     key_id_of,
     parse_address,
     parse_public,
 )
+from sami_xdp.migrate.peers import TrustStore
 from sami_xdp.migrate.replay import ReplayCache
 from sami_xdp.migrate.verify import inspect_bundle, verify_bundle
 
@@ -72,7 +72,7 @@ def hosts(tmp_path):
     b = HostIdentity.init(tmp_path / "b", "host-b")
     for me, other in ((tmp_path / "a", b), (tmp_path / "b", a)):
         t = TrustStore.load(me)
-        t.add(other.host_id, "127.0.0.1:7800", other.public_b64)
+        t.add(other.host_id, "127.0.0.1:7800", other.public_b64, vms="10.1.1.0/24")
         t.save()
     return a, b, tmp_path
 
@@ -189,7 +189,7 @@ def test_signer_must_be_the_named_source(hosts, tmp_path):
     a, b, root = hosts
     c = HostIdentity.init(tmp_path / "c", "host-c")
     t = TrustStore.load(root / "b")
-    t.add("host-c", "127.0.0.1:7801", c.public_b64)
+    t.add("host-c", "127.0.0.1:7801", c.public_b64, vms="10.1.1.0/24")
     liar = HostIdentity(host_id="host-a", private_key=c.private_key)  # claims to be host-a
     with pytest.raises(SignerMismatchError):
         verify_bundle(bundle(liar), t, "host-b")

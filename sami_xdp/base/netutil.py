@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -44,3 +45,13 @@ def parse_network(cidr: str) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(cidr, strict=False)
     except ValueError as exc:
         raise InvalidArgument(f"not an IPv4 prefix: {cidr!r}") from exc
+
+
+def in_networks(addrs_be: np.ndarray, nets: Iterable[ipaddress.IPv4Network]) -> np.ndarray:
+    """Which map-order u32 addresses lie in any of `nets` (vectorised)."""
+    host = np.asarray(addrs_be, dtype=np.uint32).byteswap()
+    out = np.zeros(host.shape, dtype=bool)
+    for net in nets:
+        mask = np.uint32(int(net.netmask))
+        out |= (host & mask) == np.uint32(int(net.network_address))
+    return out

@@ -8,6 +8,7 @@ here in main(). One module per command group: firewall, policy, trust, migrate.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +19,7 @@ from ..base.errors import SamiError
 from ..loader import bpffs
 from ..loader.bpfsys import BpfError
 from . import firewall, migrate, policy, trust
-from .common import Ctx, exit_code
+from .common import INTERNAL_ERROR, Ctx, exit_code
 
 app = typer.Typer(
     add_completion=False,
@@ -55,7 +56,20 @@ migrate.register(app)
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("samixdp: error: interrupted", err=True)
+        sys.exit(130)
+    except typer.TyperException as exc:  # a usage error (click's), on one line
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(2)
+        text = " ".join(getattr(exc, "format_message", exc.__str__)().split())
+        typer.echo(f"samixdp: error: {text}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
     except SamiError as exc:
         typer.echo(f"samixdp: error: {exc}", err=True)
         sys.exit(exit_code(exc))
@@ -66,6 +80,17 @@ def main() -> None:
     except OSError as exc:
         typer.echo(f"samixdp: error: {exc.strerror or exc}", err=True)
         sys.exit(exit_code(exc))
+    except Exception as exc:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("SAMIXDP_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())[:300]
+        typer.echo(
+            f"samixdp: internal error: {type(exc).__name__}: {text} "
+            "(a bug; SAMIXDP_DEBUG=1 shows the traceback)",
+            err=True,
+        )
+        sys.exit(INTERNAL_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

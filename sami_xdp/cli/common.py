@@ -29,10 +29,12 @@ from ..migrate.errors import (
     MigrateError,
     MigrationRefused,
     RollbackIncomplete,
+    StateDirError,
     TransportError,
     TrustStoreError,
     UnknownMigrationError,
 )
+from ..migrate.recovery import recover
 
 # The exit code of each error family, most specific first (README "Exit codes").
 EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -50,6 +52,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (RollbackIncomplete, 15, "an import failed and its rollback failed too"),
     (ImportFailed, 13, "an import failed and was rolled back"),
     (UnknownMigrationError, 14, "no such migration recorded here"),
+    (StateDirError, 18, "the state dir (replay cache, import journal, records) is unusable"),
     (TransportError, 16, "the peer cannot be reached or the connection failed"),
     (MigrationRefused, 17, "the peer refused the migration"),
     (MigrateError, 10, "another migration failure"),
@@ -57,6 +60,9 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (SamiError, 1, "another failure"),
     (OSError, 1, "a system call or file operation failed"),
 )
+
+
+INTERNAL_ERROR = 70  # a bug (EX_SOFTWARE): one line, SAMIXDP_DEBUG=1 for the traceback
 
 
 def exit_code(exc: BaseException) -> int:
@@ -75,7 +81,25 @@ class Ctx:
     state_dir: Path
 
     def open(self) -> Firewall:
+        """The pinned firewall, for reading."""
         return Firewall.open(self.bpffs)
+
+    def change(self) -> Firewall:
+        """The pinned firewall, for a command that changes it: first an import that a
+        crash (kill -9) interrupted is rolled back or completed (recovery.py)."""
+        fw = Firewall.open(self.bpffs)
+        try:
+            recovered(fw, self.state_dir)
+        except BaseException:
+            fw.close()
+            raise
+        return fw
+
+
+def recovered(fw: Firewall, state_dir: Path) -> None:
+    done = recover(fw, state_dir)
+    if done:
+        typer.echo(f"samixdp: recovered an interrupted import: {done.describe()}", err=True)
 
 
 def root_opts(ctx: typer.Context) -> Ctx:

@@ -8,14 +8,19 @@ from typing import Annotated
 import typer
 
 from ..base.errors import InvalidArgument, SamiError
-from ..base.netutil import parse_network
+from ..base.netutil import ip_to_be32, parse_network
 from ..loader import attach as xdp
 from ..loader import bpffs
 from ..loader.compile import Limits
 from ..loader.pinned import Firewall, unpin_all
 from ..policy import blacklist, protect, roles, sessions, stats
 from ..policy.config import config_names, create_firewall, parse_config_value
-from .common import emit_json, root_opts, table
+from .common import emit_json, recovered, root_opts, table
+from .values import whole
+
+MAX_SETTING = 2**32  # the largest value a numeric setting takes (config slots are u64)
+MAX_SESSIONS = 1 << 24  # 2.3 GiB of session map
+MAX_UNASSURED = 1 << 22
 
 config_app = typer.Typer(no_args_is_help=True, help="Show or change runtime settings.")
 
@@ -41,9 +46,7 @@ def _parse_rate(value: str) -> int:
         rate = int(text)
     except ValueError as exc:
         raise InvalidArgument(f"--syn-rate needs N or N/s, got {value!r}") from exc
-    if rate < 1:
-        raise InvalidArgument("--syn-rate must be at least 1")
-    return rate
+    return whole("--syn-rate", rate, 1, MAX_SETTING)
 
 
 # ---- attach / detach / status ----------------------------------------------
@@ -78,12 +81,15 @@ def attach_cmd(
     roles.parse_role(role)
     nets = [parse_network(p) for p in (protect_ or [])]
     rate = _parse_rate(syn_rate) if syn_rate is not None else None
-    if ban is not None and ban < 1:
-        raise InvalidArgument("--ban must be at least 1 second")
+    if ban is not None:
+        whole("--ban", ban, 1, MAX_SETTING)
+    whole("--max-sessions", max_sessions, 1, MAX_SESSIONS)
+    whole("--max-unassured", max_unassured, 1, MAX_UNASSURED)
     bpffs.require_root()
     xdp.query(iface)  # fails early and clearly for a missing interface
     limits = Limits(max_sessions=max_sessions, max_unassured=max_unassured)
     with create_firewall(c.bpffs, limits) as fw:
+        recovered(fw, c.state_dir)
         for net in nets:
             protect.add_protected(fw, str(net))
         if rate is not None:
@@ -99,7 +105,7 @@ def detach_cmd(ctx: typer.Context, iface: str) -> None:
     """Detach the firewall from IFACE (state stays pinned)."""
     bpffs.require_root()
     xdp.query(iface)
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         state = xdp.detach(iface, fw.prog_fd, fw.prog_id())
         roles.set_role(fw, state.ifindex, "auto")
     typer.echo(f"detached from {iface}")
@@ -116,7 +122,7 @@ def reset_cmd(
         raise InvalidArgument("reset deletes all firewall state: add --yes to confirm")
     if Firewall.exists(c.bpffs):
         try:
-            with c.open() as fw:
+            with c.change() as fw:
                 still = xdp.list_attached(fw.prog_id())
         except SamiError:
             still = []  # an unreadable (old layout) state may always be removed
@@ -198,8 +204,9 @@ def sessions_cmd(
     limit: Annotated[int, typer.Option(help="Rows in the human table (0 = all).")] = 50,
 ) -> None:
     """List sessions (src = initiator)."""
+    whole("--limit", limit, 0, 1 << 32)
     if vm is not None:
-        parse_network(vm)
+        ip_to_be32(vm)
     with root_opts(ctx).open() as fw:
         tbl = sessions.read_sessions(fw)
         if vm is not None:
@@ -247,7 +254,7 @@ def stats_cmd(
 
 def gc_cmd(ctx: typer.Context) -> None:
     """Delete expired sessions in batches."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         removed = sessions.gc(fw)
         removed.update(blacklist.gc(fw))
     total = sum(removed.values())
@@ -264,7 +271,7 @@ def protect_cmd(
     remove: Annotated[bool, typer.Option("--remove")] = False,
 ) -> None:
     """Add (or --remove) a protected VM prefix."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         if remove:
             if not protect.remove_protected(fw, cidr):
                 raise InvalidArgument(f"{cidr} is not protected")
@@ -288,7 +295,7 @@ def config_show(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json"
 @config_app.command("set")
 def config_set(ctx: typer.Context, name: str, value: str) -> None:
     """Change a setting live, e.g. `config set syn-rate 500`, `config set ban 120`."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         names = config_names(fw.layout)
         if name not in names:
             raise InvalidArgument(f"unknown setting {name!r}; known: {', '.join(names)}")

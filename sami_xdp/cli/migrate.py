@@ -15,7 +15,6 @@ import typer
 from ..base.errors import InvalidArgument
 from ..base.netutil import ip_to_be32
 from ..loader import bpffs
-from ..loader.pinned import Firewall
 from ..migrate import running
 from ..migrate.agent import AgentConfig, serve
 from ..migrate.bundle import (
@@ -25,17 +24,28 @@ from ..migrate.bundle import (
     new_migration_id,
     parse_bundle,
 )
-from ..migrate.errors import BundleRefused, MigrationRefused, UnknownMigrationError
-from ..migrate.export import build_bundle
-from ..migrate.importer import DEFAULT_PICKUP_S, abort_import, import_vm_state
+from ..migrate.errors import (
+    BundleRefused,
+    MigrationRefused,
+    TrustStoreError,
+    UnknownMigrationError,
+)
+from ..migrate.export import build_bundle, require_protected
+from ..migrate.importer import DEFAULT_PICKUP_S, MAX_PICKUP_S, abort_import, import_vm_state
 from ..migrate.journal import ImportRecords
-from ..migrate.keys import HostIdentity, TrustStore
+from ..migrate.keys import HostIdentity
+from ..migrate.keys import parse_address as host_port
+from ..migrate.peers import TrustStore
 from ..migrate.phases import MigrateOptions, resolve_peer, wait_and_cleanup
+from ..migrate.plan import record_limits
 from ..migrate.replay import REPLAY_FILE, ReplayCache
 from ..migrate.select import ExportState
-from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S, TlsConfig
+from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S
 from ..migrate.verify import inspect_bundle, verify_bundle
-from .common import emit_json, exit_code, root_opts, table
+from .common import emit_json, root_opts, table
+from .values import output_path, read_input, seconds, whole
+
+MAX_WAIT_S = 7 * 86400.0
 
 bundle_app = typer.Typer(no_args_is_help=True, help="Look at migration bundle files.")
 imports_app = typer.Typer(no_args_is_help=True, help="Migrations imported on this host.")
@@ -63,13 +73,6 @@ def _write_private(path: Path, data: bytes) -> None:
         raise
 
 
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
-
-
 # ---- export / import ------------------------------------------------------------------
 
 
@@ -88,13 +91,14 @@ def export_cmd(
     ] = None,
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Write a signed full-snapshot bundle of one VM's state for peer TO."""
+    """Write a signed bundle of one VM's whole state for peer TO (a single, final
+    round: importing it opens the VM's pickup window there)."""
     c = root_opts(ctx)
     ip_to_be32(vm)
+    output_path(output)
     if compress not in COMPRESSIONS:
         raise InvalidArgument(f"--compress must be one of {', '.join(COMPRESSIONS)}")
-    if not 0 < validity <= MAX_VALIDITY_S:
-        raise InvalidArgument(f"--validity must be in (0, {MAX_VALIDITY_S}] seconds")
+    seconds("--validity", validity, 0, MAX_VALIDITY_S, lo_open=True)
     if not 0 <= seq < 2**32:
         raise InvalidArgument("--seq must fit in 32 bits")
     if migration_id is None:
@@ -116,7 +120,7 @@ def export_cmd(
             peer.name,
             seq,
             mid,
-            "full",
+            "final",  # one offline round: the whole state, and the last
             ExportState(),
             identity=ident,
             validity_s=validity,
@@ -157,16 +161,13 @@ def import_cmd(
 ) -> None:
     """Verify a bundle and load it into the maps (all or nothing)."""
     c = root_opts(ctx)
-    if pickup < 0:
-        raise InvalidArgument("--pickup must be >= 0")
-    data = _read_file(file)
+    seconds("--pickup", pickup, 0, MAX_PICKUP_S)
+    data = read_input(file, "bundle file")
     ident = HostIdentity.load(c.config_dir)
     trust = TrustStore.load(c.config_dir)
-    with ReplayCache(c.state_dir) as replay:
-        # refusals need no firewall: verify first, then open the maps
-        vb = verify_bundle(data, trust, ident.host_id, replay)
-        with c.open() as fw:
-            res = import_vm_state(fw, vb, c.state_dir, replay=replay, pickup_s=pickup)
+    with c.open() as fw, ReplayCache(c.state_dir) as replay:
+        vb = verify_bundle(data, trust, ident.host_id, replay, limits=record_limits(fw))
+        res = import_vm_state(fw, vb, c.state_dir, replay=replay, pickup_s=pickup)
     if json_:
         emit_json(res.as_dict())
         return
@@ -194,7 +195,7 @@ def bundle_inspect(
 
     Exits 0 only when the bundle would be accepted here."""
     c = root_opts(ctx)
-    data = _read_file(file)
+    data = read_input(file, "bundle file")
     trust = TrustStore.load(c.config_dir)
     host_id = HostIdentity.load(c.config_dir).host_id if HostIdentity.exists(c.config_dir) else None
     replay = ReplayCache(c.state_dir) if (c.state_dir / REPLAY_FILE).exists() else None
@@ -208,7 +209,7 @@ def bundle_inspect(
     else:
         _print_inspect(file, info)
     if not info["valid"]:
-        raise typer.Exit(exit_code(BundleRefused(info["reason"])))
+        raise BundleRefused(str(info["reason"]))
 
 
 def _print_inspect(file: Path, info: dict[str, Any]) -> None:
@@ -249,10 +250,17 @@ def imports_list(
     ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """Migrations imported here, with their rounds."""
-    recs = ImportRecords(root_opts(ctx).state_dir).list()
+    records = ImportRecords(root_opts(ctx).state_dir)
+    recs = records.list()
     if json_:
         emit_json(recs)
         return
+    if records.inflight_path.exists() or records.abort_path.exists():
+        typer.echo(
+            "note: an import or abort was interrupted; the next agent start or "
+            "state-changing command rolls it back or completes it",
+            err=True,
+        )
     if not recs:
         typer.echo("no imported migrations")
         return
@@ -287,7 +295,7 @@ def imports_abort(
         raise InvalidArgument("migration id must be 32 hex digits")
     if ImportRecords(c.state_dir).meta(mid) is None:
         raise UnknownMigrationError(f"no import of migration {mid.hex()} in {c.state_dir}")
-    with c.open() as fw:
+    with c.change() as fw:
         counts = abort_import(fw, mid, c.state_dir)
     if json_:
         emit_json(counts)
@@ -303,21 +311,48 @@ def imports_abort(
 def agent_cmd(
     ctx: typer.Context,
     listen: Annotated[str, typer.Option(help="HOST:PORT to accept peers on.")] = "0.0.0.0:7800",
-    pickup: Annotated[float, typer.Option(help="Pickup window (s) after each import.")] = 10.0,
+    pickup: Annotated[
+        float, typer.Option(help="Pickup window (s) after a migration's final round.")
+    ] = DEFAULT_PICKUP_S,
     max_message: Annotated[int, typer.Option(help="Largest bundle accepted (bytes).")] = (
         DEFAULT_MAX_MESSAGE
     ),
-    timeout: Annotated[float, typer.Option(help="Per-read timeout (s).")] = DEFAULT_TIMEOUT_S,
-    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (optional).")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="TLS private key.")] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds for one whole message to arrive.")
+    ] = DEFAULT_TIMEOUT_S,
+    idle: Annotated[float, typer.Option(help="Seconds a connection may wait between messages.")] = (
+        60.0
+    ),
+    handshake_timeout: Annotated[
+        float, typer.Option(help="Seconds for a peer to authenticate (TLS or hello).")
+    ] = 10.0,
+    max_conns: Annotated[int, typer.Option(help="Connections at once.")] = 32,
+    max_pending_per_ip: Annotated[
+        int, typer.Option(help="Unauthenticated connections at once per address.")
+    ] = 4,
+    max_bundles: Annotated[int, typer.Option(help="Bundles received/verified at once.")] = 2,
+    plaintext: Annotated[
+        bool,
+        typer.Option(
+            "--plaintext", help="No TLS: a signed hello authenticates (debugging only)."
+        ),
+    ] = False,
 ) -> None:
-    """Receive migration bundles from trusted peers and load them."""
+    """Receive migration bundles from trusted peers (mutual TLS) and load them."""
     c = root_opts(ctx)
+    seconds("--pickup", pickup, 0, MAX_PICKUP_S)
+    whole("--max-message", max_message, 1024, 1 << 31)
+    seconds("--timeout", timeout, 0, 3600, lo_open=True)
+    seconds("--idle", idle, 0, 86400, lo_open=True)
+    seconds("--handshake-timeout", handshake_timeout, 0, 600, lo_open=True)
+    whole("--max-conns", max_conns, 1, 4096)
+    whole("--max-pending-per-ip", max_pending_per_ip, 1, 4096)
+    whole("--max-bundles", max_bundles, 1, 64)
+    try:
+        host_port(listen)
+    except TrustStoreError as exc:
+        raise InvalidArgument(f"--listen: {exc}") from exc
     bpffs.require_root()
-    if pickup < 0 or max_message < 1024 or timeout <= 0:
-        raise InvalidArgument("--pickup >= 0, --max-message >= 1024, --timeout > 0")
-    if bool(tls_cert) != bool(tls_key):
-        raise InvalidArgument("--tls-cert and --tls-key go together")
     cfg = AgentConfig(
         bpffs=c.bpffs,
         config_dir=c.config_dir,
@@ -326,10 +361,12 @@ def agent_cmd(
         pickup_s=pickup,
         max_message=max_message,
         timeout_s=timeout,
-        tls=TlsConfig(
-            certfile=str(tls_cert) if tls_cert else None,
-            keyfile=str(tls_key) if tls_key else None,
-        ),
+        idle_s=idle,
+        handshake_s=handshake_timeout,
+        max_conns=max_conns,
+        max_pending_per_ip=max_pending_per_ip,
+        max_bundles=max_bundles,
+        plaintext=plaintext,
     )
     serve(cfg)
 
@@ -379,12 +416,17 @@ def migrate_cmd(
         bool, typer.Option("--keep-source", help="Never delete the VM's state here.")
     ] = False,
     compress: Annotated[bool, typer.Option("--compress", help="zlib the bundle body.")] = False,
-    tls_ca: Annotated[Path | None, typer.Option(help="CA file: talk TLS to the peer.")] = None,
+    plaintext: Annotated[
+        bool, typer.Option("--plaintext", help="No TLS, for an agent run with --plaintext.")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Move VM's firewall state to a peer: preflight, full copy, deltas, final, cleanup."""
     c = root_opts(ctx)
     ip_to_be32(vm)  # validates
+    whole("--rounds", rounds, 0, 10_000)
+    seconds("--interval", interval, 0, 3600)
+    seconds("--source-grace", source_grace, 0, MAX_WAIT_S)
     bpffs.require_root()
     if final and abort:
         raise InvalidArgument("--final and --abort exclude each other")
@@ -397,12 +439,10 @@ def migrate_cmd(
     identity = HostIdentity.load(c.config_dir)
     trust = TrustStore.load(c.config_dir)
     if abort:
-        typer.echo(running.abort_migration(c.state_dir, vm, identity, trust, peer))
+        typer.echo(running.abort_migration(c.state_dir, vm, identity, trust, peer, plaintext))
         return
     if peer is None:
         raise InvalidArgument("--peer NAME|HOST:PORT is required")
-    if rounds < 0 or interval < 0 or source_grace < 0:
-        raise InvalidArgument("--rounds, --interval and --source-grace must be >= 0")
     target = resolve_peer(trust, peer)
     opts = MigrateOptions(
         delta_rounds=rounds,
@@ -411,10 +451,11 @@ def migrate_cmd(
         source_grace_s=source_grace,
         keep_source=keep_source,
         compression="zlib" if compress else "none",
-        tls=TlsConfig(cafile=str(tls_ca) if tls_ca else None),
+        plaintext=plaintext,
     )
     say = (lambda m: typer.echo(m, err=True)) if not json_ else (lambda _m: None)
-    with Firewall.open(c.bpffs) as fw:
+    with c.change() as fw:
+        require_protected(fw, vm)
         report = running.run_recorded(
             fw,
             identity,
@@ -436,6 +477,9 @@ def cleanup_cmd(
     max_wait: Annotated[float, typer.Option()] = 3600.0,
 ) -> None:
     """Wait until VM has been idle here for GRACE seconds, then delete its state."""
-    with Firewall.open(root_opts(ctx).bpffs) as fw:
+    ip_to_be32(vm)
+    seconds("--grace", grace, 0, MAX_WAIT_S)
+    seconds("--max-wait", max_wait, 0, MAX_WAIT_S)
+    with root_opts(ctx).change() as fw:
         removed = wait_and_cleanup(fw, vm, grace, max_wait, progress=typer.echo)
     typer.echo(json.dumps({"vm": vm, "removed": removed}))

@@ -8,8 +8,10 @@ from typing import Annotated
 import typer
 
 from ..base.errors import InvalidArgument
+from ..base.layout import load_layout
 from ..policy import acl, blacklist
 from .common import emit_json, root_opts, table
+from .values import whole
 
 acl_app = typer.Typer(no_args_is_help=True, help="Ordered first-match inbound rules per VM.")
 bl_app = typer.Typer(no_args_is_help=True, help="Sources banned for SYN floods.")
@@ -33,7 +35,7 @@ def acl_add(
     priority: Annotated[int | None, typer.Option(help="Lower matches first.")] = None,
 ) -> None:
     """Add a rule; prints its id."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         rule = acl.make_rule(
             fw,
             vm=vm,
@@ -85,7 +87,8 @@ def acl_list(
 @acl_app.command("del")
 def acl_del(ctx: typer.Context, rule_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
     """Delete rule ID."""
-    with root_opts(ctx).open() as fw:
+    whole("ID", rule_id, 1, load_layout().const("SAMIXDP_ACL_MAX_RULE_ID") - 1)
+    with root_opts(ctx).change() as fw:
         if not acl.delete_rules(fw, [rule_id]):
             raise InvalidArgument(f"no ACL rule with id {rule_id}")
     typer.echo(f"deleted rule {rule_id}")
@@ -94,7 +97,7 @@ def acl_del(ctx: typer.Context, rule_id: Annotated[int, typer.Argument(metavar="
 @acl_app.command("load")
 def acl_load(ctx: typer.Context, file: Path) -> None:
     """Replace the whole rule set atomically from a TOML or YAML file."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         rules = acl.parse_rule_file(fw, file)
         ids = acl.load_rules(fw, rules)
     typer.echo(f"loaded {len(ids)} rules from {file}")
@@ -120,7 +123,7 @@ def bl_list(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] =
 @bl_app.command("del")
 def bl_del(ctx: typer.Context, ip: str) -> None:
     """Lift the ban on IP."""
-    with root_opts(ctx).open() as fw:
+    with root_opts(ctx).change() as fw:
         if not blacklist.unban(fw, ip):
             raise InvalidArgument(f"{ip} is not on the blacklist")
     typer.echo(f"unbanned {ip}")

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ..migrate.keys import HostIdentity, TrustStore
+from ..migrate.keys import HostIdentity
+from ..migrate.peers import TrustStore, parse_scope, scope_text
 from .common import emit_json, root_opts, table
 
 keys_app = typer.Typer(no_args_is_help=True, help="This host's Ed25519 identity.")
@@ -63,17 +64,45 @@ def peers_add(
     name: Annotated[str, typer.Argument(help="The peer's host id.")],
     address: Annotated[str, typer.Option("--address", help="HOST:PORT of its agent.")],
     key: Annotated[str, typer.Option("--key", help="Its public key (`keys show` there).")],
+    vms: Annotated[
+        str,
+        typer.Option(
+            "--vms",
+            help="VM prefixes it may send state for: PREFIX[,PREFIX...] (default none).",
+        ),
+    ] = "",
     replace: Annotated[bool, typer.Option("--replace", help="Change an existing peer.")] = False,
 ) -> None:
-    """Trust a peer: bundles signed by KEY and naming NAME as source are accepted."""
+    """Trust a peer: bundles signed by KEY, naming NAME as source, for a VM in --vms."""
     trust = TrustStore.load(root_opts(ctx).config_dir)
-    peer = trust.add(name, address, key, replace=replace)
+    peer = trust.add(name, address, key, replace=replace, vms=parse_scope(vms))
     trust.save()
-    typer.echo(f"peer {peer.name} at {peer.address}, key id {peer.key_id.hex()}")
+    typer.echo(
+        f"peer {peer.name} at {peer.address}, key id {peer.key_id.hex()}, "
+        f"vms {scope_text(peer.vms)}"
+    )
+
+
+@peers_app.command("set-vms")
+def peers_set_vms(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The peer's host id.")],
+    prefixes: Annotated[
+        str, typer.Argument(help="PREFIX[,PREFIX...] it may send state for ('none': no VM).")
+    ],
+) -> None:
+    """Change which VM prefixes a peer may send state for."""
+    scope = parse_scope(prefixes)
+    trust = TrustStore.load(root_opts(ctx).config_dir)
+    peer = trust.set_vms(name, scope)
+    trust.save()
+    typer.echo(f"peer {peer.name} may send state for: {scope_text(peer.vms)}")
 
 
 @peers_app.command("remove")
-def peers_remove(ctx: typer.Context, name: str) -> None:
+def peers_remove(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="The peer's host id.")]
+) -> None:
     """Stop trusting a peer."""
     trust = TrustStore.load(root_opts(ctx).config_dir)
     trust.remove(name)
@@ -84,14 +113,17 @@ def peers_remove(ctx: typer.Context, name: str) -> None:
 @peers_app.command("list")
 def peers_list(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Trusted peers."""
-    peers = [p.as_dict() for p in TrustStore.load(root_opts(ctx).config_dir).peers()]
+    found = TrustStore.load(root_opts(ctx).config_dir).peers()
     if json_:
-        emit_json(peers)
+        emit_json([p.as_dict() for p in found])
         return
-    if not peers:
+    if not found:
         typer.echo("no peers (add one with `samixdp peers add NAME --address HOST:PORT --key K`)")
         return
     table(
-        [[p["name"], p["address"], p["key_id"], p["public_key"]] for p in peers],
-        ["name", "address", "key_id", "public_key"],
+        [
+            [p.name, p.address, p.key_id.hex(), p.public_b64, scope_text(p.vms)]
+            for p in found
+        ],
+        ["name", "address", "key_id", "public_key", "vms"],
     )

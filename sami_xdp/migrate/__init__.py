@@ -15,12 +15,14 @@ Receiving side::
                             ReplayCache(state_dir), HostIdentity.load(config_dir).host_id)
     abort_import(fw, mid, state_dir)           # undo every round of that migration
 
-Modules, bottom up: errors; keys (identity, trust store); wire (record codecs);
-bundle (the signed container); select (a VM's state, deltas); export (select +
-encode one round); verify; replay; journal (undo records); plan (what a round
-touches, capacity); importer; control and transport (the wire between agents);
-phases (the source's pre-copy phases); running (a migration as the operator runs
-it); agent (the destination's server).
+Modules, bottom up: errors; keys (this host's identity); peers (trusted peers and
+their scopes); wire (record codecs); bundle (the signed container); select (a VM's
+state, deltas); export (select + encode one round); verify; replay (replay cache,
+control nonces); journal (the import journal), undo (undo records) and recovery
+(after a crash); plan (what a round touches, capacity); importer; fields and control
+(signed control messages); tlsid (TLS bound to the host keys) and transport (frames,
+deadlines); phases (the source's pre-copy phases); running (a migration as the operator
+runs it); agent (the destination's server).
 """
 
 from .bundle import Bundle, encode_bundle, new_migration_id, parse_bundle
@@ -28,7 +30,8 @@ from .errors import BundleRefused, ImportFailed, MigrateError
 from .export import build_bundle
 from .importer import ImportResult, abort_import, import_vm_state, receive_bundle
 from .journal import ImportRecords
-from .keys import HostIdentity, Peer, TrustStore
+from .keys import HostIdentity
+from .peers import Peer, TrustStore
 from .replay import ReplayCache
 from .select import ExportState, VmState, delta_since, export_vm_state
 from .verify import VerifiedBundle, verify_bundle

@@ -1,10 +1,19 @@
 """`samixdp agent`: receives migration bundles from trusted peers.
 
-One thread per connection (many migrations at once); imports themselves are
-serialised (map writes and the undo records share one lock). Every request
-gets an answer signed by this host: the counts imported, or the reason for a
-refusal. Frames above the size limit are refused before being read, and an
-idle or slow peer is dropped after the timeout.
+A connection is admitted only under the caps (connections in all, and not yet
+authenticated ones per source address), and must authenticate before anything
+larger than a frame header is read: a mutual TLS handshake bound to the host
+keys (tlsid.py), or in `--plaintext` mode a small signed hello. Every frame then
+has an overall deadline, its size is accepted before its payload is read, and a
+bundle's body is read only after its header fits this host's maps, the sender's
+scope and the announced length. Bundles are verified outside the import lock
+(a few at a time, `max_bundles`), imports are serialised. Every request gets an
+answer signed by this host: the counts imported, or a refusal naming the reason
+(the field, for a bad control message); a bug in a handler becomes a logged
+"internal error" refusal, never a dead thread.
+
+At start the agent recovers what a crash of an earlier agent or CLI import left
+behind (recovery.py).
 """
 
 from __future__ import annotations
@@ -12,39 +21,52 @@ from __future__ import annotations
 import json
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..base.errors import SamiError
+from ..base.netutil import ip_to_be32
 from ..loader.pinned import Firewall
+from ..policy.protect import is_protected
 from ..policy.sessions import SESSION_MAPS
-from .bundle import parse_bundle
-from .control import sign_control, verify_control
-from .errors import ControlError, MigrateError, TransportError
-from .importer import abort_import, receive_bundle
-from .keys import HostIdentity, TrustStore
+from .bundle import HEADER_SIZE, bundle_size, parse_header
+from .control import bundle_digest, nonce_of, sign_control, verify_control
+from .errors import BundleRefused, MigrateError, TransportError
+from .fields import FieldError, want_int, want_ip, want_mid
+from .importer import DEFAULT_PICKUP_S, abort_import, import_vm_state
+from .keys import HostIdentity
+from .peers import Peer, TrustStore, in_scope, scope_text
+from .plan import record_limits
+from .recovery import recover
 from .replay import ReplayCache
+from .tlsid import peer_key, server_context
 from .transport import (
     CONTROL_MAX_MESSAGE,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_TIMEOUT_S,
+    HELLO_MAX_MESSAGE,
     MSG_ABORT,
     MSG_ACK,
     MSG_BUNDLE,
     MSG_ERROR,
+    MSG_HELLO,
     MSG_PREFLIGHT,
     MSG_PREFLIGHT_REPLY,
-    TlsConfig,
+    Deadline,
     parse_address,
     recv_frame,
+    recv_header,
+    recv_into,
     send_frame,
 )
+from .verify import verify_bundle
 
 
 @dataclass
@@ -53,10 +75,15 @@ class AgentConfig:
     config_dir: Path
     state_dir: Path
     listen: str
-    pickup_s: float = 10.0
+    pickup_s: float = DEFAULT_PICKUP_S
     max_message: int = DEFAULT_MAX_MESSAGE
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    tls: TlsConfig = field(default_factory=TlsConfig)
+    timeout_s: float = DEFAULT_TIMEOUT_S  # one frame (header and payload), whole
+    idle_s: float = 60.0  # between two frames of a connection
+    handshake_s: float = 10.0  # TLS handshake (or plaintext hello), whole
+    max_conns: int = 32
+    max_pending_per_ip: int = 4  # connections not authenticated yet, per address
+    max_bundles: int = 2  # bundles read, verified or imported at once
+    plaintext: bool = False
 
 
 def _count_only(keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
@@ -65,7 +92,47 @@ def _count_only(keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
 
 def _log(event: str, **fields: Any) -> None:
     line = {"ts": round(time.time(), 3), "event": event, **fields}
-    print(json.dumps(line), flush=True)
+    print(json.dumps(line, default=str), flush=True)
+
+
+class Admission:
+    """Caps connections: in all, and per source address while not authenticated."""
+
+    def __init__(self, max_conns: int, max_pending_per_ip: int) -> None:
+        self.max_conns, self.max_pending = max_conns, max_pending_per_ip
+        self._lock = threading.Lock()
+        self.active = 0
+        self._pending: dict[str, int] = {}
+
+    def admit(self, ip: str) -> bool:
+        with self._lock:
+            if self.active >= self.max_conns or self._pending.get(ip, 0) >= self.max_pending:
+                return False
+            self.active += 1
+            self._pending[ip] = self._pending.get(ip, 0) + 1
+            return True
+
+    def authenticated(self, ip: str) -> None:
+        with self._lock:
+            left = self._pending.get(ip, 0) - 1
+            if left > 0:
+                self._pending[ip] = left
+            else:
+                self._pending.pop(ip, None)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+
+class Refusal(Exception):  # noqa: N818 - control flow inside the agent, never escapes it
+    """Answer with a signed refusal; `close` when the stream cannot go on (an
+    unread payload) or the peer misbehaved."""
+
+    def __init__(self, reason: str, close: bool = False, field: str | None = None,
+                 kind: str = "refused") -> None:
+        super().__init__(reason)
+        self.close, self.field, self.kind = close, field, kind
 
 
 class Agent:
@@ -76,37 +143,189 @@ class Agent:
         self.identity = HostIdentity.load(cfg.config_dir)
         self.fw = Firewall.open(cfg.bpffs)
         self.import_lock = threading.Lock()
+        self.bundle_slots = threading.BoundedSemaphore(cfg.max_bundles)
+        self.admission = Admission(cfg.max_conns, cfg.max_pending_per_ip)
+        self.trust()  # a bad peers file stops the agent now, not at its first peer
+        self.limits = record_limits(self.fw)
+        self.max_bundle = min(cfg.max_message, self.limits.max_bundle_bytes())
+        self._tls_ctx: tuple[tuple[bytes, ...], ssl.SSLContext] | None = None
+        self._tls_lock = threading.Lock()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        done = recover(self.fw, cfg.state_dir, wait=True)
+        if done:
+            _log("recovered", what=done.describe())
+
+    @property
+    def me(self) -> str:
+        return self.identity.host_id
 
     def trust(self) -> TrustStore:
-        """Re-read on every request: `peers add` takes effect without a restart."""
+        """Re-read on every connection and request: `peers ...` takes effect at once."""
         return TrustStore.load(self.cfg.config_dir)
 
-    # ---- requests ----------------------------------------------------------
+    def tls_context(self, trust: TrustStore) -> ssl.SSLContext:
+        keys = tuple(sorted(p.public_raw for p in trust.peers()))
+        with self._tls_lock:
+            if self._tls_ctx is None or self._tls_ctx[0] != keys:
+                self._tls_ctx = (keys, server_context(self.identity, keys))
+            return self._tls_ctx[1]
 
-    def preflight(self, data: bytes) -> tuple[int, bytes]:
-        trust = self.trust()
-        me = self.identity.host_id
+    # ---- one connection -------------------------------------------------------------
+
+    def serve_connection(self, sock: socket.socket, addr: str) -> None:
+        ip = addr.rsplit(":", 1)[0]
+        authenticated = False
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out at once
         try:
-            peer, body = verify_control(data, trust, me)
-        except ControlError as exc:
-            return MSG_ERROR, json.dumps({"ok": False, "reason": str(exc)}).encode()
+            try:
+                sock, peer = self.authenticate(sock, addr)
+            finally:
+                self.admission.authenticated(ip)
+                authenticated = True
+            _log("connected", peer=peer.name, address=addr)
+            self.frames(sock, peer, addr)
+        except (TransportError, OSError, ssl.SSLError, SamiError) as exc:
+            reason = str(exc) if isinstance(exc, SamiError) else f"{type(exc).__name__}: {exc}"
+            if "closed the connection" not in reason:
+                _log("connection-closed", address=addr, reason=reason)
+        finally:
+            if not authenticated:
+                self.admission.authenticated(ip)
+            self.admission.leave()
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def authenticate(self, sock: socket.socket, addr: str) -> tuple[socket.socket, Peer]:
+        """The peer behind the connection, before anything but the handshake (or the
+        small hello) is read; then a signed welcome tells the peer it was accepted."""
+        deadline = Deadline(self.cfg.handshake_s)
+        trust = self.trust()
+        reply_to = None
+        if self.cfg.plaintext:
+            peer, reply_to = self._hello(sock, trust, deadline)
+        else:
+            sock, peer = self._tls(sock, trust, deadline)
+        welcome = sign_control(self.identity, {"type": "welcome", "to": peer.name}, reply_to)
+        send_frame(sock, MSG_HELLO, welcome, deadline)
+        return sock, peer
+
+    def _tls(
+        self, sock: socket.socket, trust: TrustStore, deadline: Deadline
+    ) -> tuple[ssl.SSLSocket, Peer]:
+        tls = self.tls_context(trust).wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        )
+        tls.settimeout(deadline.remaining("the TLS handshake"))
+        try:
+            tls.do_handshake()
+        except TimeoutError as exc:
+            raise TransportError("TLS handshake timed out") from exc
+        except ssl.SSLError as exc:
+            raise TransportError(f"TLS handshake refused: {exc.reason or exc}") from exc
+        peer = trust.by_public_key(peer_key(tls))
+        if peer is None:  # the anchors let only these keys through; belt and braces
+            raise TransportError("TLS peer key is not in the peers file")
+        return tls, peer
+
+    def _hello(
+        self, sock: socket.socket, trust: TrustStore, deadline: Deadline
+    ) -> tuple[Peer, str | None]:
+        frame = recv_frame(sock, HELLO_MAX_MESSAGE, deadline)
+        if frame.type != MSG_HELLO:
+            raise TransportError("plaintext mode: the first message must be a signed hello")
+        data = bytes(frame.payload)
+        with ReplayCache(self.cfg.state_dir) as replay:
+            peer, body = verify_control(data, trust, self.me, replay=replay)
+        if body.get("type") != "hello":
+            raise TransportError("plaintext mode: the first message must be a signed hello")
+        return peer, nonce_of(data)
+
+    def frames(self, sock: socket.socket, peer: Peer, addr: str) -> None:
+        while True:
+            first = bytearray(1)
+            recv_into(sock, memoryview(first), Deadline(self.cfg.idle_s), "a message")
+            deadline = Deadline(self.cfg.timeout_s)  # the whole frame, from its first byte
+            try:
+                msg_type, length = recv_header(sock, deadline, first=bytes(first))
+                reply = self.request(sock, peer, msg_type, length, deadline)
+            except Refusal as exc:
+                reply = (MSG_ERROR, self.refusal(peer, str(exc), exc.field, exc.kind), exc.close)
+                _log("refused", peer=peer.name, reason=str(exc))
+            except (TransportError, OSError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the connection's edge: a bug answers too
+                _log("internal-error", peer=peer.name, error=f"{type(exc).__name__}: {exc}")
+                reply = (MSG_ERROR, self.refusal(peer, f"internal error ({type(exc).__name__})"),
+                         True)
+            msg, payload, close = reply
+            send_frame(sock, msg, payload, Deadline(self.cfg.timeout_s))
+            if close:
+                return
+
+    def refusal(self, peer: Peer, reason: str, field: str | None = None,
+                kind: str = "refused", reply_to: str | None = None) -> bytes:
+        body: dict[str, Any] = {"type": "refusal", "to": peer.name, "ok": False,
+                                "reason": reason[:1000], "error": kind}
+        if field is not None:
+            body["field"] = field
+        return sign_control(self.identity, body, reply_to)
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def request(self, sock: socket.socket, peer: Peer, msg_type: int, length: int,
+                deadline: Deadline) -> tuple[int, bytes, bool]:
+        if msg_type == MSG_BUNDLE:
+            return self.bundle_frame(sock, peer, length, deadline)
+        if msg_type not in (MSG_PREFLIGHT, MSG_ABORT):
+            raise Refusal(f"unexpected message type {msg_type}", close=True)
+        if length > CONTROL_MAX_MESSAGE:
+            raise Refusal(f"control message of {length} bytes exceeds the limit of "
+                          f"{CONTROL_MAX_MESSAGE}", close=True)
+        data = bytearray(length)
+        recv_into(sock, memoryview(data), deadline, "the rest of the message")
+        raw = bytes(data)
+        try:
+            with ReplayCache(self.cfg.state_dir) as replay:
+                sender, body = verify_control(raw, self.trust(), self.me, expect_from=peer.name,
+                                              replay=replay)
+            if msg_type == MSG_PREFLIGHT:
+                return MSG_PREFLIGHT_REPLY, self.preflight(sender, body, nonce_of(raw)), False
+            return MSG_ACK, self.abort(sender, body, nonce_of(raw)), False
+        except FieldError as exc:
+            return MSG_ERROR, self.refusal(peer, str(exc), exc.field, "bad-field",
+                                           nonce_of(raw)), False
+        except SamiError as exc:
+            _log("refused", peer=peer.name, reason=str(exc))
+            return MSG_ERROR, self.refusal(peer, str(exc), None, type(exc).__name__,
+                                           nonce_of(raw)), False
+
+    def preflight(self, peer: Peer, body: dict[str, Any], nonce: str | None) -> bytes:
+        if body.get("type") != "preflight":
+            raise FieldError("type", "a preflight frame must hold a preflight message")
+        vm = want_ip(body, "vm")
+        mid = want_mid(body)
+        want_layout = want_int(body, "layout_version")
+        need = want_int(body, "sessions")
         reasons = []
+        if not in_scope(peer.vms, ip_to_be32(vm)):
+            reasons.append(f"{vm} is outside the scope of {peer.name} here "
+                           f"(vms: {scope_text(peer.vms)})")
+        if not is_protected(self.fw, vm):
+            reasons.append(f"{vm} is not in a protected prefix of {self.me}")
         layout = self.fw.const("SAMIXDP_LAYOUT_VERSION")
-        if body.get("layout_version") != layout:
-            reasons.append(
-                f"layout version {body.get('layout_version')} differs from {me}'s {layout}"
-            )
+        if want_layout != layout:
+            reasons.append(f"layout version {want_layout} differs from {self.me}'s {layout}")
         free = {}
         for name in SESSION_MAPS:
             m = self.fw.maps[name]
             free[name] = m.info.max_entries - m.scan(_count_only).scanned
-        need = int(body.get("sessions", 0))
         if need > free["sessions"] + free["unassured"]:
-            reasons.append(f"{me} has room for {free['sessions']} sessions, {need} needed")
+            reasons.append(f"{self.me} has room for {free['sessions']} sessions, {need} needed")
         ok = not reasons
-        _log("preflight", peer=peer.name, vm=body.get("vm"), ok=ok, reasons=reasons)
-        reply = sign_control(
+        _log("preflight", peer=peer.name, vm=vm, ok=ok, reasons=reasons)
+        return sign_control(
             self.identity,
             {
                 "type": "preflight-reply",
@@ -115,43 +334,84 @@ class Agent:
                 "reason": "; ".join(reasons),
                 "layout_version": layout,
                 "free": free,
-                "migration_id": body.get("migration_id"),
+                "migration_id": mid.hex(),
             },
+            nonce,
         )
-        return MSG_PREFLIGHT_REPLY, reply
 
-    def bundle(self, data: bytes, peer_addr: str) -> tuple[int, bytes]:
-        trust = self.trust()
-        t0 = time.perf_counter()
-        replay = ReplayCache(self.cfg.state_dir)  # sqlite: one connection per thread
-        try:
-            with self.import_lock:
-                res = receive_bundle(
-                    self.fw,
-                    data,
-                    trust,
-                    replay,
-                    self.identity.host_id,
-                    state_dir=self.cfg.state_dir,
-                    pickup_s=self.cfg.pickup_s,
-                )
-        except SamiError as exc:
-            _log("refused", peer=peer_addr, bytes=len(data), reason=str(exc))
-            return MSG_ACK, self._ack_error(data, str(exc), type(exc).__name__)
-        finally:
-            replay.close()
-        took = time.perf_counter() - t0
-        _log(
-            "imported",
-            source=res.source,
-            vm=res.vm,
-            seq=res.seq,
-            kind=res.kind,
-            counts=res.counts,
-            deleted=res.deleted,
-            bytes=len(data),
-            seconds=round(took, 4),
+    def abort(self, peer: Peer, body: dict[str, Any], nonce: str | None) -> bytes:
+        if body.get("type") != "abort":
+            raise FieldError("type", "an abort frame must hold an abort message")
+        mid = want_mid(body)
+        with self.import_lock:
+            removed = abort_import(self.fw, mid, self.cfg.state_dir, source=peer.name)
+        _log("aborted", peer=peer.name, migration_id=mid.hex(), removed=removed)
+        return sign_control(
+            self.identity,
+            {"type": "abort-ack", "to": peer.name, "ok": True, "migration_id": mid.hex(),
+             "removed": removed},
+            nonce,
         )
+
+    def bundle_frame(self, sock: socket.socket, peer: Peer, length: int,
+                     deadline: Deadline) -> tuple[int, bytes, bool]:
+        """Reads a bundle only once its sender, size and header are acceptable."""
+        if not peer.vms:
+            raise Refusal(f"peer {peer.name} may send state for no VM here (vms: none)",
+                          close=True, kind="out-of-scope")
+        if length > self.max_bundle:
+            raise Refusal(f"message of {length} bytes exceeds the limit of {self.max_bundle}",
+                          close=True, kind="too-large")
+        if not self.bundle_slots.acquire(timeout=deadline.remaining("a free bundle slot")):
+            raise Refusal("too many bundles in progress; retry", close=True, kind="busy")
+        try:
+            data = bytearray(length)
+            view = memoryview(data)
+            head = min(length, HEADER_SIZE)
+            recv_into(sock, view[:head], deadline, "the bundle header")
+            try:  # unauthenticated yet, but it comes from an authenticated peer
+                h = parse_header(view[:head])
+                if bundle_size(h) != length:
+                    raise BundleRefused(f"bundle announces {bundle_size(h)} bytes in a "
+                                        f"message of {length}")
+                self.limits.check(h)
+                if not peer.covers(int(h["vm"])):
+                    raise BundleRefused(f"bundle for a VM outside the scope of peer {peer.name}"
+                                        f" (vms: {scope_text(peer.vms)})")
+            except BundleRefused as exc:
+                raise Refusal(str(exc), close=True, kind=exc.reason) from exc
+            recv_into(sock, view[head:], deadline, "the bundle")
+            return MSG_ACK, self.bundle(data, peer), False
+        finally:
+            self.bundle_slots.release()
+
+    def bundle(self, data: bytearray, peer: Peer) -> bytes:
+        digest = bundle_digest(data)
+        t0 = time.perf_counter()
+        try:
+            with ReplayCache(self.cfg.state_dir) as replay:  # sqlite: one per thread
+                vb = verify_bundle(data, self.trust(), self.me, replay, limits=self.limits)
+                if vb.peer.name != peer.name:
+                    raise BundleRefused(f"bundle signed by {vb.peer.name} arrived on "
+                                        f"{peer.name}'s connection")
+                t1 = time.perf_counter()
+                with self.import_lock:
+                    res = import_vm_state(self.fw, vb, self.cfg.state_dir, replay=replay,
+                                          pickup_s=self.cfg.pickup_s)
+        except SamiError as exc:
+            _log("refused", peer=peer.name, bytes=len(data), reason=str(exc))
+            kind = getattr(exc, "reason", type(exc).__name__)
+            return sign_control(
+                self.identity,
+                {"type": "ack", "to": peer.name, "ok": False, "reason": str(exc)[:1000],
+                 "error": type(exc).__name__, "refusal": kind},
+                digest,
+            )
+        res.timings = {"verify_s": t1 - t0, **res.timings,
+                       "receive_total_s": time.perf_counter() - t0}
+        _log("imported", source=res.source, vm=res.vm, seq=res.seq, kind=res.kind,
+             counts=res.counts, deleted=res.deleted, bytes=len(data),
+             seconds=round(time.perf_counter() - t0, 4))
         body = {
             "type": "ack",
             "to": res.source,
@@ -166,108 +426,44 @@ class Agent:
             "timings": {k: round(v, 6) for k, v in res.timings.items()},
             "pickup_until_ns": res.pickup_until_ns,
         }
-        return MSG_ACK, sign_control(self.identity, body)
-
-    def _ack_error(self, data: bytes, reason: str, kind: str) -> bytes:
-        """A signed refusal; addressed to the bundle's claimed source if parsable."""
-        to = "?"
-        try:
-            to = parse_bundle(data).source
-        except Exception:  # noqa: BLE001 - a malformed bundle has no parsable source
-            pass
-        return sign_control(
-            self.identity, {"type": "ack", "to": to, "ok": False, "reason": reason, "error": kind}
-        )
-
-    def abort(self, data: bytes) -> tuple[int, bytes]:
-        trust = self.trust()
-        try:
-            peer, body = verify_control(data, trust, self.identity.host_id)
-            mid = str(body["migration_id"])
-            with self.import_lock:
-                removed = abort_import(self.fw, mid, self.cfg.state_dir)
-        except (SamiError, KeyError) as exc:
-            reason = str(exc) if isinstance(exc, SamiError) else "abort without migration id"
-            _log("abort-refused", reason=reason)
-            return MSG_ERROR, json.dumps({"ok": False, "reason": reason}).encode()
-        _log("aborted", peer=peer.name, migration_id=mid, removed=removed)
-        return MSG_ACK, sign_control(
-            self.identity,
-            {
-                "type": "abort-ack",
-                "to": peer.name,
-                "ok": True,
-                "migration_id": mid,
-                "removed": removed,
-            },
-        )
-
-    # ---- connections ---------------------------------------------------------
-
-    def handle(self, sock: socket.socket, peer_addr: str) -> None:
-        sock.settimeout(self.cfg.timeout_s)
-        while True:
-            try:
-                frame = recv_frame(sock, self.cfg.max_message)
-            except TransportError as exc:
-                if "closed the connection" not in str(exc):
-                    _log("connection-error", peer=peer_addr, reason=str(exc))
-                    try:
-                        send_frame(
-                            sock, MSG_ERROR, json.dumps({"ok": False, "reason": str(exc)}).encode()
-                        )
-                    except OSError:
-                        pass
-                return
-            except OSError:
-                return
-            if frame.type == MSG_PREFLIGHT and len(frame.payload) <= CONTROL_MAX_MESSAGE:
-                reply = self.preflight(frame.payload)
-            elif frame.type == MSG_BUNDLE:
-                reply = self.bundle(frame.payload, peer_addr)
-            elif frame.type == MSG_ABORT and len(frame.payload) <= CONTROL_MAX_MESSAGE:
-                reply = self.abort(frame.payload)
-            else:
-                reply = (MSG_ERROR, b'{"ok": false, "reason": "unexpected message"}')
-            try:
-                send_frame(sock, *reply)
-            except OSError:
-                return
+        return sign_control(self.identity, body, digest)
 
 
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 64
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], agent: Agent) -> None:
+        self.agent = agent
+        super().__init__(address, socketserver.BaseRequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.agent.admission.admit(str(client_address[0])):
+            _log("connection-refused", address=f"{client_address[0]}:{client_address[1]}",
+                 reason="too many connections")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        self.agent.serve_connection(request, f"{client_address[0]}:{client_address[1]}")
 
 
 def serve(cfg: AgentConfig, ready: threading.Event | None = None) -> None:
     """Runs until interrupted."""
     agent = Agent(cfg)
     host, port = parse_address(cfg.listen)
-    ctx = cfg.tls.server_context()
-
-    class Handler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            sock: socket.socket = self.request
-            peer = f"{self.client_address[0]}:{self.client_address[1]}"
-            if ctx is not None:
-                try:
-                    sock = ctx.wrap_socket(sock, server_side=True)
-                except OSError as exc:
-                    _log("tls-error", peer=peer, reason=str(exc))
-                    return
-            agent.handle(sock, peer)
-
     try:
-        server = _Server((host, port), Handler)
+        server = _Server((host, port), agent)
     except OSError as exc:
         raise MigrateError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     _log(
         "listening",
         address=f"{host}:{server.server_address[1]}",
-        host_id=agent.identity.host_id,
-        tls=ctx is not None,
+        host_id=agent.me,
+        tls=not cfg.plaintext,
+        max_bundle=agent.max_bundle,
     )
     if ready is not None:
         ready.set()
@@ -279,3 +475,4 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None) -> None:
         server.server_close()
         agent.fw.close()
         print("agent stopped", file=sys.stderr)
+

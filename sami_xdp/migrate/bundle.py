@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,10 +120,61 @@ def _shuffle(buf: bytes | memoryview, itemsize: int) -> bytes | memoryview:
     return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
 
 
-def _unshuffle(buf: bytes, itemsize: int) -> bytes:
-    if itemsize <= 1 or not buf:
-        return buf
+def _unshuffle(buf: bytes | bytearray | memoryview, itemsize: int) -> bytes | memoryview:
+    if itemsize <= 1 or not len(buf):
+        return memoryview(buf)
     return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
+
+
+INFLATE_IN = 64 << 10  # compressed input fed at a time
+INFLATE_OUT = 256 << 10  # output produced at a time
+
+
+def _inflate(body: bytes | memoryview, raw_len: int, sink: Callable[[bytes], None]) -> None:
+    """Feeds the inflated body to `sink` chunk by chunk; refuses as soon as it would go
+    past `raw_len`, and a stream that ends short, has trailing data or is corrupt.
+    Memory: one input slice and one output chunk, whatever the body holds."""
+    d = zlib.decompressobj()
+    total = 0
+    view = memoryview(body).cast("B")
+    try:
+        for start in range(0, max(len(view), 1), INFLATE_IN):
+            data: bytes | memoryview = view[start : start + INFLATE_IN]
+            while True:
+                out = d.decompress(data, INFLATE_OUT)
+                total += len(out)
+                if total > raw_len:
+                    raise CountMismatchError(
+                        f"bundle body inflates past the {raw_len} bytes its header announces"
+                    )
+                if out:
+                    sink(out)
+                data = d.unconsumed_tail
+                if not out and not data:
+                    break
+    except zlib.error as exc:
+        raise BundleFormatError(f"bundle body does not decompress: {exc}") from exc
+    if not d.eof or d.unused_data:
+        raise BundleFormatError("bundle body has trailing or missing compressed data")
+    if total != raw_len:
+        raise CountMismatchError(f"bundle body inflates to {total} bytes, header says {raw_len}")
+
+
+def inflate_exact(body: bytes | memoryview, raw_len: int) -> bytearray:
+    """zlib-inflates `body` into exactly `raw_len` bytes. A first pass only counts, so
+    a body that would inflate past the length the signed header announces (a bomb) is
+    refused before a buffer of that length exists; then a second pass fills it."""
+    _inflate(body, raw_len, lambda _chunk: None)
+    out = bytearray(raw_len)
+    pos = 0
+
+    def fill(chunk: bytes) -> None:
+        nonlocal pos
+        out[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+
+    _inflate(body, raw_len, fill)
+    return out
 
 
 def section_sizes(h: np.void) -> list[tuple[str, int, int]]:
@@ -232,25 +284,20 @@ class Bundle:
         comp = int(h["compression"])
         raw_len = int(h["raw_body_len"])
         if comp == COMP_NONE:
-            raw: bytes | memoryview = self.body
+            raw: bytes | bytearray | memoryview = self.body
         else:
-            d = zlib.decompressobj()
-            try:
-                raw = d.decompress(bytes(self.body), raw_len + 1)
-            except zlib.error as exc:
-                raise BundleFormatError(f"bundle body does not decompress: {exc}") from exc
-            if not d.eof or d.unused_data or d.unconsumed_tail:
-                raise BundleFormatError("bundle body has trailing or missing compressed data")
+            raw = inflate_exact(self.body, raw_len)
         if len(raw) != raw_len:
             raise CountMismatchError(f"bundle body is {len(raw)} bytes, header says {raw_len}")
         out: dict[str, np.ndarray | bytes] = {}
         off = 0
         dtypes = {name: dt for name, dt, _ in SECTIONS}
+        view = memoryview(raw)  # slices of it share the buffer (a bytearray slice copies)
         for name, size, itemsize in section_sizes(h):
-            chunk = raw[off : off + size]
+            chunk: bytes | memoryview = view[off : off + size]
             off += size
             if comp == COMP_ZLIB_SHUFFLE:
-                chunk = _unshuffle(bytes(chunk), itemsize)
+                chunk = _unshuffle(chunk, itemsize)
             if name == "acl" and self.flags & FLAG_ACL_BLOB:
                 out[name] = bytes(chunk)
             else:
@@ -259,12 +306,12 @@ class Bundle:
         return out
 
 
-def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
-    """Structural checks only: sizes, magic, versions, known flags."""
-    mv = memoryview(data).cast("B")
-    if len(mv) < HEADER_SIZE + SIG_LEN:
-        raise BundleFormatError(f"not a bundle: {len(mv)} bytes is shorter than any bundle")
-    h = np.frombuffer(mv[:HEADER_SIZE], dtype=HEADER)[0]
+def parse_header(head: bytes | bytearray | memoryview) -> np.void:
+    """The header of a bundle, structurally checked (magic, versions, known flags);
+    nothing in it is authenticated yet."""
+    if len(head) < HEADER_SIZE:
+        raise BundleFormatError(f"not a bundle: {len(head)} bytes is shorter than any bundle")
+    h = np.frombuffer(head[:HEADER_SIZE], dtype=HEADER)[0]
     if bytes(h["magic"]) != MAGIC:
         raise BundleFormatError("not a sami-xdp bundle (bad magic)")
     if int(h["format_version"]) != FORMAT_VERSION:
@@ -281,11 +328,23 @@ def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
         raise BundleFormatError(f"unknown compression {int(h['compression'])}")
     if int(h["reserved"]) != 0:
         raise BundleFormatError("reserved header bytes are not zero")
+    return h
+
+
+def bundle_size(h: np.void) -> int:
+    """The whole bundle's length in bytes as its header announces it."""
+    return HEADER_SIZE + int(h["body_len"]) + SIG_LEN
+
+
+def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
+    """Structural checks only: sizes, magic, versions, known flags."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < HEADER_SIZE + SIG_LEN:
+        raise BundleFormatError(f"not a bundle: {len(mv)} bytes is shorter than any bundle")
+    h = parse_header(mv)
     body_len = int(h["body_len"])
-    if HEADER_SIZE + body_len + SIG_LEN != len(mv):
-        raise BundleFormatError(
-            f"bundle is {len(mv)} bytes, header announces {HEADER_SIZE + body_len + SIG_LEN}"
-        )
+    if bundle_size(h) != len(mv):
+        raise BundleFormatError(f"bundle is {len(mv)} bytes, header announces {bundle_size(h)}")
     return Bundle(
         header=h,
         data=mv,

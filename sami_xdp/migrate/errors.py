@@ -66,6 +66,25 @@ class SignerMismatchError(BundleRefused):
     reason = "signer-mismatch"
 
 
+class ScopeError(BundleRefused):
+    """The bundle's VM is outside the signing peer's scope (peers.json `vms`)."""
+
+    reason = "out-of-scope"
+
+
+class NotProtectedError(BundleRefused):
+    """The bundle's VM is not behind this host (no protected prefix holds it)."""
+
+    reason = "not-protected"
+
+
+class MigrationConflict(BundleRefused):
+    """The bundle does not fit the migration recorded here: another VM or source,
+    aborted, or already past its final round."""
+
+    reason = "migration-conflict"
+
+
 class AudienceError(BundleRefused):
     reason = "wrong-audience"
 
@@ -102,6 +121,12 @@ class CapacityError(BundleRefused):
     reason = "capacity"
 
 
+class TooLargeError(BundleRefused):
+    """The bundle announces more records than this host's maps could ever hold."""
+
+    reason = "too-large"
+
+
 # ---- failures after verification ------------------------------------------------
 
 
@@ -119,3 +144,8 @@ class RollbackIncomplete(ImportFailed):
 
 class UnknownMigrationError(MigrateError):
     """No import record for this migration id in the state dir."""
+
+
+class StateDirError(MigrateError):
+    """The state dir (replay cache, import journal, migration records) cannot be
+    read or written."""

@@ -6,13 +6,22 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+from ..base.errors import InvalidArgument
 from ..loader.pinned import Firewall
+from ..policy.protect import is_protected, list_protected
 from .bundle import DEFAULT_VALIDITY_S, FLAG_DELTA, FLAG_FINAL, encode_bundle
 from .keys import HostIdentity, validate_host_id
 from .select import ExportState, VmState, delta_since, export_vm_state
 
 Kind = Literal["full", "delta", "final"]
 KINDS: tuple[Kind, ...] = ("full", "delta", "final")
+
+
+def require_protected(fw: Firewall, vm: str) -> None:
+    """Only a VM behind this host has state here to send."""
+    if not is_protected(fw, vm):
+        shown = ", ".join(map(str, list_protected(fw))) or "none"
+        raise InvalidArgument(f"{vm} is not in a protected prefix here (protected: {shown})")
 
 
 def build_bundle(
@@ -39,6 +48,7 @@ def build_bundle(
     if kind not in KINDS:
         raise ValueError("kind must be full, delta or final")
     validate_host_id(audience)
+    require_protected(fw, vm)
     t0 = time.perf_counter()
     full = export_vm_state(fw, vm, include_acl=include_acl)
     has_prev = since_state is not None and since_state.rounds > 0

@@ -1,21 +1,38 @@
-"""Loading a verified bundle into the maps: all or nothing, and undoable later.
+"""Loading a verified bundle into the maps: all or nothing, undoable later, and
+crash-consistent (journal.py, recovery.py).
 
-Steps (under an exclusive lock in the state dir, so concurrent imports do not
-race each other's capacity checks):
+Everything a bundle does is confined to its VM, which must lie in a protected
+prefix here (and in the signer's scope, checked by verify.py):
 
-1. Plan, reading only (plan.py): rebase ages on the local CLOCK_MONOTONIC, split
-   sessions into `unassured` (TCP handshakes, UDP not yet assured, ICMP) and
-   `sessions` by their state, read each
-   touched map once (its fill level and the current values of every key we
-   will overwrite or delete), and refuse if a map lacks room. The session
-   maps are read while the records are converted, keeping only the VM's
-   rows (every key of a verified bundle has the VM at one end).
-2. Consume (migration id, seq) in the replay cache (durable).
-3. Write the undo record to the state dir (journal.py; write-ahead, fsync'd):
-   keys this round creates, and the old values of keys it overwrites or deletes.
-4. Write with batch updates, map by map. Any failure rolls back every step
-   from the undo record (delete created keys, put old values back) and
-   raises ImportFailed; the undo record is then removed.
+* rounds: only of a migration of the same VM and source, not aborted and not
+  past its final round;
+* sessions: every record involves the VM (verify.py); one whose other end is
+  another VM protected here, outside the signer's scope, is skipped; the flags
+  naming the protected ends are recomputed from this host's prefixes;
+* SYN counters: towards the VM; bans: triggered by the VM, their remaining
+  time capped by this host's ban setting, never replacing a live ban of
+  another VM;
+* ACL: the VM's own rules; deletions: only the VM's entries;
+* pickup window: only on the final round of a migration whose state was
+  loaded here (a full bundle, or earlier rounds), for one `pickup_s` period.
+
+Steps, under the import lock (one import, abort or recovery at a time, across
+processes):
+
+1. Recover a round a crashed process left behind (recovery.py).
+2. Check the migration and the replay cache (and the journal, which rules).
+3. Plan, reading only (plan.py): rebase ages on the local CLOCK_MONOTONIC,
+   split sessions into `unassured` (TCP handshakes, UDP not yet assured, ICMP)
+   and `sessions` by their state,
+   read each touched map once (its fill level and the current values of every
+   key we will overwrite or delete), refuse if a map lacks room.
+4. `begin_round`: the undo record (keys this round creates, old values of keys
+   it overwrites or deletes) becomes durable before any map write.
+5. Write with batch updates, map by map. A failure undoes what was written
+   and raises ImportFailed.
+6. `commit_round`: meta.json lists the round, the commit point. Only then is
+   the bundle recorded in the replay cache: a refused or failed import can be
+   retried with the same bundle.
 
 `abort_import(migration_id)` replays the undo records of every round of a
 migration in reverse order, so exactly what that migration wrote goes away
@@ -27,10 +44,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
-from ..base.netutil import ip_to_be32
+from ..base.netutil import in_networks
 from ..base.rows import KeyIndex, concat_rows, take_rows
 from ..loader.pinned import Firewall
 from ..policy.acl import (
@@ -40,24 +58,32 @@ from ..policy.acl import (
     snapshot_vm_rules,
     vm_rules_dtype,
 )
-from ..policy.protect import is_protected
+from ..policy.protect import list_protected
 from ..policy.sessions import unassured_states
 from . import wire
+from .bundle import FLAG_FINAL
 from .errors import (
-    BundleRefused,
     CapacityError,
+    ControlError,
     ImportFailed,
     InvalidRecordError,
+    MigrationConflict,
+    NotProtectedError,
+    ReplayError,
     RollbackIncomplete,
+    StateDirError,
     UnknownMigrationError,
 )
-from .journal import ImportRecords, apply_undo, import_lock, read_undo, undo_record
-from .keys import TrustStore
-from .plan import MapPlan, SessionSnapshot, check_capacity, plan_map, vm_filter
+from .journal import ImportRecords, import_lock
+from .peers import TrustStore
+from .plan import MapPlan, SessionSnapshot, check_capacity, plan_map, record_limits, vm_filter
+from .recovery import recover_locked, undo_migration
 from .replay import ReplayCache
+from .undo import apply_undo, undo_record
 from .verify import VerifiedBundle, verify_bundle
 
 DEFAULT_PICKUP_S = 10.0
+MAX_PICKUP_S = 3600.0
 
 
 @dataclass
@@ -78,6 +104,34 @@ class ImportResult:
         return asdict(self)
 
 
+@dataclass
+class Confinement:
+    """What this host knows that a bundle may not change: its protected prefixes,
+    the signer's scope, its ban time."""
+
+    protected: list
+    scope: tuple
+    ban_ms: int
+
+    def foreign_sessions(self, rec: np.ndarray, vm: int) -> np.ndarray:
+        """Records whose other end is another VM protected here that the signer
+        has no say over: loading them would act on that VM."""
+        if not len(rec):
+            return np.zeros(0, bool)
+        other = np.where(rec["addr_lo"] == np.uint32(vm), rec["addr_hi"], rec["addr_lo"])
+        return (
+            (other != np.uint32(vm))
+            & in_networks(other, self.protected)
+            & ~in_networks(other, self.scope)
+        )
+
+    def vm_flags(self, keys: np.ndarray, flags: np.ndarray, lo_flag: int, hi_flag: int) -> None:
+        """Recomputes in place which ends of each session are protected here."""
+        flags &= np.uint8(~(lo_flag | hi_flag) & 0xFF)
+        flags |= np.where(in_networks(keys["addr_lo"], self.protected), lo_flag, 0).astype(np.uint8)
+        flags |= np.where(in_networks(keys["addr_hi"], self.protected), hi_flag, 0).astype(np.uint8)
+
+
 def _elapsed_ns(vb: VerifiedBundle, now_ms: int) -> int:
     """Time since export by the wall clocks (transit + queueing), within the validity."""
     b = vb.bundle
@@ -85,7 +139,9 @@ def _elapsed_ns(vb: VerifiedBundle, now_ms: int) -> int:
     return ms * wire.NS_PER_MS
 
 
-def _session_plans(fw: Firewall, vb: VerifiedBundle, base: int) -> list[MapPlan]:
+def _session_plans(
+    fw: Firewall, vb: VerifiedBundle, base: int, conf: Confinement, skipped: dict[str, int]
+) -> list[MapPlan]:
     """The plans of both session maps: a record in an unassured state goes to
     `unassured`, the rest to `sessions`, and a key moving from one table to the
     other leaves it."""
@@ -94,6 +150,12 @@ def _session_plans(fw: Firewall, vb: VerifiedBundle, base: int) -> list[MapPlan]
     sm, um = fw.maps["sessions"], fw.maps["unassured"]
     srec, dsess = sec["sessions"], sec["del_sessions"]
     assert isinstance(srec, np.ndarray) and isinstance(dsess, np.ndarray)
+    foreign, dforeign = conf.foreign_sessions(srec, vb.vm), conf.foreign_sessions(dsess, vb.vm)
+    skipped["foreign_sessions"] = int(foreign.sum()) + int(dforeign.sum())
+    if foreign.any():
+        srec = take_rows(srec, ~foreign)
+    if dforeign.any():
+        dsess = take_rows(dsess, ~dforeign)
     # the session maps' snapshot is read while the records are converted
     only = vm_filter(vb.vm, srec, dsess)
     snap = SessionSnapshot(fw, only) if only is not None and (len(srec) or len(dsess)) else None
@@ -101,6 +163,7 @@ def _session_plans(fw: Firewall, vb: VerifiedBundle, base: int) -> list[MapPlan]
         half = np.isin(srec["state"], unassured_states(fw.layout))
         skeys = wire.wire_to_session_keys(srec, sm.key_dtype)
         svals = wire.wire_to_session_values(srec, sm.value_dtype, base, c["SESS_F_MIGRATED"])
+        conf.vm_flags(skeys, svals["flags"], c["SESS_F_VM_LO"], c["SESS_F_VM_HI"])
         dkeys = wire.wire_to_session_keys(dsess, sm.key_dtype)
         if half.any():
             est_k, est_v = take_rows(skeys, ~half), take_rows(svals, ~half)
@@ -128,14 +191,25 @@ def _syn_plan(fw: Firewall, vb: VerifiedBundle, base: int) -> MapPlan:
 
 
 def _ban_plan(
-    fw: Firewall, vb: VerifiedBundle, base: int, now: int, skipped: dict[str, int]
+    fw: Firewall,
+    vb: VerifiedBundle,
+    base: int,
+    now: int,
+    conf: Confinement,
+    skipped: dict[str, int],
 ) -> MapPlan:
-    """Bans that ended in transit are skipped; a live ban of the same source for
-    another VM stays as it is (a bundle acts on its own VM only)."""
+    """Bans that ended in transit are skipped, the rest last at most this host's ban
+    time; a live ban of the same source for another VM stays as it is (a bundle
+    acts on its own VM only)."""
     m = fw.maps["blacklist"]
     vm = vb.vm
     bl, dbl = vb.sections["blacklist"], vb.sections["del_blacklist"]
     assert isinstance(bl, np.ndarray) and isinstance(dbl, np.ndarray)
+    capped = bl["remaining_ms"] > np.uint32(min(conf.ban_ms, 0xFFFFFFFF))
+    skipped["capped_bans"] = int(capped.sum())
+    if capped.any():
+        bl = bl.copy()
+        bl["remaining_ms"] = np.minimum(bl["remaining_ms"], np.uint32(min(conf.ban_ms, 0xFFFFFFFF)))
     keys, values = wire.wire_to_blacklist(bl, m.key_dtype, m.value_dtype, base)
     live = values["expires_ns"] > np.uint64(now)
     skipped["expired_bans"] = int((~live).sum())
@@ -175,6 +249,46 @@ def _acl_rules(fw: Firewall, vb: VerifiedBundle) -> np.ndarray | None:
     return rules
 
 
+def _check_migration(records: ImportRecords, vb: VerifiedBundle) -> dict | None:
+    """The bundle must fit what the journal holds of its migration; returns that."""
+    b = vb.bundle
+    mid = b.migration_id
+    prev = records.meta(mid)
+    if prev is None:
+        return None
+    if prev.get("status") == "aborted":
+        raise MigrationConflict(f"migration {mid.hex()} was aborted here")
+    if prev.get("vm") != b.vm_ip:
+        raise MigrationConflict(f"migration {mid.hex()} was for VM {prev.get('vm')}, not {b.vm_ip}")
+    if prev.get("source") != b.source:
+        raise MigrationConflict(
+            f"migration {mid.hex()} was started here by {prev.get('source')}, not {b.source}"
+        )
+    done = [int(r["seq"]) for r in prev["rounds"]]
+    if b.seq in done:
+        raise ReplayError(f"replay: bundle {mid.hex()}#{b.seq} was already accepted")
+    if done and b.seq < max(done):
+        raise ReplayError(f"stale: bundle {mid.hex()}#{b.seq} is older than accepted #{max(done)}")
+    if "final_seq" in prev:
+        raise MigrationConflict(
+            f"migration {mid.hex()} already completed its final round #{prev['final_seq']}"
+        )
+    return prev
+
+
+def confinement(fw: Firewall, vb: VerifiedBundle) -> Confinement:
+    """Refuses a VM outside this host's protected prefixes; else what confines the
+    bundle to its VM."""
+    protected = list_protected(fw)
+    if not in_networks(np.array([vb.vm], np.uint32), protected)[0]:
+        shown = ", ".join(map(str, protected)) or "none"
+        raise NotProtectedError(
+            f"VM {vb.vm_ip} is not in a protected prefix of this host (protected: {shown})"
+        )
+    ban_ms = int(fw.read_config()[fw.const("CFG_BAN_S")]) * 1000
+    return Confinement(protected=protected, scope=vb.peer.vms, ban_ms=ban_ms)
+
+
 def import_vm_state(
     fw: Firewall,
     vb: VerifiedBundle,
@@ -186,55 +300,63 @@ def import_vm_state(
     now_ms: int | None = None,
 ) -> ImportResult:
     """Loads a verified bundle: all entries or none. See the module docstring."""
+    if not 0 <= pickup_s <= MAX_PICKUP_S:  # also refuses nan
+        raise ValueError(f"pickup_s must be within [0, {MAX_PICKUP_S:g}]")
     b = vb.bundle
     vm = b.vm
     vm_ip = b.vm_ip
     mid = b.migration_id
+    final = bool(b.flags & FLAG_FINAL)
     records = ImportRecords(state_dir)
     t0 = time.perf_counter()
     warnings: list[str] = []
     skipped: dict[str, int] = {}
     with import_lock(state_dir):
-        prev = records.meta(mid)
-        if prev is not None and prev.get("vm") != vm_ip:
-            raise BundleRefused(f"migration {mid.hex()} was for VM {prev.get('vm')}, not {vm_ip}")
-        if prev is not None and prev.get("status") == "aborted":
-            raise BundleRefused(f"migration {mid.hex()} was aborted here")
+        done = recover_locked(fw, state_dir, replay)
+        if done:
+            warnings.append(f"recovered first: {done.describe()}")
+        prev = _check_migration(records, vb)
         if replay is not None:
             replay.check(mid, b.seq)
+        conf = confinement(fw, vb)
         if b.is_delta and prev is None:
             warnings.append("delta bundle without an earlier round of this migration here")
+        pickup = pickup_s > 0 and final and (not b.is_delta or prev is not None)
+        if pickup_s > 0 and final and not pickup:
+            warnings.append("no pickup window: this migration loaded no state here before")
 
         # ---- plan (reads only) ----------------------------------------------------
         now = now_ns if now_ns is not None else time.monotonic_ns()
         wall = now_ms if now_ms is not None else int(time.time() * 1000)
         base = now - _elapsed_ns(vb, wall)
         plans = [
-            *_session_plans(fw, vb, base),
+            *_session_plans(fw, vb, base, conf, skipped),
             _syn_plan(fw, vb, base),
-            _ban_plan(fw, vb, base, now, skipped),
+            _ban_plan(fw, vb, base, now, conf, skipped),
         ]
         check_capacity(fw, plans)
         pm = fw.maps["pickup"]
         pkey = np.array([vm], dtype=np.uint32)
         pickup_old = pm.lookup(pkey)
-        pickup_until = now + int(pickup_s * 1e9) if pickup_s > 0 else 0
-        if pickup_s > 0 and pickup_old is None and pm.count() >= pm.info.max_entries:
+        pickup_until = now + int(pickup_s * 1e9) if pickup else 0
+        if pickup and pickup_old is None and pm.count() >= pm.info.max_entries:
             raise CapacityError("no room in map pickup for the VM's pickup window")
         acl_rules = _acl_rules(fw, vb)
         acl_old = snapshot_vm_rules(fw, vm_ip) if acl_rules is not None else None
         t_plan = time.perf_counter()
 
-        # ---- commit point ---------------------------------------------------------
-        if replay is not None:
-            replay.consume(mid, b.seq, b.expires_at_ms)
+        # ---- write-ahead: the undo record, durable before any map write -----------
         undo = undo_record(
             {p.name: p.undo() for p in plans},
             np.array([pickup_old], np.uint64) if pickup_old is not None else None,
-            pickup_s > 0,
+            pickup,
             acl_old,
         )
-        records.begin_round(mid, b.seq, {"vm": vm_ip, "source": b.source, "kind": b.kind}, undo)
+        try:
+            records.begin_round(mid, b.seq, vm, undo)
+        except OSError as exc:
+            records.drop_inflight()
+            raise StateDirError(f"cannot write the undo record: {exc.strerror or exc}") from exc
         t_undo = time.perf_counter()
 
         step = 0
@@ -250,21 +372,13 @@ def import_vm_state(
                     if plan.name == "blacklist":
                         fw.set_bans_hint(True)  # the datapath checks bans only when set
             step += 1
-            if pickup_s > 0:
+            if pickup:
                 pm.update(pkey, np.array([pickup_until], np.uint64))
             step += 1
             if acl_rules is not None:
                 replace_vm_rules(fw, vm_ip, acl_rules)
         except BaseException as exc:  # Ctrl-C mid-load too: leave nothing half-written
-            undone, errors = apply_undo(fw, vm, undo, steps=step)
-            records.end_round(mid, b.seq, ok=False)
-            if not isinstance(exc, Exception):
-                raise
-            if errors:
-                raise RollbackIncomplete(
-                    f"import failed ({exc}) and rollback failed too: {'; '.join(errors)}"
-                ) from exc
-            raise ImportFailed(f"import failed and was rolled back: {exc}") from exc
+            _rollback(fw, records, vm, undo, exc, steps=step)
         t_write = time.perf_counter()
 
         counts = {
@@ -274,9 +388,13 @@ def import_vm_state(
             "blacklist": len(plans[3].write_keys),
             "acl_rules": len(acl_rules) if acl_rules is not None else 0,
         }
-        records.end_round(mid, b.seq, ok=True, counts=counts)
-    if not is_protected(fw, vm_ip):
-        warnings.append(f"{vm_ip} is not in a protected prefix here: its traffic is transit")
+        # ---- the commit point, then the replay entry --------------------------------
+        info = {"vm": vm_ip, "source": b.source, "kind": b.kind, "expires_at_ms": b.expires_at_ms}
+        try:
+            records.commit_round(mid, b.seq, info, counts, final)
+        except BaseException as exc:  # e.g. a full disk: the round did not happen
+            _rollback(fw, records, vm, undo, exc, steps=None)
+        warnings.extend(_after_commit(records, replay, mid, b.seq, b.expires_at_ms))
     return ImportResult(
         migration_id=mid.hex(),
         seq=b.seq,
@@ -297,6 +415,45 @@ def import_vm_state(
     )
 
 
+def _rollback(
+    fw: Firewall,
+    records: ImportRecords,
+    vm: int,
+    undo: dict[str, np.ndarray],
+    exc: BaseException,
+    steps: int | None,
+) -> NoReturn:
+    """Undoes a round that failed before its commit point, then re-raises (as
+    ImportFailed for errors; interruptions as they are)."""
+    _, errors = apply_undo(fw, vm, undo, steps=steps)
+    if not errors:
+        try:
+            records.drop_inflight()
+        except OSError:
+            pass  # the next recovery applies the (idempotent) undo again and drops it
+    if not isinstance(exc, Exception):
+        raise exc
+    if errors:
+        raise RollbackIncomplete(
+            f"import failed ({exc}) and rollback failed too: {'; '.join(errors)}"
+        ) from exc
+    raise ImportFailed(f"import failed and was rolled back: {exc}") from exc
+
+
+def _after_commit(
+    records: ImportRecords, replay: ReplayCache | None, mid: bytes, seq: int, expires: int
+) -> list[str]:
+    """The replay entry and the undo record's final place. Neither can undo the
+    committed round: if one fails, recovery completes it later."""
+    try:
+        if replay is not None:
+            replay.record(mid, seq, expires)
+        records.settle_inflight(mid, seq)
+    except (OSError, StateDirError) as exc:
+        return [f"round committed; bookkeeping left to the next recovery ({exc})"]
+    return []
+
+
 def receive_bundle(
     fw: Firewall,
     data: bytes | bytearray | memoryview,
@@ -311,7 +468,7 @@ def receive_bundle(
 
     The state dir (undo records, import lock) defaults to the replay cache's."""
     t0 = time.perf_counter()
-    vb = verify_bundle(data, trust, host_id, replay_cache)
+    vb = verify_bundle(data, trust, host_id, replay_cache, limits=record_limits(fw))
     t1 = time.perf_counter()
     res = import_vm_state(
         fw, vb, state_dir or replay_cache.state_dir, replay=replay_cache, pickup_s=pickup_s
@@ -326,33 +483,31 @@ def abort_import(
     state_dir: Path,
     *,
     replay: ReplayCache | None = None,
+    source: str | None = None,
 ) -> dict[str, int]:
     """Removes exactly what a migration imported here (every round), restores what
-    it overwrote, and refuses any later bundle of that migration."""
+    it overwrote, and refuses any later bundle of that migration. `source`, when
+    given, is the peer asking: only the migration's source may abort it."""
     mid = bytes.fromhex(migration_id) if isinstance(migration_id, str) else migration_id
     records = ImportRecords(state_dir)
-    meta = records.meta(mid)
-    if meta is None:
-        raise UnknownMigrationError(f"no import of migration {mid.hex()} in {state_dir}")
-    own_replay = replay is None
-    rc = replay or ReplayCache(state_dir)
-    try:
-        rc.close_migration(mid)
-    finally:
-        if own_replay:
-            rc.close()
-    if meta.get("status") == "aborted":
-        return {}
-    vm = ip_to_be32(meta["vm"])
-    totals: dict[str, int] = {}
-    errors: list[str] = []
     with import_lock(state_dir):
-        for path in records.undo_files(mid):
-            counts, errs = apply_undo(fw, vm, read_undo(path))
-            errors.extend(errs)
-            for k, v in counts.items():
-                totals[k] = totals.get(k, 0) + v
-        if errors:
-            raise RollbackIncomplete(f"abort of {mid.hex()} incomplete: {'; '.join(errors)}")
-        records.mark_aborted(mid, totals)
-    return totals
+        own_replay = replay is None
+        rc = replay or ReplayCache(state_dir)
+        try:
+            recover_locked(fw, state_dir, rc)
+            meta = records.meta(mid)
+            if meta is None:
+                raise UnknownMigrationError(f"no import of migration {mid.hex()} in {state_dir}")
+            if source is not None and meta.get("source") != source:
+                raise ControlError(
+                    f"migration {mid.hex()} was started by {meta.get('source')}: "
+                    f"{source} may not abort it"
+                )
+            rc.close_migration(mid)
+        finally:
+            if own_replay:
+                rc.close()
+        if meta.get("status") == "aborted":
+            return {}
+        records.begin_abort(mid)
+        return undo_migration(fw, records, mid)

@@ -1,12 +1,11 @@
-"""Host identity (Ed25519 key pair + host id) and the trust store of peers.
+"""This host's identity: an Ed25519 key pair and a host id, plus the key and
+address encodings shared with the peers file (peers.py).
 
 Config dir layout (default /etc/samixdp, `--config-dir` / SAMIXDP_CONFIG_DIR):
     host_key.pem   PKCS#8 private key, mode 0600
     host.json      {"host_id": ..., "public_key": base64, "key_id": hex}
-    peers.json     {"peers": [{"name", "address", "public_key"}, ...]}
+    peers.json     see peers.py
 
-A peer's NAME is its host id: bundles name their source and audience by host
-id, and a bundle is only accepted from the peer whose name matches its source.
 The key id is the first 8 bytes of SHA-256 over the raw 32-byte public key.
 """
 
@@ -23,7 +22,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -37,6 +35,7 @@ HOST_FILE = "host.json"
 PEERS_FILE = "peers.json"
 KEY_ID_LEN = 8
 MAX_HOST_ID_BYTES = 32
+MAX_KEY_FILE = 64 << 10  # key and host files are read up to this size
 _HOST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 
 
@@ -46,6 +45,13 @@ def validate_host_id(name: str) -> str:
             f"invalid host id {name!r}: 1-32 characters of letters, digits, '.', '_', '-'"
         )
     return name
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line (file errors name the reason, not the path)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def raw_public(pub: Ed25519PublicKey) -> bytes:
@@ -93,7 +99,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return m.group(1), port
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Write-to-temp, fsync, rename, fsync dir: the file is old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -160,13 +166,13 @@ class HostIdentity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _atomic_write(key_path, pem, 0o600)
+        atomic_write(key_path, pem, 0o600)
         ident._write_host_file(config_dir)
         return ident
 
     def _write_host_file(self, config_dir: Path) -> None:
         meta = {"host_id": self.host_id, "public_key": self.public_b64, "key_id": self.key_id.hex()}
-        _atomic_write(config_dir / HOST_FILE, (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
+        atomic_write(config_dir / HOST_FILE, (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
 
     @classmethod
     def load(cls, config_dir: Path) -> HostIdentity:
@@ -176,140 +182,29 @@ class HostIdentity:
             raise IdentityError(
                 f"no host key in {config_dir}: run `samixdp keys init` (or pass --config-dir)"
             )
+        if not key_path.is_file():
+            raise IdentityError(f"{key_path} is not a regular file")
         st = key_path.stat()
         if st.st_mode & 0o077:
             raise IdentityError(
                 f"{key_path} is readable by others (mode {st.st_mode & 0o777:o}): chmod 600 it"
             )
         try:
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:
-            raise IdentityError(f"cannot read the host key {key_path}: {exc}") from exc
+            key = serialization.load_pem_private_key(
+                key_path.read_bytes()[:MAX_KEY_FILE], password=None
+            )
+        except (OSError, ValueError, TypeError) as exc:
+            raise IdentityError(f"cannot read the host key {key_path}: {one_line(exc)}") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise IdentityError(f"{key_path} is not an Ed25519 key")
         try:
-            meta = json.loads(host_path.read_text())
-            host_id = validate_host_id(str(meta["host_id"]))
-        except (OSError, ValueError, KeyError) as exc:
-            raise IdentityError(f"cannot read the host id from {host_path}: {exc}") from exc
-        return cls(host_id, key)
+            meta = json.loads(host_path.read_bytes()[:MAX_KEY_FILE])
+        except (OSError, ValueError) as exc:
+            raise IdentityError(f"cannot read {host_path}: {one_line(exc)}") from exc
+        if not isinstance(meta, dict) or not isinstance(meta.get("host_id"), str):
+            raise IdentityError(f"{host_path} must be a JSON object with a string 'host_id'")
+        return cls(validate_host_id(meta["host_id"]), key)
 
     @classmethod
     def exists(cls, config_dir: Path) -> bool:
         return (config_dir / HOST_KEY_FILE).exists()
-
-
-# ---- peers ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Peer:
-    name: str
-    address: str
-    public_raw: bytes
-
-    @property
-    def key_id(self) -> bytes:
-        return key_id_of(self.public_raw)
-
-    @property
-    def public_b64(self) -> str:
-        return encode_public(self.public_raw)
-
-    def verify(self, signature: bytes, data: bytes) -> bool:
-        try:
-            Ed25519PublicKey.from_public_bytes(self.public_raw).verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True
-
-    def as_dict(self) -> dict[str, str]:
-        return {
-            "name": self.name,
-            "address": self.address,
-            "public_key": self.public_b64,
-            "key_id": self.key_id.hex(),
-        }
-
-
-class TrustStore:
-    """Peers this host accepts bundles from (and sends bundles to)."""
-
-    def __init__(self, peers: list[Peer] | None = None, path: Path | None = None) -> None:
-        self.path = path
-        self._peers: dict[str, Peer] = {}
-        for p in peers or []:
-            self._peers[p.name] = p
-
-    @classmethod
-    def load(cls, config_dir: Path) -> TrustStore:
-        path = config_dir / PEERS_FILE
-        if not path.exists():
-            return cls([], path)
-        try:
-            doc = json.loads(path.read_text())
-            peers = [
-                Peer(
-                    validate_host_id(str(p["name"])),
-                    str(p["address"]),
-                    parse_public(str(p["public_key"])),
-                )
-                for p in doc.get("peers", [])
-            ]
-        except (OSError, ValueError, KeyError, TypeError, IdentityError) as exc:
-            raise TrustStoreError(f"cannot read peers file {path}: {exc}") from exc
-        return cls(peers, path)
-
-    def save(self) -> None:
-        if self.path is None:
-            raise TrustStoreError("this trust store has no file")
-        doc = {
-            "peers": [
-                {"name": p.name, "address": p.address, "public_key": p.public_b64}
-                for p in self.peers()
-            ]
-        }
-        _atomic_write(self.path, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
-
-    def add(self, name: str, address: str, public_key: str | bytes, replace: bool = False) -> Peer:
-        try:
-            validate_host_id(name)
-        except IdentityError as exc:
-            raise TrustStoreError(str(exc).replace("host id", "peer name")) from exc
-        parse_address(address)
-        raw = public_key if isinstance(public_key, bytes) else parse_public(public_key)
-        if len(raw) != 32:
-            raise TrustStoreError("public key must be 32 bytes")
-        if name in self._peers and not replace:
-            raise TrustStoreError(f"peer {name} already exists (add --replace to change it)")
-        for other in self._peers.values():
-            if other.name != name and other.public_raw == raw:
-                raise TrustStoreError(f"this key already belongs to peer {other.name}")
-        peer = Peer(name, address, raw)
-        self._peers[name] = peer
-        return peer
-
-    def remove(self, name: str) -> None:
-        if self._peers.pop(name, None) is None:
-            raise TrustStoreError(f"no peer named {name}")
-
-    def peers(self) -> list[Peer]:
-        return sorted(self._peers.values(), key=lambda p: p.name)
-
-    def get(self, name: str) -> Peer:
-        try:
-            return self._peers[name]
-        except KeyError:
-            raise TrustStoreError(
-                f"unknown peer {name!r}: add it with `samixdp peers add {name} --address "
-                "HOST:PORT --key PUBKEY`"
-            ) from None
-
-    def by_key_id(self, key_id: bytes) -> Peer | None:
-        for p in self._peers.values():
-            if p.key_id == key_id:
-                return p
-        return None
-
-    def __len__(self) -> int:
-        return len(self._peers)

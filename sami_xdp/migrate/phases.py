@@ -12,7 +12,6 @@ imported for this migration.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -28,20 +27,24 @@ from ..loader.pinned import Firewall
 from ..policy.acl import delete_vm_rules
 from ..policy.sessions import SESSION_MAPS, involves, vm_sessions
 from .bundle import new_migration_id, parse_bundle
-from .control import sign_control, verify_control
+from .control import bundle_digest, nonce_of, sign_control, verify_control
 from .errors import ControlError, MigrateError, MigrationRefused, TransportError
 from .export import Kind, build_bundle
-from .keys import HostIdentity, Peer, TrustStore
+from .fields import FieldError, want_bool, want_counts
+from .keys import HostIdentity
+from .peers import Peer, TrustStore
 from .select import ExportState
 from .transport import (
     MSG_ABORT,
     MSG_ACK,
     MSG_BUNDLE,
+    MSG_ERROR,
     MSG_PREFLIGHT,
     MSG_PREFLIGHT_REPLY,
     Connection,
-    TlsConfig,
 )
+
+RECONNECT_IDLE_S = 20.0  # agents close connections idle for longer (their --idle default: 60)
 
 
 @dataclass
@@ -89,7 +92,7 @@ class MigrateOptions:
     keep_source: bool = False
     compression: str = "none"
     max_wait_s: float = 3600.0  # longest a cleanup helper waits for the VM to leave
-    tls: TlsConfig = field(default_factory=TlsConfig)
+    plaintext: bool = False  # no TLS: only for an agent run with --plaintext (debugging)
 
 
 def resolve_peer(trust: TrustStore, peer: str) -> Peer:
@@ -114,17 +117,23 @@ def _ack(
     msg_type: int,
     payload: bytes,
 ) -> dict[str, Any]:
+    """Sends one request; returns the peer's signed answer to *it* (a replayed or
+    forged answer is refused). A signed refusal raises MigrationRefused."""
+    expect = bundle_digest(payload) if msg_type == MSG_BUNDLE else nonce_of(payload)
     reply = conn.request(msg_type, payload)
-    if reply.type not in (MSG_ACK, MSG_PREFLIGHT_REPLY):
-        try:
-            reason = json.loads(reply.payload).get("reason", "refused")
-        except ValueError:
-            reason = "refused"
-        raise MigrationRefused(f"{peer.name} refused: {reason}")
     try:
-        _, body = verify_control(reply.payload, trust, identity.host_id, expect_from=peer.name)
-    except ControlError as exc:
+        _, body = verify_control(
+            bytes(reply.payload), trust, identity.host_id, expect_from=peer.name,
+            in_reply_to=expect,
+        )
+        ok = want_bool(body, "ok")
+    except (ControlError, FieldError) as exc:
         raise MigrationRefused(f"cannot trust {peer.name}'s answer: {exc}") from exc
+    reason = str(body.get("reason", "refused"))[:1000]
+    if reply.type == MSG_ERROR or reply.type not in (MSG_ACK, MSG_PREFLIGHT_REPLY):
+        raise MigrationRefused(f"{peer.name} refused: {reason}")
+    if not ok:
+        body["reason"] = reason
     return body
 
 
@@ -158,8 +167,11 @@ class Migration:
     # ---- phases ------------------------------------------------------------------
 
     def _connect(self) -> Connection:
+        if self.conn is not None and self.conn.idle_s > RECONNECT_IDLE_S:
+            self.conn.close()
+            self.conn = None
         if self.conn is None:
-            self.conn = Connection(self.peer.address, tls=self.opts.tls)
+            self.conn = Connection(self.peer, self.identity, plaintext=self.opts.plaintext)
         return self.conn
 
     def preflight(self) -> None:
@@ -210,8 +222,11 @@ class Migration:
         if not body.get("ok"):
             phase.refused = str(body.get("reason"))
             raise MigrationRefused(f"{self.peer.name} refused round {self.seq}: {phase.refused}")
-        phase.imported = dict(body.get("counts", {}))
-        phase.deleted = dict(body.get("deleted", {}))
+        try:
+            phase.imported = want_counts(body, "counts")
+            phase.deleted = want_counts(body, "deleted")
+        except FieldError as exc:
+            raise MigrationRefused(f"cannot read {self.peer.name}'s answer: {exc}") from exc
         self.progress(
             f"{name}: {sum(exported.values())} records, {len(data)} bytes, "
             f"{phase.seconds * 1000:.1f} ms"
@@ -250,16 +265,16 @@ class Migration:
         if self.seq == 0:
             return
         try:
-            send_abort(self.identity, self.trust, self.peer, self.mid.hex(), self.opts.tls)
+            send_abort(self.identity, self.trust, self.peer, self.mid.hex(), self.opts.plaintext)
         except (MigrateError, TransportError):
             pass  # best effort: the destination's pickup window and expiry bound the damage
 
 
 def send_abort(
-    identity: HostIdentity, trust: TrustStore, peer: Peer, mid: str, tls: TlsConfig | None = None
+    identity: HostIdentity, trust: TrustStore, peer: Peer, mid: str, plaintext: bool = False
 ) -> dict[str, Any]:
     payload = sign_control(identity, {"type": "abort", "to": peer.name, "migration_id": mid})
-    with Connection(peer.address, tls=tls) as conn:
+    with Connection(peer, identity, plaintext=plaintext) as conn:
         return _ack(conn, identity, trust, peer, MSG_ABORT, payload)
 
 

@@ -15,6 +15,7 @@ from ..loader.batch import KeepFn, ScanResult
 from ..loader.pinned import Firewall, PinnedMap, possible_cpus
 from ..policy.sessions import SESSION_MAPS, involves
 from .errors import CapacityError
+from .verify import RecordLimits
 
 LRU_HEADROOM_PER_CPU = 128  # LRU maps may evict before they are full (per-CPU free lists)
 
@@ -151,3 +152,13 @@ class SessionSnapshot:
         if self._error is not None:
             raise self._error
         return self._out
+
+
+def record_limits(fw: Firewall) -> RecordLimits:
+    """The most records a bundle may announce here: what the maps could ever hold."""
+    return RecordLimits(
+        sessions=sum(fw.maps[n].info.max_entries for n in SESSION_MAPS),
+        syn=fw.maps["syn_counters"].info.max_entries,
+        blacklist=fw.maps["blacklist"].info.max_entries,
+        acl=fw.const("SAMIXDP_ACL_MAX_RULES_PER_SET"),
+    )

@@ -14,8 +14,9 @@ from typing import Any
 
 from ..base.errors import InvalidArgument
 from ..loader.pinned import Firewall
-from .errors import MigrateError, MigrationRefused
-from .keys import HostIdentity, Peer, TrustStore
+from .errors import MigrateError, MigrationRefused, StateDirError
+from .keys import HostIdentity, atomic_write, one_line
+from .peers import Peer, TrustStore
 from .phases import (
     MigrateOptions,
     Migration,
@@ -34,17 +35,32 @@ def record_path(state_dir: Path, vm: str) -> Path:
 
 def write_record(state_dir: Path, vm: str, doc: dict[str, Any]) -> None:
     path = record_path(state_dir, vm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, json.dumps(doc).encode(), 0o644)
+    except OSError as exc:
+        raise StateDirError(f"cannot write the migration record {path}: {one_line(exc)}") from exc
 
 
 def read_record(state_dir: Path, vm: str) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(record_path(state_dir, vm).read_text()))
-    except (OSError, ValueError):
+    """The record of the VM's last outgoing migration here (None: there is none)."""
+    path = record_path(state_dir, vm)
+    if not path.exists():
         return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StateDirError(f"cannot read the migration record {path}: {one_line(exc)}") from exc
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("status"), str)
+        or not isinstance(doc.get("migration_id"), str)
+        or not isinstance(doc.get("peer"), str)
+        or isinstance(doc.get("pid"), bool)
+        or not isinstance(doc.get("pid"), int)
+        or doc["pid"] <= 1
+    ):
+        raise StateDirError(f"the migration record {path} is malformed")
+    return doc
 
 
 def signal_running(state_dir: Path, vm: str, sig: int) -> dict[str, Any]:
@@ -135,6 +151,7 @@ def abort_migration(
     identity: HostIdentity,
     trust: TrustStore,
     peer: str | None,
+    plaintext: bool = False,
 ) -> str:
     """`--abort`: stops the running migration of `vm`, or asks the destination of
     the last recorded one to drop what it imported. Nothing changes here."""
@@ -146,7 +163,7 @@ def abort_migration(
     if not doc:
         raise InvalidArgument(f"no migration of {vm} recorded on this host")
     target = resolve_peer(trust, peer or doc["peer"])
-    ack = send_abort(identity, trust, target, doc["migration_id"])
+    ack = send_abort(identity, trust, target, doc["migration_id"], plaintext)
     write_record(state_dir, vm, {**doc, "status": "aborted"})
     return (
         f"aborted migration {doc['migration_id'][:12]} of {vm}; {target.name} removed "

@@ -24,8 +24,10 @@ from .bundle import (
     FLAG_ACL,
     FLAG_ACL_BLOB,
     FLAG_DELTA,
+    HEADER_SIZE,
     MAX_RAW_BODY,
     MAX_VALIDITY_S,
+    SIG_LEN,
     Bundle,
     expected_raw_len,
     parse_bundle,
@@ -40,13 +42,15 @@ from .errors import (
     LayoutVersionError,
     NotYetValidError,
     PoisonedRecordError,
+    ScopeError,
     SignatureError,
     SignerMismatchError,
+    TooLargeError,
     UnknownSignerError,
 )
-from .keys import Peer, TrustStore
+from .peers import Peer, TrustStore, scope_text
 from .replay import ReplayCache
-from .wire import ACL_WIRE_FLAGS, ruleset_digest, tcp_wire_flags
+from .wire import ACL_WIRE_FLAGS, SECTIONS, ruleset_digest, tcp_wire_flags
 
 DEFAULT_SKEW_S = 5.0
 
@@ -55,6 +59,47 @@ TCP_STATES = ("SYN_SENT", "SYN_SENT2", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "C
               "LAST_ACK", "TIME_WAIT", "CLOSED")
 UDP_STATES = ("UDP_NEW", "UDP_REPLIED", "UDP_ASSURED")
 ICMP_STATES = ("ICMP",)
+
+
+@dataclass(frozen=True)
+class RecordLimits:
+    """The most records of each kind a bundle may announce on this host: what its
+    maps could ever hold. A bundle above them is refused before its body is
+    inflated, so a small compressed body cannot claim gigabytes."""
+
+    sessions: int  # both session maps
+    syn: int
+    blacklist: int
+    acl: int
+    acl_blob: int = 64 << 10
+
+    def check(self, h: np.void) -> None:
+        for field, count, cap in (
+            ("n_sessions", "sessions", self.sessions),
+            ("n_del_sessions", "deleted sessions", self.sessions),
+            ("n_syn", "SYN counters", self.syn),
+            ("n_del_syn", "deleted SYN counters", self.syn),
+            ("n_blacklist", "bans", self.blacklist),
+            ("n_del_blacklist", "deleted bans", self.blacklist),
+            ("n_acl", "ACL rules", self.acl),
+            ("acl_blob_len", "bytes of ACL blob", self.acl_blob),
+        ):
+            if int(h[field]) > cap:
+                raise TooLargeError(
+                    f"bundle announces {int(h[field])} {count}, this host holds at most {cap}"
+                )
+
+    def max_bundle_bytes(self) -> int:
+        """The largest bundle these limits allow, stored uncompressed (zlib adds at
+        most a few bytes per 16 KiB to incompressible data: 1% is plenty)."""
+        sizes = {name: dt.itemsize for name, dt, _ in SECTIONS}
+        raw = (
+            self.sessions * (sizes["sessions"] + sizes["del_sessions"])
+            + self.syn * (sizes["syn"] + sizes["del_syn"])
+            + self.blacklist * (sizes["blacklist"] + sizes["del_blacklist"])
+            + max(self.acl * sizes["acl"], self.acl_blob)
+        )
+        return HEADER_SIZE + SIG_LEN + raw + raw // 100 + 4096
 
 
 @dataclass
@@ -208,9 +253,14 @@ def check_records(b: Bundle, sections: dict[str, np.ndarray | bytes]) -> None:
         if len(acl) > cap:
             raise InvalidRecordError(f"{len(acl)} ACL rules for one VM, at most {cap}")
         bad = ~np.isin(acl["action"], (c["ACL_ACT_ALLOW"], c["ACL_ACT_DENY"]))
+        ported = np.isin(acl["proto"], (c["PROTO_TCP"], c["PROTO_UDP"]))
+        bad |= ~(ported | np.isin(acl["proto"], (c["ACL_PROTO_ANY"], c["PROTO_ICMP"])))
         bad |= acl["dport_lo"] > acl["dport_hi"]
+        bad |= ~ported & ((acl["dport_lo"] != 0) | (acl["dport_hi"] != 65535))
         bad |= (acl["src_addr"] & ~acl["src_mask"]) != 0
-        bad |= acl["vlan"] > 4095
+        inv = ~np.asarray(acl["src_mask"], dtype=np.uint32).byteswap()  # host order
+        bad |= (inv & (inv + np.uint32(1))) != 0  # the mask is not a prefix
+        bad |= acl["vlan"] > 4094
         bad |= (acl["flags"] & ~np.uint32(ACL_WIRE_FLAGS)) != 0
         if bad.any():
             raise InvalidRecordError(f"ACL rule {_first(bad)} is invalid")
@@ -260,11 +310,13 @@ def verify_bundle(
     now_ms: int | None = None,
     skew_s: float = DEFAULT_SKEW_S,
     layout_version: int | None = None,
+    limits: RecordLimits | None = None,
 ) -> VerifiedBundle:
     """Raises a BundleRefused subclass naming the first failed check.
 
     `host_id` None skips the audience check (inspection without an identity);
-    `replay` None skips the replay check. Nothing is recorded anywhere."""
+    `replay` None skips the replay check; `limits` (this host's map capacities)
+    None allows up to MAX_RAW_BODY. Nothing is recorded anywhere."""
     b = data if isinstance(data, Bundle) else parse_bundle(data)
     peer = trust.by_key_id(b.key_id)
     if peer is None:
@@ -279,6 +331,11 @@ def verify_bundle(
     if source != peer.name:
         raise SignerMismatchError(
             f"bundle claims source host {source!r} but is signed by peer {peer.name!r}"
+        )
+    if not peer.covers(b.vm):
+        raise ScopeError(
+            f"bundle for VM {b.vm_ip} is outside the scope of peer {peer.name} "
+            f"(vms: {scope_text(peer.vms)})"
         )
     audience = b.audience
     if host_id is not None and audience != host_id:
@@ -305,6 +362,8 @@ def verify_bundle(
     if replay is not None:
         replay.check(b.migration_id, b.seq)
     check_counts(b)
+    if limits is not None:
+        limits.check(b.header)
     sections = b.sections()
     if b.has_acl:
         acl = sections["acl"]

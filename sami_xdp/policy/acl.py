@@ -30,6 +30,7 @@ from ..loader.pinned import Firewall, possible_cpus
 from .protect import list_protected
 
 DEFAULT_PRIORITY = 1000
+MAX_RULE_FILE = 16 << 20
 
 
 def protos(layout: Layout) -> dict[str, int]:
@@ -105,6 +106,18 @@ def make_rule(
     priority: int | None = None,
 ) -> AclRule:
     """Validates operator input; raises AclError with a one-line reason."""
+    for name, value, types in (
+        ("vm", vm, (str,)),
+        ("proto", proto, (str,)),
+        ("dport", dport, (str, int, type(None))),
+        ("src", src, (str, type(None))),
+        ("vlan", vlan, (int, type(None))),
+        ("iface", iface, (str, type(None))),
+        ("action", action, (str,)),
+        ("priority", priority, (int, type(None))),
+    ):
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise AclError(f"{name} has the wrong type ({type(value).__name__})")
     try:
         dst = parse_network(vm)
         src_net = parse_network(src) if src else ipaddress.IPv4Network("0.0.0.0/0")
@@ -459,9 +472,15 @@ def describe(fw: Firewall, entries: np.ndarray) -> list[dict[str, object]]:
 def parse_rule_file(fw: Firewall, path: Path) -> list[AclRule]:
     """TOML or YAML: a top-level `rules` list of tables/maps (see README)."""
     try:
+        if not path.is_file():
+            raise AclError(f"{path} is not a readable regular file")
+        if path.stat().st_size > MAX_RULE_FILE:
+            raise AclError(f"{path} is larger than {MAX_RULE_FILE} bytes")
         text = path.read_text()
     except OSError as exc:
         raise AclError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise AclError(f"{path} is not UTF-8 text") from exc
     data: object
     try:
         if path.suffix.lower() == ".toml":
@@ -469,7 +488,8 @@ def parse_rule_file(fw: Firewall, path: Path) -> list[AclRule]:
         else:
             data = yaml.safe_load(text)
     except Exception as exc:  # both parsers raise their own error types
-        raise AclError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+        kind = path.suffix.lstrip(".") or "YAML"
+        raise AclError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("rules", []), list):
         raise AclError(f"{path}: expected a top-level 'rules' list")
     default = data.get("default", "drop")
@@ -482,18 +502,19 @@ def parse_rule_file(fw: Firewall, path: Path) -> list[AclRule]:
             raise AclError(f"{path}: rule {n} needs at least 'vm'")
         unknown = set(item) - allowed
         if unknown:
-            raise AclError(f"{path}: rule {n} has unknown keys {', '.join(sorted(unknown))}")
+            names = ", ".join(sorted(map(str, unknown)))
+            raise AclError(f"{path}: rule {n} has unknown keys {names}")
         try:
             rules.append(
                 make_rule(
                     fw,
                     vm=str(item["vm"]),
-                    proto=str(item.get("proto", "any")),
+                    proto=item.get("proto", "any"),
                     dport=item.get("dport"),
                     src=item.get("src"),
                     vlan=item.get("vlan"),
                     iface=item.get("iface"),
-                    action=str(item.get("action", "allow")),
+                    action=item.get("action", "allow"),
                     priority=item.get("priority"),
                 )
             )

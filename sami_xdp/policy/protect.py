@@ -9,7 +9,7 @@ import ipaddress
 
 import numpy as np
 
-from ..base.netutil import parse_network
+from ..base.netutil import in_networks, ip_to_be32, parse_network
 from ..loader.pinned import Firewall
 
 
@@ -39,5 +39,5 @@ def list_protected(fw: Firewall) -> list[ipaddress.IPv4Network]:
 
 
 def is_protected(fw: Firewall, ip: str) -> bool:
-    addr = ipaddress.IPv4Address(ip)
-    return any(addr in net for net in list_protected(fw))
+    """Is `ip` (checked: InvalidArgument if it is not an IPv4 address) a VM here?"""
+    return bool(in_networks(np.array([ip_to_be32(ip)], np.uint32), list_protected(fw))[0])

@@ -1,0 +1,245 @@
+"""A trusted peer may touch only its own VMs (per-peer scope), and everything a
+bundle does stays with its VM: the attacks of the control-plane issue, on two real
+pinned firewalls.
+
+B protects 10.1.1.0/24 and trusts A for it; B also trusts C, but for 10.2.0.0/24
+only. C signs perfectly valid bundles about B's VM 10.1.1.1."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import run_frame
+from twohosts import (
+    ATTACKER,
+    CLIENT,
+    LAYOUT,
+    PREFIX,
+    VM,
+    VM2,
+    Hosts,
+    full_bundle,
+    fw_a,
+    fw_b,
+    hosts,
+    make_state_a,
+    snapshot,
+)
+
+from sami_xdp.base.errors import InvalidArgument
+from sami_xdp.base.netutil import ip_to_be32, port_be
+from sami_xdp.loader.pinned import Firewall
+from sami_xdp.migrate import (
+    ExportState,
+    ImportRecords,
+    abort_import,
+    build_bundle,
+    new_migration_id,
+    wire,
+)
+from sami_xdp.migrate.bundle import FLAG_DELTA, FLAG_FINAL, encode_bundle
+from sami_xdp.migrate.errors import (
+    ControlError,
+    MigrationConflict,
+    NotProtectedError,
+    ReplayError,
+    ScopeError,
+)
+from sami_xdp.policy import acl, blacklist
+from testbed import packets as P
+
+pytestmark = pytest.mark.needs_root
+__all__ = ["fw_a", "fw_b", "hosts"]  # fixtures used by name
+
+U32_MAX = 2**32 - 1
+
+
+def session_rec(a: str, pa: int, b: str, pb: int, state: int = 3, flags: int = 0) -> np.ndarray:
+    """One normalised TCP session record between a:pa and b:pb."""
+    ends = sorted([(ip_to_be32(x).to_bytes(4, "little"), port, x) for x, port in ((a, pa), (b, pb))])
+    rec = np.zeros(1, dtype=wire.SESSION_WIRE)
+    rec["addr_lo"], rec["addr_hi"] = ip_to_be32(ends[0][2]), ip_to_be32(ends[1][2])
+    rec["port_lo"], rec["port_hi"] = port_be(ends[0][1]), port_be(ends[1][1])
+    rec["proto"], rec["state"], rec["flags"] = 6, state, flags
+    return rec
+
+
+def signed(ident: Any, sections: dict, *, vm: str = VM, seq: int = 1, mid: bytes | None = None,
+           flags: int = 0) -> bytes:
+    digest = b"\0" * 16
+    if "acl" in sections:
+        digest = wire.ruleset_digest(sections["acl"].tobytes())
+    return encode_bundle(sections, identity=ident, vm=ip_to_be32(vm), audience="host-b",
+                         seq=seq, migration_id=mid or new_migration_id(),
+                         layout_version=LAYOUT, flags=flags, acl_digest=digest)
+
+
+def b_has_state(fw_b: Firewall) -> None:
+    """B's own state for its VM: a session, ACL rules (a deny among them), a ban and a
+    pickup entry, all of which C's bundles must leave byte-for-byte alone."""
+    acl.add_rules(fw_b, [
+        acl.make_rule(fw_b, vm=VM, proto="tcp", dport="22"),
+        acl.make_rule(fw_b, vm=VM, proto="any", src="198.51.100.0/24", action="deny",
+                      priority=1),
+    ])
+    for frame in (P.tcp(VM, 40000, CLIENT, 80, P.SYN), P.tcp(CLIENT, 80, VM, 40000, P.SYN | P.ACK),
+                  P.tcp(VM, 40000, CLIENT, 80, P.ACK)):
+        assert run_frame(fw_b, frame) == "PASS"
+    blacklist.ban(fw_b, ATTACKER, VM2, 60)
+    fw_b.maps["pickup"].update(np.array([ip_to_be32(VM2)], np.uint32),
+                               np.array([time.monotonic_ns() + 10**12], np.uint64))
+
+
+def attack(hosts: Hosts, kind: str) -> bytes:
+    """C's bundle about B's VM, one per attack of the issue."""
+    c = hosts.c
+    if kind == "session":  # a mid-flow connection to a closed port of the VM
+        return signed(c, {"sessions": session_rec(CLIENT, 5555, VM, 23)})
+    if kind == "acl-allow-all":
+        rule = np.zeros(1, dtype=wire.ACL_WIRE)
+        rule["action"], rule["dport_hi"], rule["priority"] = 1, 65535, 0
+        return signed(c, {"acl": rule})
+    if kind == "delete-b-session":  # B's own session, through a delta's delete list
+        dele = wire.session_keys_to_del(session_rec(VM, 40000, CLIENT, 80))
+        return signed(c, {"del_sessions": dele}, flags=FLAG_DELTA)
+    if kind == "eternal-ban":  # 2^32 ms, for a client of the VM
+        bl = np.zeros(1, dtype=wire.BLACKLIST_WIRE)
+        bl["src"], bl["vm"], bl["remaining_ms"] = ip_to_be32(CLIENT), ip_to_be32(VM), U32_MAX
+        return signed(c, {"blacklist": bl})
+    assert kind == "pickup"  # an empty final bundle: a pickup window for the VM
+    return signed(c, {}, flags=FLAG_FINAL)
+
+
+@pytest.mark.parametrize(
+    "kind", ["session", "acl-allow-all", "delete-b-session", "eternal-ban", "pickup"]
+)
+def test_a_peer_outside_its_scope_changes_nothing(fw_b, hosts, kind):
+    b_has_state(fw_b)
+    before = snapshot(fw_b)
+    data = attack(hosts, kind)
+    for _ in range(2):  # re-sending changes nothing either
+        with pytest.raises(ScopeError, match=r"outside the scope of peer host-c \(vms: 10\.2\.0\.0/24\)"):
+            hosts.receive(fw_b, data)
+    assert snapshot(fw_b) == before
+    assert hosts.replay.count() == 0 and ImportRecords(hosts.state_b).list() == []
+    # the datapath still says what B says: mid-flow TCP to a closed port is dropped,
+    # the denied source is denied, the client reaches the VM's open port
+    assert run_frame(fw_b, P.tcp(CLIENT, 5555, VM, 23, P.ACK)) == "DROP"
+    assert run_frame(fw_b, P.tcp("198.51.100.9", 5555, VM, 22, P.SYN)) == "DROP"
+    assert run_frame(fw_b, P.tcp(CLIENT, 5556, VM, 22, P.SYN)) == "PASS"
+    assert run_frame(fw_b, P.tcp(CLIENT, 80, VM, 40000, P.ACK)) == "PASS"
+
+
+def test_the_same_bundle_from_the_peer_in_scope_loads(fw_b, hosts):
+    """The refusal above is the scope, nothing else: A (trusted for the prefix) may."""
+    res = hosts.receive(fw_b, signed(hosts.a, {"sessions": session_rec(CLIENT, 5555, VM, 23)}))
+    assert res.counts["sessions"] == 1
+    assert run_frame(fw_b, P.tcp(CLIENT, 5555, VM, 23, P.ACK)) == "PASS"
+
+
+def test_a_peer_without_scope_may_send_state_for_no_vm(fw_b, hosts):
+    hosts.set_scope("host-a", "none")
+    before = snapshot(fw_b)
+    with pytest.raises(ScopeError, match=r"vms: none"):
+        hosts.receive(fw_b, signed(hosts.a, {"sessions": session_rec(CLIENT, 1, VM, 2)}))
+    assert snapshot(fw_b) == before
+
+
+def test_a_vm_outside_the_protected_prefixes_is_refused(fw_b, hosts):
+    """In the signer's scope is not enough: the VM must be behind this host."""
+    hosts.set_scope("host-a", f"{PREFIX},8.8.8.0/24")
+    before = snapshot(fw_b)
+    data = signed(hosts.a, {"sessions": session_rec("8.8.8.8", 53, CLIENT, 5353)}, vm="8.8.8.8",
+                  flags=FLAG_FINAL)
+    with pytest.raises(NotProtectedError, match="8.8.8.8 is not in a protected prefix"):
+        hosts.receive(fw_b, data)
+    assert snapshot(fw_b) == before and hosts.replay.count() == 0
+
+
+def test_export_of_an_unprotected_address_is_refused(fw_a, hosts):
+    with pytest.raises(InvalidArgument, match="8.8.8.8 is not in a protected prefix"):
+        build_bundle(fw_a, "8.8.8.8", "host-b", 1, new_migration_id(), identity=hosts.a)
+
+
+def test_an_imported_ban_lasts_at_most_this_hosts_ban_time(fw_b, hosts):
+    fw_b.set_config(fw_b.const("CFG_BAN_S"), 30)
+    bl = np.zeros(1, dtype=wire.BLACKLIST_WIRE)
+    bl["src"], bl["vm"], bl["remaining_ms"] = ip_to_be32(ATTACKER), ip_to_be32(VM), U32_MAX
+    t0 = time.monotonic_ns()
+    res = hosts.receive(fw_b, signed(hosts.a, {"blacklist": bl}))
+    assert res.counts["blacklist"] == 1 and res.skipped["capped_bans"] == 1
+    ban = fw_b.maps["blacklist"].lookup(np.array([ip_to_be32(ATTACKER)], np.uint32))
+    assert ban is not None and int(ban["vm"]) == ip_to_be32(VM)
+    assert int(ban["expires_ns"]) <= time.monotonic_ns() + 30 * 10**9
+    assert int(ban["expires_ns"]) >= t0 + 29 * 10**9
+
+
+def test_pickup_window_only_from_the_final_round_and_only_once(fw_a, fw_b, hosts):
+    """A full pre-copy round opens no window; the final round opens one period; the
+    migration then accepts no further round, so nothing re-opens or extends it."""
+    make_state_a(fw_a)
+    key = np.array([ip_to_be32(VM)], np.uint32)
+    pickup = fw_b.maps["pickup"]
+    mid = new_migration_id()
+    src = ExportState()
+    hosts.receive(fw_b, full_bundle(fw_a, hosts, mid, 1, src), pickup_s=5)
+    assert pickup.lookup(key) is None
+    assert run_frame(fw_b, P.tcp(CLIENT, 81, VM, 41000, P.ACK)) == "DROP"
+    final = build_bundle(fw_a, VM, "host-b", 2, mid, "final", src, identity=hosts.a)
+    t0 = time.monotonic_ns()
+    res = hosts.receive(fw_b, final, pickup_s=5)
+    deadline = int(pickup.lookup(key))
+    assert deadline == res.pickup_until_ns and t0 < deadline <= time.monotonic_ns() + 5 * 10**9
+    assert run_frame(fw_b, P.tcp(CLIENT, 82, VM, 41001, P.ACK)) == "PASS"  # picked up
+    with pytest.raises(ReplayError):
+        hosts.receive(fw_b, final, pickup_s=5)
+    again = build_bundle(fw_a, VM, "host-b", 3, mid, "final", src, identity=hosts.a)
+    with pytest.raises(MigrationConflict, match="already completed its final round #2"):
+        hosts.receive(fw_b, again, pickup_s=3600)
+    assert int(pickup.lookup(key)) == deadline
+
+
+def test_a_final_delta_with_no_earlier_round_opens_no_window(fw_b, hosts):
+    res = hosts.receive(fw_b, signed(hosts.a, {}, flags=FLAG_DELTA | FLAG_FINAL), pickup_s=5)
+    assert res.pickup_until_ns == 0 and any("no pickup window" in w for w in res.warnings)
+    assert fw_b.maps["pickup"].lookup(np.array([ip_to_be32(VM)], np.uint32)) is None
+
+
+def test_sessions_with_another_vm_outside_the_scope_are_skipped(fw_b, hosts):
+    """A is trusted for 10.1.1.1 only; a session between it and 10.1.1.2 (another VM of
+    B) would let A act on that VM: it is skipped, the VM's own session loads."""
+    hosts.set_scope("host-a", f"{VM}/32")
+    recs = np.concatenate([session_rec(VM, 22, VM2, 40000), session_rec(VM, 22, CLIENT, 40000)])
+    res = hosts.receive(fw_b, signed(hosts.a, {"sessions": recs}))
+    assert res.counts["sessions"] == 1 and res.skipped["foreign_sessions"] == 1
+    assert run_frame(fw_b, P.tcp(VM2, 40000, VM, 22, P.ACK)) == "DROP"
+    assert run_frame(fw_b, P.tcp(CLIENT, 40000, VM, 22, P.ACK)) == "PASS"
+
+
+def test_protected_end_flags_come_from_this_host(fw_b, hosts):
+    """A bundle cannot clear the flag that makes the fast path check bans: B bans a
+    source, and an imported session of it (flags cleared) does not get it through."""
+    res = hosts.receive(fw_b, signed(hosts.a, {"sessions": session_rec(ATTACKER, 5000, VM, 22)}))
+    assert res.counts["sessions"] == 1
+    k, v = fw_b.maps["sessions"].dump()
+    assert int(v["flags"][0]) & fw_b.const("SESS_F_VM_LO")  # 10.1.1.1 is the lo end
+    blacklist.ban(fw_b, ATTACKER, VM, 60)
+    assert run_frame(fw_b, P.tcp(ATTACKER, 5000, VM, 22, P.ACK)) == "DROP"
+
+
+def test_rounds_and_aborts_belong_to_the_migrations_source(fw_b, hosts):
+    hosts.set_scope("host-c", PREFIX)  # C may send state for the VM too, but not for A's migration
+    mid = new_migration_id()
+    hosts.receive(fw_b, signed(hosts.a, {"sessions": session_rec(CLIENT, 1, VM, 2)}, mid=mid))
+    before = snapshot(fw_b)
+    with pytest.raises(MigrationConflict, match="started here by host-a, not host-c"):
+        hosts.receive(fw_b, signed(hosts.c, {"sessions": session_rec(CLIENT, 3, VM, 4)},
+                                   mid=mid, seq=2))
+    with pytest.raises(ControlError, match="host-c may not abort it"):
+        abort_import(fw_b, mid, hosts.state_b, replay=hosts.replay, source="host-c")
+    assert snapshot(fw_b) == before
+    abort_import(fw_b, mid, hosts.state_b, replay=hosts.replay, source="host-a")
+    assert run_frame(fw_b, P.tcp(CLIENT, 1, VM, 2, P.ACK)) == "DROP"
