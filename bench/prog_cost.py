@@ -52,8 +52,8 @@ from sami_xdp.loader import batch, bpfsys
 from sami_xdp.loader.compile import Limits
 from sami_xdp.loader.pinned import Firewall, unpin_all
 from sami_xdp.policy import acl, blacklist, protect, stats
-from sami_xdp.policy.roles import set_role
 from sami_xdp.policy.config import create_firewall
+from sami_xdp.policy.roles import set_role
 from testbed import packets as P
 
 ROOT = Path(__file__).resolve().parent.parent
