@@ -179,16 +179,17 @@ static __always_inline int direction(__u32 saddr, __u32 daddr)
     return DIR_TRANSIT;
 }
 
-/* Is `src` banned? Counts the drop. The config hint skips the lookup while
- * no ban exists, which is the common case. */
-static __always_inline int banned(__u32 src, __u64 now)
+/* Is `src` banned from reaching `dst`? Counts the drop. A ban made here
+ * covers every VM; one imported with a migrating VM covers that VM only. The
+ * config hint skips the lookup while no ban exists, the common case. */
+static __always_inline int banned(__u32 src, __u32 dst, __u64 now)
 {
     __u32 idx = CFG_ENTRY_RUNTIME;
     struct fw_config *rt = config.lookup(&idx);
     if (rt && !rt->slot[RT_BANS_HINT])
         return 0;
     struct blacklist_value *bv = blacklist.lookup(&src);
-    if (bv && now < bv->expires_ns) {
+    if (bv && now < bv->expires_ns && (!(bv->flags & BL_F_VM_ONLY) || bv->vm == dst)) {
         __sync_fetch_and_add(&bv->dropped, 1);
         return 1;
     }
@@ -466,7 +467,7 @@ static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
     if ((v->flags & sender_vm) && v->ifindex[d] != ifindex &&
         !source_allowed(ctx, p->saddr, p->daddr, ifindex))
         return REASON_DROP_SPOOFED;
-    if ((v->flags & receiver_vm) && banned(p->saddr, now))
+    if ((v->flags & receiver_vm) && banned(p->saddr, p->daddr, now))
         return REASON_DROP_BLACKLIST;
     if (p->proto == PROTO_TCP && !tcp_flags_valid(p->tcp_flags))
         return REASON_DROP_INVALID;
@@ -493,7 +494,7 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
         !source_allowed(ctx, p->saddr, p->daddr, ifindex))
         return REASON_DROP_SPOOFED;
 
-    if (dir == DIR_INBOUND && banned(p->saddr, now))
+    if (dir == DIR_INBOUND && banned(p->saddr, p->daddr, now))
         return REASON_DROP_BLACKLIST;
     if (p->frag == 2)
         return handle_fragment(cfg, p, now);

@@ -10,7 +10,7 @@
 #ifndef SAMIXDP_SESSION_MAP_H
 #define SAMIXDP_SESSION_MAP_H
 
-#define SAMIXDP_LAYOUT_VERSION 6
+#define SAMIXDP_LAYOUT_VERSION 7
 
 /* ---- verdict reasons (index into the `verdicts` per-CPU array) ----------
  * Reasons below SAMIXDP_FIRST_DROP pass the packet, the rest drop it. */
@@ -80,6 +80,9 @@
 #define TCP_MAX_WSCALE 14
 #define TCP_MAXACKWIN_MIN 66000 /* lower bound of the ACK window (conntrack's MAXACKWINCONST) */
 #define NO_WSCALE 255           /* pkt.wscale of a SYN without the option */
+
+/* blacklist_value.flags */
+#define BL_F_VM_ONLY 1      /* drops only traffic towards `vm` (a ban imported with its VM) */
 
 /* iface_roles values: what an interface leads to (anti-spoofing) */
 #define ROLE_AUTO 0         /* decided per packet by a route lookup (absent from the map) */
@@ -207,8 +210,8 @@ struct blacklist_value {
     __u64 banned_ns;
     __u64 expires_ns;
     __u64 dropped;        /* packets dropped since the ban */
-    __u32 vm;
-    __u32 pad;
+    __u32 vm;             /* the VM whose SYN rate the source crossed */
+    __u32 flags;          /* BL_F_* */
 };
 
 /* One ACL rule; a rule set is the ordered (first match) list for a VM or

@@ -308,6 +308,7 @@ def test_pinned_maps_match_this_build(fw):
 LAYOUT_DIGESTS = {
     5: "2f833fd91da79a44b7e29045624c5c590937d8f86a8d5108010c9152e665e5dd",
     6: "1a3d5ed0ff90111d2924d43590e36a727f120bce543c9a111dfd85bb0640eda9",
+    7: "ef36b0f5f780b16e5e8728b9e3ad90408046c4ae407d1fbd6ab8dc8640f5e992",
 }
 
 

@@ -168,9 +168,10 @@ def test_pickup_window_is_set(fw_a, fw_b, hosts):
     assert stats.verdict_packets(fw_b)["drop-no-session"] == 1
 
 
-def test_an_imported_ban_never_replaces_a_live_ban_for_another_vm(fw_a, fw_b, hosts):
-    """B already bans ATTACKER for VM2; the VM's bundle also bans ATTACKER. B's own ban
-    (its VM, its expiry) stays as it is: a bundle acts on its own VM only."""
+def test_an_imported_ban_never_replaces_a_live_ban_made_here(fw_a, fw_b, hosts):
+    """B's datapath already bans ATTACKER (SYNs to VM2); the VM's bundle also bans
+    ATTACKER. B's own ban (host-wide, its VM, its expiry) stays as it is: a bundle
+    acts on its own VM only and never narrows this host's bans."""
     make_state_a(fw_a)  # ATTACKER banned for VM on A
     fw_b.set_config(fw_b.const("CFG_SYN_RATE"), 1)
     fw_b.set_config(fw_b.const("CFG_SYN_WINDOW_MS"), 60_000)
@@ -181,9 +182,32 @@ def test_an_imported_ban_never_replaces_a_live_ban_for_another_vm(fw_a, fw_b, ho
     own = fw_b.maps["blacklist"].lookup(key)
     assert own is not None and int(own["vm"]) == ip_to_be32(VM2)
     res = hosts.receive(fw_b, full_bundle(fw_a, hosts), pickup_s=0)
-    assert res.skipped["foreign_bans"] == 1 and res.counts["blacklist"] == 0
+    assert res.skipped["local_bans"] == 1 and res.counts["blacklist"] == 0
     after = fw_b.maps["blacklist"].lookup(key)
     assert after is not None and after.tobytes() == own.tobytes()
+
+
+def test_an_imported_ban_never_replaces_a_live_ban_imported_for_another_vm(fw_a, fw_b, hosts):
+    """VM2's migration brought a ban of ATTACKER (for VM2 only); the VM's bundle bans
+    ATTACKER too. The entry stays VM2's: one source has one ban entry, and a bundle
+    acts on its own VM only."""
+    make_state_a(fw_a)  # ATTACKER banned for VM on A
+    key = np.array([ip_to_be32(ATTACKER)], np.uint32)
+    value = fw_a.maps["blacklist"].lookup(key)
+    fw_a.maps["blacklist"].delete(key)
+    assert value is not None
+    value["vm"] = ip_to_be32(VM2)
+    fw_a.maps["blacklist"].update(key, value)
+    hosts.receive(fw_b, build_bundle(fw_a, VM2, "host-b", 1, new_migration_id(), "full",
+                                     ExportState(), identity=hosts.a), pickup_s=0)
+    theirs = fw_b.maps["blacklist"].lookup(key)
+    assert theirs is not None and int(theirs["flags"]) == fw_b.const("BL_F_VM_ONLY")
+    value["vm"] = ip_to_be32(VM)
+    fw_a.maps["blacklist"].update(key, value)
+    res = hosts.receive(fw_b, full_bundle(fw_a, hosts), pickup_s=0)
+    assert res.skipped["foreign_bans"] == 1 and res.counts["blacklist"] == 0
+    after = fw_b.maps["blacklist"].lookup(key)
+    assert after is not None and after.tobytes() == theirs.tobytes()
 
 
 def test_clock_rebasing_on_another_clock(fw_a, fw_b, hosts):

@@ -48,7 +48,7 @@ from sami_xdp.migrate.errors import (
     ReplayError,
     ScopeError,
 )
-from sami_xdp.policy import acl, blacklist
+from sami_xdp.policy import acl, blacklist, stats
 from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
@@ -175,6 +175,52 @@ def test_an_imported_ban_lasts_at_most_this_hosts_ban_time(fw_b, hosts):
     assert ban is not None and int(ban["vm"]) == ip_to_be32(VM)
     assert int(ban["expires_ns"]) <= time.monotonic_ns() + 30 * 10**9
     assert int(ban["expires_ns"]) >= t0 + 29 * 10**9
+
+
+def _ban_record(src: str, vm: str, remaining_ms: int = 60_000) -> np.ndarray:
+    bl = np.zeros(1, dtype=wire.BLACKLIST_WIRE)
+    bl["src"], bl["vm"], bl["remaining_ms"] = ip_to_be32(src), ip_to_be32(vm), remaining_ms
+    return bl
+
+
+def test_an_imported_ban_drops_traffic_to_its_vm_only(fw_b, hosts):
+    """The ban travelled with VM: the source is dropped towards VM, and still reaches
+    VM2 (allowed by B's ACL) and VM2's established session with it."""
+    acl.add_rules(fw_b, [acl.make_rule(fw_b, vm=VM2, proto="tcp", dport="80")])
+    flow = P.TcpFlow(ATTACKER, 4000, VM2, 80)
+    for frame in (flow.syn(), flow.synack(), flow.ack()):
+        assert run_frame(fw_b, frame) == "PASS"
+    res = hosts.receive(fw_b, signed(hosts.a, {"blacklist": _ban_record(ATTACKER, VM)}))
+    assert res.counts["blacklist"] == 1
+    (row,) = blacklist.blacklist_records(fw_b)
+    assert row["scope"] == "vm" and row["vm"] == VM and row["active"]
+    assert run_frame(fw_b, P.tcp(ATTACKER, 4001, VM, 22, P.SYN)) == "DROP"
+    assert run_frame(fw_b, P.udp(ATTACKER, 4002, VM, 53)) == "DROP"
+    assert run_frame(fw_b, P.tcp(ATTACKER, 4003, VM2, 80, P.SYN)) == "PASS"  # slow path
+    assert run_frame(fw_b, flow.data("a", b"x" * 10)) == "PASS"  # fast path
+    assert stats.verdict_packets(fw_b)["drop-blacklist"] == 2
+    assert blacklist.blacklist_records(fw_b)[0]["dropped"] == 2
+
+
+def test_a_ban_made_here_covers_every_vm_and_no_bundle_narrows_or_lifts_it(fw_b, hosts):
+    """B's own ban (its datapath or its operator) is host-wide; the VM's bundle banning
+    the same source for the VM only, or deleting its ban, leaves it as it is."""
+    blacklist.ban(fw_b, ATTACKER, VM, 60)
+    key = np.array([ip_to_be32(ATTACKER)], np.uint32)
+    own = fw_b.maps["blacklist"].lookup(key)
+    assert own is not None
+    mid = new_migration_id()
+    res = hosts.receive(fw_b, signed(hosts.a, {"blacklist": _ban_record(ATTACKER, VM)}, mid=mid))
+    assert res.counts["blacklist"] == 0 and res.skipped["local_bans"] == 1
+    dbl = np.zeros(1, dtype=wire.DEL_BLACKLIST_WIRE)
+    dbl["src"], dbl["vm"] = ip_to_be32(ATTACKER), ip_to_be32(VM)
+    hosts.receive(fw_b, signed(hosts.a, {"del_blacklist": dbl}, flags=FLAG_DELTA, mid=mid,
+                               seq=2))
+    after = fw_b.maps["blacklist"].lookup(key)
+    assert after is not None and after.tobytes() == own.tobytes()
+    assert blacklist.blacklist_records(fw_b)[0]["scope"] == "all"
+    acl.add_rules(fw_b, [acl.make_rule(fw_b, vm=VM2, proto="tcp", dport="80")])
+    assert run_frame(fw_b, P.tcp(ATTACKER, 4100, VM2, 80, P.SYN)) == "DROP"
 
 
 def test_pickup_window_only_from_the_final_round_and_only_once(fw_a, fw_b, hosts):

@@ -113,10 +113,11 @@ def bl_list(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] =
         return
     table(
         [
-            [r["ip"], r["vm"], r["expires_in_s"], r["dropped"], "yes" if r["active"] else "expired"]
+            [r["ip"], r["vm"], r["scope"], r["expires_in_s"], r["dropped"],
+             "yes" if r["active"] else "expired"]
             for r in rows
         ],
-        ["ip", "vm", "expires_in_s", "dropped", "active"],
+        ["ip", "vm", "scope", "expires_in_s", "dropped", "active"],
     )
 
 

@@ -199,8 +199,10 @@ def _ban_plan(
     skipped: dict[str, int],
 ) -> MapPlan:
     """Bans that ended in transit are skipped, the rest last at most this host's ban
-    time; a live ban of the same source for another VM stays as it is (a bundle
-    acts on its own VM only)."""
+    time and drop traffic towards the VM only (BL_F_VM_ONLY). A live ban of the same
+    source made here (for any VM) or imported for another VM stays as it is, and a
+    delete list removes only the VM's imported bans: a bundle acts on its own VM
+    only, and never narrows this host's own bans."""
     m = fw.maps["blacklist"]
     vm = vb.vm
     bl, dbl = vb.sections["blacklist"], vb.sections["del_blacklist"]
@@ -210,24 +212,30 @@ def _ban_plan(
     if capped.any():
         bl = bl.copy()
         bl["remaining_ms"] = np.minimum(bl["remaining_ms"], np.uint32(min(conf.ban_ms, 0xFFFFFFFF)))
+    vm_only = np.uint32(fw.const("BL_F_VM_ONLY"))
     keys, values = wire.wire_to_blacklist(bl, m.key_dtype, m.value_dtype, base)
+    values["flags"] = vm_only
     live = values["expires_ns"] > np.uint64(now)
     skipped["expired_bans"] = int((~live).sum())
-    skipped["foreign_bans"] = 0
+    skipped["foreign_bans"] = skipped["local_bans"] = 0
     keys, values = keys[live], values[live]
     if len(keys):
         cur_k, cur_v = m.dump()
         if len(cur_k):
             f, pos = KeyIndex(cur_k).find(keys)
-            foreign = f & (cur_v["vm"][pos] != vm) & (cur_v["expires_ns"][pos] > now)
+            cur_live = f & (cur_v["expires_ns"][pos] > now)
+            local = cur_live & ((cur_v["flags"][pos] & vm_only) == 0)
+            foreign = cur_live & ~local & (cur_v["vm"][pos] != vm)
             skipped["foreign_bans"] = int(foreign.sum())
-            keys, values = keys[~foreign], values[~foreign]
+            skipped["local_bans"] = int(local.sum())
+            keep = ~(foreign | local)
+            keys, values = keys[keep], values[keep]
     return plan_map(
         m,
         keys,
         values,
         np.asarray(dbl["src"], dtype=m.key_dtype),
-        keep_delete=lambda old: old["vm"] == vm,
+        keep_delete=lambda old: (old["vm"] == vm) & ((old["flags"] & vm_only) != 0),
     )
 
 

@@ -25,20 +25,22 @@ def read_blacklist(fw: Firewall) -> tuple[np.ndarray, np.ndarray]:
 def blacklist_records(fw: Firewall, now_ns: int | None = None) -> list[dict[str, object]]:
     now = now_ns if now_ns is not None else time.monotonic_ns()
     keys, values = read_blacklist(fw)
-    out = []
+    vm_only = fw.const("BL_F_VM_ONLY")
+    out: list[dict[str, object]] = []
     for k, v in zip(keys, values, strict=True):
         expires = int(v["expires_ns"])
         out.append(
             {
                 "ip": be32_to_ip(int(k)),
                 "vm": be32_to_ip(int(v["vm"])),
+                "scope": "vm" if int(v["flags"]) & vm_only else "all",
                 "expires_in_s": round(max(0, expires - now) / 1e9, 3),
                 "banned_s_ago": round(max(0, now - int(v["banned_ns"])) / 1e9, 3),
                 "dropped": int(v["dropped"]),
                 "active": expires > now,
             }
         )
-    out.sort(key=lambda r: (not r["active"], r["ip"]))
+    out.sort(key=lambda r: (not r["active"], str(r["ip"])))
     return out
 
 
