@@ -19,7 +19,7 @@ STAMP := $(VENV)/.samixdp-installed
 KREL := $(shell uname -r)
 KDIR := /lib/modules/$(KREL)
 APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 python3-venv \
-	python3-dev ethtool hping3 nftables conntrack tcpdump
+	python3-dev ethtool hping3 nftables conntrack tcpdump iperf3 bpftool
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 MUTATE_ARGS ?= -j 2

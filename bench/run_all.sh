@@ -24,6 +24,11 @@ timeout 300 "$PY" bench/acl_cost.py
 step "P2/P3 packet rates on veth (ours vs nftables vs XDP_DROP / no filter)"
 timeout 600 "$PY" bench/veth_rates.py "${QUICK[@]}"
 
+step "established TCP goodput during a spoofed SYN flood (ours vs nftables)"
+rounds=3
+[[ ${BENCH_QUICK:-0} == 1 ]] && rounds=1
+timeout 600 "$PY" bench/flood_goodput.py --rounds "$rounds"
+
 step "P4/P5 migration speed and bundle size, map memory"
 timeout 900 "$PY" bench/migrate_speed.py "${QUICK[@]}"
 

@@ -62,6 +62,21 @@ def rows_veth(d: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def rows_flood(d: dict[str, Any]) -> list[list[str]]:
+    out = []
+    summary = d["summary"]
+    theirs = summary["nftables"]["ratio"]
+    for name, r in summary.items():
+        value = (f"{r['ratio']:.2f} ({r['no_flood_gbit_s']:.1f} -> {r['flood_gbit_s']:.1f} "
+                 f"Gbit/s, {r['flood_kpps']} kpps of SYNs)")
+        if name == "nftables":
+            out.append([f"flood goodput ratio, {name}", value, "", ""])
+        else:
+            out.append([f"flood goodput ratio, {name}", value, ">= nftables",
+                        verdict(r["ratio"] >= theirs)])
+    return out
+
+
 def rows_migrate(d: dict[str, Any]) -> list[list[str]]:
     out = []
     for row in d.get("summary_rows", []):
@@ -89,7 +104,7 @@ def main() -> int:
     rows: list[list[str]] = []
     meta = None
     for name, fn in (("prog_cost", rows_p1), ("veth_rates", rows_veth),
-                     ("migrate_speed", rows_migrate)):
+                     ("flood_goodput", rows_flood), ("migrate_speed", rows_migrate)):
         d = load(name)
         if d is None:
             rows.append([name, "not run", "", ""])
