@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from conftest import unavailable
 
-from testbed.netns import SAMIXDP, Lab, Netns, sh
+from testbed.netns import SAMIXDP, TOPOLOGY, Lab, Netns, sh
 from testbed.topology import (  # noqa: F401 (re-exported for the tests)
     CLIENT_IP,
     FW_CLIENT_IP,
@@ -37,6 +38,30 @@ def core_topology() -> Iterator[CoreTopology]:
     require_root()
     with Lab(tag="t") as lab:
         yield build_core(lab)
+
+
+def adopt_demo_topology(lab: Lab, suffix: str) -> None:
+    """Makes the Lab remove the demo topology built with SX_SUFFIX=suffix (by the
+    script or the demo): its namespaces and its run dir."""
+    for name in (f"sx{role}{suffix}" for role in ("cl", "gw", "fa", "fb", "vm")):
+        if name not in lab.namespaces:
+            lab.adopt_netns(name)
+    lab.run_dir = Path(f"/run/sx{suffix}")
+
+
+def demo_topology(lab: Lab, suffix: str, *args: str,
+                  check: bool = True) -> subprocess.CompletedProcess[str]:
+    """scripts/veth_topology.sh ARGS with SX_SUFFIX=suffix; the Lab removes what it
+    builds even if `down` is never reached."""
+    adopt_demo_topology(lab, suffix)
+    return sh("bash", TOPOLOGY, *args, env={"SX_SUFFIX": suffix}, check=check)
+
+
+def demo_env(lab: Lab, suffix: str) -> dict[str, str]:
+    """The demo topology's names and addresses (`veth_topology.sh env`)."""
+    out = demo_topology(lab, suffix, "env").stdout
+    return {key: value.strip("'")
+            for key, _, value in (line.partition("=") for line in out.splitlines())}
 
 
 @pytest.fixture

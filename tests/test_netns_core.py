@@ -18,7 +18,10 @@ from netns import (
     VM_IP,
     VM_NET,
     CoreTopology,
+    adopt_demo_topology,
     core_topology,  # noqa: F401  (fixture)
+    demo_env,
+    demo_topology,
     lab,  # noqa: F401  (fixture)
     one_line_error,
     require_root,
@@ -193,32 +196,15 @@ def test_bad_mode(lab: Lab, mode: str) -> None:  # noqa: F811
 # ---- the demo topology script and the demo -------------------------------------------
 
 
-def _topology(suffix: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sh("bash", TOPOLOGY, *args, env={"SX_SUFFIX": suffix}, check=check)
-
-
-def _adopt_topology(lab: Lab, suffix: str) -> None:  # noqa: F811
-    """Makes the Lab remove what the script builds, even if `down` is never reached."""
-    for role in ("cl", "gw", "fa", "fb", "vm"):
-        lab.adopt_netns(f"sx{role}{suffix}")
-    lab.run_dir = Path(f"/run/sx{suffix}")
-
-
 def test_topology_script_moves_vm_with_live_connection(lab: Lab) -> None:  # noqa: F811
     suffix = "t" + unique_suffix()
-    _adopt_topology(lab, suffix)
-    _topology(suffix, "up")
-    env = {
-        key: value.strip("'")
-        for key, _, value in (
-            line.partition("=") for line in _topology(suffix, "env").stdout.splitlines()
-        )
-    }
+    demo_topology(lab, suffix, "up")
+    env = demo_env(lab, suffix)
     assert env["SX_NS_A"] == f"sxfa{suffix}" and env["SX_VM_IP"] == VM_IP
     for host in ("A", "B"):
         bpffs = Path(env[f"SX_{host}_BPFFS"])
         assert bpffs.is_dir() and str(bpffs).startswith(f"/run/sx{suffix}/")
-    assert "uplink: A" in _topology(suffix, "status").stdout
+    assert "uplink: A" in demo_topology(lab, suffix, "status").stdout
     client, vm = Netns(env["SX_NS_CLIENT"]), Netns(env["SX_NS_VM"])
     lab.echo_server(client, CLIENT_IP, OUT_PORT)
     lab.echo_server(vm, VM_IP, IN_PORT)
@@ -226,36 +212,36 @@ def test_topology_script_moves_vm_with_live_connection(lab: Lab) -> None:  # noq
     in_conn = lab.held_connection(client, VM_IP, IN_PORT)
     assert out_conn.established() and in_conn.established()
 
-    moved = _topology(suffix, "move-to-b")
+    moved = demo_topology(lab, suffix, "move-to-b")
     assert "behind B" in moved.stdout
-    status = _topology(suffix, "status").stdout
+    status = demo_topology(lab, suffix, "status").stdout
     assert "uplink: B" in status and "via 10.9.2.2" in status, status
     for conn in (out_conn, in_conn):  # both connections carry data after the move
         rc, lines = conn.release()
         assert rc == 0, lines
     ok, out = tcp_connect(client, VM_IP, IN_PORT)
     assert ok, out
-    _topology(suffix, "move-to-a")
-    assert "uplink: A" in _topology(suffix, "status").stdout
+    demo_topology(lab, suffix, "move-to-a")
+    assert "uplink: A" in demo_topology(lab, suffix, "status").stdout
     ok, out = tcp_connect(client, VM_IP, IN_PORT)
     assert ok, out
 
-    _topology(suffix, "down")
+    demo_topology(lab, suffix, "down")
     assert not any(netns_exists(f"sx{r}{suffix}") for r in ("cl", "gw", "fa", "fb", "vm"))
     assert not Path(f"/run/sx{suffix}").exists()
-    _topology(suffix, "down")  # safe twice
-    assert "down" in _topology(suffix, "status").stdout
+    demo_topology(lab, suffix, "down")  # safe twice
+    assert "down" in demo_topology(lab, suffix, "status").stdout
 
 
 def test_topology_script_rejects_bad_suffix() -> None:
-    res = _topology("Bad-Suffix", "up", check=False)
+    res = sh("bash", TOPOLOGY, "up", env={"SX_SUFFIX": "Bad-Suffix"}, check=False)
     assert res.returncode != 0 and "SX_SUFFIX" in res.stderr
 
 
 def test_demo_core(lab: Lab) -> None:  # noqa: F811
     require_root()
     suffix = "d" + unique_suffix()
-    _adopt_topology(lab, suffix)
+    adopt_demo_topology(lab, suffix)
     res = subprocess.run(
         ["bash", str(REPO / "scripts" / "demo_core.sh")], capture_output=True, text=True,
         timeout=180, env={**os.environ, "SX_SUFFIX": suffix}, stdin=subprocess.DEVNULL,
