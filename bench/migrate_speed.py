@@ -190,7 +190,8 @@ def capacity_for(n: int) -> int:
 
 def fill(fw: Firewall, vm: str, n: int, rng: np.random.Generator, salt: int) -> None:
     """n live sessions with `vm` at one end and distinct external peers: 90% TCP
-    established, 10% UDP replied; half opened by the VM, half towards it."""
+    established, 10% UDP assured (all of them in the assured `sessions` map); half
+    opened by the VM, half towards it."""
     if n == 0:
         return
     now = time.monotonic_ns()
@@ -210,7 +211,7 @@ def fill(fw: Firewall, vm: str, n: int, rng: np.random.Generator, salt: int) -> 
     k["port_hi"] = np.where(lo, vm_port, peer_port)
     udp = rng.random(n) < 0.1
     k["proto"] = np.where(udp, 17, 6)
-    v["state"] = np.where(udp, fw.const("ST_UDP_REPLIED"), fw.const("ST_ESTABLISHED"))
+    v["state"] = np.where(udp, fw.const("ST_UDP_ASSURED"), fw.const("ST_ESTABLISHED"))
     inbound = rng.random(n) < 0.5  # opened by the peer
     peer_side = np.where(lo, fw.const("SIDE_LO"), fw.const("SIDE_HI"))
     vm_side = np.where(lo, fw.const("SIDE_HI"), fw.const("SIDE_LO"))
