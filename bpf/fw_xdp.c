@@ -1,4 +1,4 @@
-/* sami-xdp: stateful IPv4 firewall in XDP.
+/* sami-xdp: stateful IPv4/IPv6 firewall in XDP.
  *
  * parse -> anti-spoofing -> direction -> blacklist -> session lookup/update
  * (TCP state and window) -> SYN accounting -> ACL -> verdict. Every verdict
@@ -10,6 +10,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 #include <uapi/linux/icmp.h>
@@ -41,6 +42,7 @@
 #define NS_PER_MS 1000000ULL
 #define FRAG_TIMEOUT_NS (30 * NS_PER_S)
 #define AF_INET_ 2
+#define AF_INET6_ 10
 
 /* Assured sessions (TCP from ESTABLISHED on, UDP that kept talking): a plain
  * hash, never evicted. When it is full a new flow stays unassured. */
@@ -48,9 +50,10 @@ BPF_TABLE("hash", struct session_key, struct session_value, sessions, MAX_SESSIO
 /* Unassured flows (TCP handshakes, UDP until assured, ICMP echo) live apart in
  * an LRU: a flood of one-shot flows evicts only other unassured entries. */
 BPF_TABLE("lru_hash", struct session_key, struct session_value, unassured, MAX_UNASSURED);
-BPF_LPM_TRIE(protected, struct lpm_v4_key, u32, SAMIXDP_MAX_PROTECTED);
+BPF_LPM_TRIE(protected, struct lpm_key, u32, SAMIXDP_MAX_PROTECTED);
 BPF_TABLE("lru_hash", struct syn_key, struct syn_value, syn_counters, MAX_SYN_COUNTERS);
-BPF_TABLE("lru_hash", u32, struct blacklist_value, blacklist, MAX_BLACKLIST);
+/* Banned sources: an IPv4 address, or an IPv6 /64 (addr_ban_key). */
+BPF_TABLE("lru_hash", struct ip_addr, struct blacklist_value, blacklist, MAX_BLACKLIST);
 /* Compiled ACL rule sets of two generations; CFG_ACL_GEN names the live one,
  * so a whole rule set is replaced atomically. */
 BPF_LPM_TRIE(acl_sets, struct acl_key, struct acl_set, 2 * SAMIXDP_ACL_MAX_SETS);
@@ -58,7 +61,7 @@ BPF_PERCPU_ARRAY(acl_hits, u64, SAMIXDP_ACL_MAX_RULE_ID);
 /* Rule id -> rule as the operator wrote it; userspace compiles acl_sets from it. */
 BPF_TABLE("hash", u32, struct acl_entry, acl_rules, SAMIXDP_ACL_MAX_RULE_ID);
 /* VM address -> end of its migration pickup window (bpf_ktime_get_ns). */
-BPF_TABLE("hash", u32, u64, pickup, SAMIXDP_MAX_PROTECTED);
+BPF_TABLE("hash", struct ip_addr, u64, pickup, SAMIXDP_MAX_PROTECTED);
 BPF_TABLE("lru_hash", struct frag_key, struct frag_value, fragments, SAMIXDP_FRAG_ENTRIES);
 /* ifindex -> ROLE_VM / ROLE_UPLINK; an interface not listed is ROLE_AUTO. */
 BPF_TABLE("hash", u32, u32, iface_roles, SAMIXDP_MAX_IFACES);
@@ -80,29 +83,43 @@ BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
 #define DIR_INBOUND 1
 #define DIR_OUTBOUND 2
 
-/* Fills a normalised key; returns the sender's side. */
-static __always_inline __u8 make_key(struct session_key *k, __u32 saddr, __u32 daddr,
-                                     __u16 sport, __u16 dport, __u8 proto)
+static __always_inline int is_icmp(__u8 proto)
 {
-    __u32 s = bpf_ntohl(saddr), d = bpf_ntohl(daddr);
+    return proto == PROTO_ICMP || proto == PROTO_ICMPV6;
+}
+
+/* Neighbour discovery or MLD that the parser validated (PARSE_NDP). */
+static __always_inline int is_ndp(struct pkt *p)
+{
+    __u8 t = p->icmp_type;
+    return p->proto == PROTO_ICMPV6 && !p->echo && !p->is_icmp_err &&
+           ((t >= ICMPV6_MLD_QUERY_T && t <= ICMPV6_REDIRECT_T) || t == ICMPV6_MLD2_REPORT_T);
+}
+
+/* Fills a normalised key; returns the sender's side. */
+static __always_inline __u8 make_key(struct session_key *k, const struct ip_addr *saddr,
+                                     const struct ip_addr *daddr, __u16 sport, __u16 dport,
+                                     __u8 proto)
+{
+    int c = addr_cmp(saddr, daddr);
     __u8 side;
-    if (s < d || (s == d && bpf_ntohs(sport) <= bpf_ntohs(dport)))
+    if (c < 0 || (c == 0 && bpf_ntohs(sport) <= bpf_ntohs(dport)))
         side = SIDE_LO;
     else
         side = SIDE_HI;
     k->proto = proto;
     if (side == SIDE_LO) {
-        k->addr_lo = saddr;
-        k->addr_hi = daddr;
+        k->addr_lo = *saddr;
+        k->addr_hi = *daddr;
         k->port_lo = sport;
         k->port_hi = dport;
     } else {
-        k->addr_lo = daddr;
-        k->addr_hi = saddr;
+        k->addr_lo = *daddr;
+        k->addr_hi = *saddr;
         k->port_lo = dport;
         k->port_hi = sport;
     }
-    if (proto == PROTO_ICMP) {
+    if (is_icmp(proto)) {
         k->port_lo = sport > dport ? sport : dport; /* echo identifier */
         k->port_hi = 0;
     }
@@ -145,36 +162,44 @@ static __always_inline void count_packet(struct session_value *v, int from_init,
         v->last_seen_ns = now;
 }
 
-static __always_inline int is_protected(__u32 addr)
+static __always_inline int is_protected(const struct ip_addr *addr)
 {
-    struct lpm_v4_key k = {.prefixlen = 32, .addr = addr};
+    struct lpm_key k = {.prefixlen = 128, .addr = *addr};
     return protected.lookup(&k) != 0;
 }
 
 /* Strict reverse path for a protected source: it may only arrive on an
  * interface through which this host reaches it (the route to it leaves by
  * that interface), unless the operator gave the interface a role. */
-static __always_inline int source_allowed(struct xdp_md *ctx, __u32 saddr, __u32 daddr,
-                                          __u32 ifindex)
+static __always_inline int source_allowed(struct xdp_md *ctx, struct pkt *p, __u32 ifindex)
 {
     u32 *role = iface_roles.lookup(&ifindex);
     if (role)
         return *role == ROLE_VM;
     struct bpf_fib_lookup fib = {};
-    fib.family = AF_INET_;
-    fib.ipv4_src = daddr;
-    fib.ipv4_dst = saddr;
+    if (p->ipv6) {
+        fib.family = AF_INET6_;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            fib.ipv6_src[i] = p->daddr.w[i];
+            fib.ipv6_dst[i] = p->saddr.w[i];
+        }
+    } else {
+        fib.family = AF_INET_;
+        fib.ipv4_src = p->daddr.w[3];
+        fib.ipv4_dst = p->saddr.w[3];
+    }
     fib.ifindex = ifindex;
     int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
     return (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) &&
            fib.ifindex == ifindex;
 }
 
-static __always_inline int direction(__u32 saddr, __u32 daddr)
+static __always_inline int direction(struct pkt *p)
 {
-    if (is_protected(daddr))
+    if (is_protected(&p->daddr))
         return DIR_INBOUND;
-    if (is_protected(saddr))
+    if (is_protected(&p->saddr))
         return DIR_OUTBOUND;
     return DIR_TRANSIT;
 }
@@ -182,14 +207,17 @@ static __always_inline int direction(__u32 saddr, __u32 daddr)
 /* Is `src` banned from reaching `dst`? Counts the drop. A ban made here
  * covers every VM; one imported with a migrating VM covers that VM only. The
  * config hint skips the lookup while no ban exists, the common case. */
-static __always_inline int banned(__u32 src, __u32 dst, __u64 now)
+static __always_inline int banned(struct pkt *p, __u64 now)
 {
     __u32 idx = CFG_ENTRY_RUNTIME;
     struct fw_config *rt = config.lookup(&idx);
     if (rt && !rt->slot[RT_BANS_HINT])
         return 0;
+    struct ip_addr src;
+    addr_ban_key(&src, &p->saddr, p->ipv6);
     struct blacklist_value *bv = blacklist.lookup(&src);
-    if (bv && now < bv->expires_ns && (!(bv->flags & BL_F_VM_ONLY) || bv->vm == dst)) {
+    if (bv && now < bv->expires_ns &&
+        (!(bv->flags & BL_F_VM_ONLY) || addr_eq(&bv->vm, &p->daddr))) {
         __sync_fetch_and_add(&bv->dropped, 1);
         return 1;
     }
@@ -203,9 +231,9 @@ static __always_inline __u32 open_session(struct session_key *k, struct pkt *p, 
                                           __u32 ifindex, __u32 pass_reason)
 {
     struct session_value v = {};
-    if (is_protected(k->addr_lo))
+    if (is_protected(&k->addr_lo))
         flags |= SESS_F_VM_LO;
-    if (is_protected(k->addr_hi))
+    if (is_protected(&k->addr_hi))
         flags |= SESS_F_VM_HI;
     v.created_ns = now;
     v.last_seen_ns = now;
@@ -242,10 +270,9 @@ static __always_inline __u32 advance_session(struct fw_config *cfg, struct sessi
         if (w == TW_IGNORE)
             return REASON_PASS_SESSION;
     } else {
-        if (p->proto == PROTO_ICMP &&
-            p->icmp_type != (from_init ? ICMP_ECHO_T : ICMP_ECHOREPLY_T))
+        if (is_icmp(p->proto) && p->echo != (from_init ? ECHO_REQUEST : ECHO_REPLY))
             return REASON_DROP_INVALID; /* e.g. a request from the pinged side */
-        if (p->proto != PROTO_ICMP) {
+        if (!is_icmp(p->proto)) {
             if (!from_init && next == ST_UDP_NEW)
                 next = ST_UDP_REPLIED;
             else if (next == ST_UDP_REPLIED && now - v->created_ns >= UDP_ASSURE_AFTER_NS)
@@ -285,7 +312,8 @@ static __always_inline struct session_value *find_session(struct fw_config *cfg,
 /* Counts an inbound SYN; returns 1 when it crosses the rate (source banned). */
 static __always_inline int syn_over_rate(struct fw_config *cfg, struct pkt *p, __u64 now)
 {
-    struct syn_key sk = {.src = p->saddr, .dst = p->daddr};
+    struct syn_key sk = {.dst = p->daddr};
+    addr_ban_key(&sk.src, &p->saddr, p->ipv6);
     struct syn_value *sv = syn_counters.lookup(&sk);
     __u32 count;
     if (!sv) {
@@ -308,7 +336,7 @@ static __always_inline int syn_over_rate(struct fw_config *cfg, struct pkt *p, _
     bv.expires_ns = now + cfg->slot[CFG_BAN_S] * NS_PER_S;
     bv.dropped = 1;
     bv.vm = p->daddr;
-    blacklist.update(&p->saddr, &bv);
+    blacklist.update(&sk.src, &bv);
     __u32 idx = CFG_ENTRY_RUNTIME;
     struct fw_config *rt = config.lookup(&idx);
     if (rt)
@@ -320,7 +348,8 @@ static __always_inline int syn_over_rate(struct fw_config *cfg, struct pkt *p, _
  */
 static __always_inline __u32 acl_verdict(struct fw_config *cfg, struct pkt *p, __u32 ifindex)
 {
-    struct acl_key k = {.prefixlen = 64, .gen = cfg->slot[CFG_ACL_GEN] & 1, .addr = p->daddr};
+    struct acl_key k = {.prefixlen = 32 + 128, .gen = cfg->slot[CFG_ACL_GEN] & 1,
+                        .addr = p->daddr};
     struct acl_set *set = acl_sets.lookup(&k);
     if (!set)
         return REASON_DROP_ACL_DEFAULT;
@@ -329,13 +358,23 @@ static __always_inline __u32 acl_verdict(struct fw_config *cfg, struct pkt *p, _
         n = SAMIXDP_ACL_MAX_RULES_PER_SET;
     __u32 dport = bpf_ntohs(p->dport);
     __u32 has_ports = p->proto == PROTO_TCP || p->proto == PROTO_UDP;
-    __u32 proto = p->proto, saddr = p->saddr, vlan = p->vlan;
+    __u32 proto = p->proto, vlan = p->vlan;
+    __u32 s0 = p->saddr.w[0], s1 = p->saddr.w[1], s2 = p->saddr.w[2], s3 = p->saddr.w[3];
     struct acl_rule *hit = 0;
-    for (__u32 i = 0; i < n; i++) {
-        struct acl_rule *r = &set->rules[i];
+    for (__u32 i = 0; i < SAMIXDP_ACL_MAX_RULES_PER_SET; i++) {
+        if (i >= n)
+            break;
+        __u32 idx = i;
+        asm volatile("" : "+r"(idx)); /* keep the index bound visible to the verifier */
+        if (idx >= SAMIXDP_ACL_MAX_RULES_PER_SET)
+            break;
+        struct acl_rule *r = &set->rules[idx];
         if (r->proto != ACL_PROTO_ANY && r->proto != proto)
             continue;
-        if ((saddr & r->src_mask) != r->src_addr)
+        if (((s0 & r->src_mask.w[0]) ^ r->src_addr.w[0]) |
+            ((s1 & r->src_mask.w[1]) ^ r->src_addr.w[1]) |
+            ((s2 & r->src_mask.w[2]) ^ r->src_addr.w[2]) |
+            ((s3 & r->src_mask.w[3]) ^ r->src_addr.w[3]))
             continue;
         if (r->vlan && r->vlan != vlan)
             continue;
@@ -360,9 +399,9 @@ static __always_inline __u32 acl_verdict(struct fw_config *cfg, struct pkt *p, _
 }
 
 /* Mid-flow TCP for a VM whose state was just migrated here. */
-static __always_inline int in_pickup_window(__u32 vm, __u64 now)
+static __always_inline int in_pickup_window(struct ip_addr *vm, __u64 now)
 {
-    u64 *deadline = pickup.lookup(&vm);
+    u64 *deadline = pickup.lookup(vm);
     return deadline && now < *deadline;
 }
 
@@ -373,8 +412,8 @@ static __always_inline __u32 handle_icmp_error(struct fw_config *cfg, struct pkt
 {
     struct session_key k = {};
     int in_unassured;
-    int addressed = dir == DIR_OUTBOUND || p->daddr == p->in_saddr;
-    make_key(&k, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto);
+    int addressed = dir == DIR_OUTBOUND || addr_eq(&p->daddr, &p->in_saddr);
+    make_key(&k, &p->in_saddr, &p->in_daddr, p->in_sport, p->in_dport, p->in_proto);
     if (addressed && find_session(cfg, &k, now, &in_unassured))
         return REASON_PASS_RELATED;
     return REASON_DROP_NO_SESSION;
@@ -392,7 +431,8 @@ static __always_inline __u32 handle_fragment(struct fw_config *cfg, struct pkt *
         return REASON_PASS_FRAGMENT;
     if (policy == 2)
         return REASON_DROP_FRAGMENT;
-    struct frag_key fk = {.src = p->saddr, .dst = p->daddr, .id = p->ip_id, .proto = p->proto};
+    struct frag_key fk = {.src = p->saddr, .dst = p->daddr, .id = p->ip_id,
+                          .proto = p->frag_proto};
     struct frag_value *first = fragments.lookup(&fk);
     if (!first)
         return REASON_DROP_FRAGMENT;
@@ -407,8 +447,10 @@ static __always_inline __u32 handle_fragment(struct fw_config *cfg, struct pkt *
  * fragment is remembered for its followers, the verdict counted per reason. */
 static __always_inline int finish(struct xdp_md *ctx, struct pkt *p, __u32 reason)
 {
-    if (p->frag == 1 && reason < SAMIXDP_FIRST_DROP && reason != REASON_PASS_TRANSIT) {
-        struct frag_key fk = {.src = p->saddr, .dst = p->daddr, .id = p->ip_id, .proto = p->proto};
+    if (p->frag == 1 && reason < SAMIXDP_FIRST_DROP && reason != REASON_PASS_TRANSIT &&
+        reason != REASON_PASS_IPV6_UNPROTECTED) {
+        struct frag_key fk = {.src = p->saddr, .dst = p->daddr, .id = p->ip_id,
+                              .proto = p->frag_proto};
         struct frag_value fv = {.seen_ns = NOW(), .l4_end = p->l4_hdr_len};
         fragments.update(&fk, &fv);
     }
@@ -442,6 +484,10 @@ static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
     int rc = parse_packet(ctx, p);
     if (rc == PARSE_NON_IP)
         return REASON_PASS_NON_IP;
+    if (rc == PARSE_NDP)
+        return REASON_NEED_SLOW; /* rare: its anti-spoofing check waits for the slow path */
+    if (rc == PARSE_RH0)
+        return REASON_DROP_INVALID;
     if (rc != PARSE_OK)
         return REASON_DROP_MALFORMED;
     if (p->frag == 2 || p->is_icmp_err)
@@ -454,7 +500,7 @@ static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
     __u64 now = NOW();
     __u32 ifindex = ctx->ingress_ifindex;
     struct session_key k = {};
-    __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
+    __u8 side = make_key(&k, &p->saddr, &p->daddr, p->sport, p->dport, p->proto);
     struct session_value *v = sessions.lookup(&k);
     if (!v || !is_live(cfg, v, now))
         return REASON_NEED_SLOW;
@@ -465,9 +511,9 @@ static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
     __u8 receiver_vm = side == SIDE_LO ? SESS_F_VM_HI : SESS_F_VM_LO;
     int d = side == v->initiator ? 0 : 1;
     if ((v->flags & sender_vm) && v->ifindex[d] != ifindex &&
-        !source_allowed(ctx, p->saddr, p->daddr, ifindex))
+        !source_allowed(ctx, p, ifindex))
         return REASON_DROP_SPOOFED;
-    if ((v->flags & receiver_vm) && banned(p->saddr, p->daddr, now))
+    if ((v->flags & receiver_vm) && banned(p, now))
         return REASON_DROP_BLACKLIST;
     if (p->proto == PROTO_TCP && !tcp_flags_valid(p->tcp_flags))
         return REASON_DROP_INVALID;
@@ -486,15 +532,21 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
     int tcp = p->proto == PROTO_TCP && p->frag != 2;
     __u8 syn_only = tcp && (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
 
-    int dir = direction(p->saddr, p->daddr);
+    if (is_ndp(p)) {
+        /* link-scoped and stateless, but a protected source is checked as ever */
+        if (is_protected(&p->saddr) && !source_allowed(ctx, p, ifindex))
+            return REASON_DROP_SPOOFED;
+        return REASON_PASS_NDP;
+    }
+    int dir = direction(p);
     if (dir == DIR_TRANSIT)
-        return REASON_PASS_TRANSIT;
+        return p->ipv6 ? REASON_PASS_IPV6_UNPROTECTED : REASON_PASS_TRANSIT;
     /* anti-spoofing comes before anything that could create or change state */
-    if ((dir == DIR_OUTBOUND || is_protected(p->saddr)) &&
-        !source_allowed(ctx, p->saddr, p->daddr, ifindex))
+    if ((dir == DIR_OUTBOUND || is_protected(&p->saddr)) &&
+        !source_allowed(ctx, p, ifindex))
         return REASON_DROP_SPOOFED;
 
-    if (dir == DIR_INBOUND && banned(p->saddr, p->daddr, now))
+    if (dir == DIR_INBOUND && banned(p, now))
         return REASON_DROP_BLACKLIST;
     if (p->frag == 2)
         return handle_fragment(cfg, p, now);
@@ -506,7 +558,7 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
         parse_syn_options(ctx, p); /* window scale and SACK: only SYNs carry them */
 
     struct session_key k = {};
-    __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
+    __u8 side = make_key(&k, &p->saddr, &p->daddr, p->sport, p->dport, p->proto);
     int in_unassured;
     struct session_value *v = find_session(cfg, &k, now, &in_unassured);
     if (v && syn_only && (v->state == ST_TIME_WAIT || v->state == ST_CLOSED)) {
@@ -522,7 +574,7 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
 
     if (tcp && !syn_only) {
         /* strict: no session starts mid-flow, except for a VM just migrated here */
-        __u32 vm = dir == DIR_INBOUND ? p->daddr : p->saddr;
+        struct ip_addr *vm = dir == DIR_INBOUND ? &p->daddr : &p->saddr;
         if ((p->tcp_flags & TCPF_RST) || !in_pickup_window(vm, now))
             return REASON_DROP_NO_SESSION;
         /* the initiator is unknown: assume the external end opened it when
@@ -530,13 +582,13 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
         return open_session(&k, p, side, ST_ESTABLISHED, SESS_F_PICKED_UP | SESS_F_MIGRATED,
                             TCPD_F_LIBERAL, now, ifindex, REASON_PASS_PICKUP);
     }
-    if (p->proto == PROTO_ICMP && p->icmp_type == ICMP_ECHOREPLY_T)
+    if (p->echo == ECHO_REPLY)
         return REASON_DROP_NO_SESSION; /* a reply to no request */
     if (dir == DIR_OUTBOUND) {
         /* ICMP other than echo (timestamps...) gets no session */
-        if (p->proto == PROTO_ICMP && p->icmp_type != ICMP_ECHO_T)
+        if (is_icmp(p->proto) && p->echo != ECHO_REQUEST)
             return REASON_PASS_OUTBOUND;
-        __u8 state = tcp ? ST_SYN_SENT : p->proto == PROTO_ICMP ? ST_ICMP : ST_UDP_NEW;
+        __u8 state = tcp ? ST_SYN_SENT : is_icmp(p->proto) ? ST_ICMP : ST_UDP_NEW;
         return open_session(&k, p, side, state, 0, 0, now, ifindex, REASON_PASS_OUTBOUND);
     }
 
@@ -557,12 +609,12 @@ static __always_inline __u32 acl_stage(struct xdp_md *ctx, struct pkt *p)
     __u32 r = acl_verdict(cfg, p, ifindex);
     if (r != REASON_PASS_ACL)
         return r;
-    if (p->proto == PROTO_ICMP && p->icmp_type != ICMP_ECHO_T)
+    if (is_icmp(p->proto) && p->echo != ECHO_REQUEST)
         return r; /* allowed, but no session for non-echo ICMP */
     struct session_key k = {};
-    __u8 side = make_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
+    __u8 side = make_key(&k, &p->saddr, &p->daddr, p->sport, p->dport, p->proto);
     __u8 state = p->proto == PROTO_TCP    ? ST_SYN_SENT
-                 : p->proto == PROTO_ICMP ? ST_ICMP
+                 : is_icmp(p->proto)      ? ST_ICMP
                                           : ST_UDP_NEW;
     return open_session(&k, p, side, state, SESS_F_INBOUND, 0, NOW(), ifindex, REASON_PASS_ACL);
 }

@@ -3,36 +3,39 @@
  * Shared verbatim by the XDP program (bcc/clang) and by Python (cffi cdef),
  * so it uses only plain fixed-width types, literal #defines, no bitfields,
  * no attributes and explicit padding: both sides must see the same bytes.
- * Addresses and ports are stored in network byte order, as on the wire.
+ * Addresses and ports are stored in network byte order, as on the wire;
+ * every address is a struct ip_addr, so IPv4 and IPv6 share every table.
  * Bump SAMIXDP_LAYOUT_VERSION whenever any struct or constant below changes
  * (tests/test_layout.py records a digest of the layout per version).
  */
 #ifndef SAMIXDP_SESSION_MAP_H
 #define SAMIXDP_SESSION_MAP_H
 
-#define SAMIXDP_LAYOUT_VERSION 7
+#define SAMIXDP_LAYOUT_VERSION 8
 
 /* ---- verdict reasons (index into the `verdicts` per-CPU array) ----------
  * Reasons below SAMIXDP_FIRST_DROP pass the packet, the rest drop it. */
 #define REASON_PASS_SESSION 0     /* matched a live session */
 #define REASON_PASS_OUTBOUND 1    /* new session from a protected VM */
 #define REASON_PASS_ACL 2         /* new inbound session allowed by an ACL */
-#define REASON_PASS_TRANSIT 3     /* neither end protected */
-#define REASON_PASS_NON_IP 4      /* ARP, LLDP, IPv6 (not filtered yet) */
+#define REASON_PASS_TRANSIT 3     /* IPv4, neither end protected */
+#define REASON_PASS_NON_IP 4      /* neither IPv4 nor IPv6: ARP, LLDP... */
 #define REASON_PASS_RELATED 5     /* ICMP error quoting a known session */
 #define REASON_PASS_FRAGMENT 6    /* non-first fragment of an accepted packet */
 #define REASON_PASS_PICKUP 7      /* mid-flow TCP inside a migration pickup window */
-#define SAMIXDP_FIRST_DROP 8
-#define REASON_DROP_BLACKLIST 8   /* source is banned */
-#define REASON_DROP_NO_SESSION 9  /* needs a session and has none (TCP without SYN, echo reply, ICMP error) */
-#define REASON_DROP_ACL_DENY 10   /* an ACL rule said deny */
-#define REASON_DROP_ACL_DEFAULT 11 /* inbound, no session, no ACL rule matched */
-#define REASON_DROP_SPOOFED 12   /* a protected source on an interface that does not lead to it */
-#define REASON_DROP_MALFORMED 13  /* truncated or invalid headers */
-#define REASON_DROP_SYN_RATE 14   /* SYN that crossed the rate limit (source banned) */
-#define REASON_DROP_FRAGMENT 15   /* later fragment with no accepted first one, or overlapping its header */
-#define REASON_DROP_INVALID 16    /* TCP: invalid flags, transition or sequence (out of window) */
-#define SAMIXDP_N_REASONS 17
+#define REASON_PASS_IPV6_UNPROTECTED 8 /* IPv6, neither end protected (link-local too) */
+#define REASON_PASS_NDP 9         /* IPv6 neighbour discovery and MLD, link-scoped */
+#define SAMIXDP_FIRST_DROP 10
+#define REASON_DROP_BLACKLIST 10  /* source is banned */
+#define REASON_DROP_NO_SESSION 11 /* needs a session and has none (TCP without SYN, echo reply, ICMP error) */
+#define REASON_DROP_ACL_DENY 12   /* an ACL rule said deny */
+#define REASON_DROP_ACL_DEFAULT 13 /* inbound, no session, no ACL rule matched */
+#define REASON_DROP_SPOOFED 14    /* a protected source on an interface that does not lead to it */
+#define REASON_DROP_MALFORMED 15  /* truncated or invalid headers, too many IPv6 extension headers */
+#define REASON_DROP_SYN_RATE 16   /* SYN that crossed the rate limit (source banned) */
+#define REASON_DROP_FRAGMENT 17   /* later fragment with no accepted first one, or overlapping its header */
+#define REASON_DROP_INVALID 18    /* TCP: invalid flags, transition or sequence; IPv6 routing header type 0 */
+#define SAMIXDP_N_REASONS 19
 
 /* ---- TCP / session states ------------------------------------------------
  * TCP follows conntrack's state machine (SYN_SENT2: simultaneous open). UDP
@@ -50,7 +53,7 @@
 #define ST_CLOSED 7
 #define ST_UDP_NEW 8      /* UDP, seen one way only */
 #define ST_UDP_REPLIED 9  /* UDP, answered, not (yet) assured */
-#define ST_ICMP 10        /* ICMP echo */
+#define ST_ICMP 10        /* ICMP or ICMPv6 echo */
 #define ST_SYN_SENT2 11   /* both ends sent a SYN (simultaneous open) */
 #define ST_LAST_ACK 12    /* FIN seen both ways, waiting for the last ACK */
 #define ST_UDP_ASSURED 13 /* UDP, answered and still talking after 2 s */
@@ -119,6 +122,16 @@
 #define PROTO_ICMP 1
 #define PROTO_TCP 6
 #define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+
+/* pkt.echo: an ICMP or ICMPv6 echo message (the two families number them apart) */
+#define ECHO_NONE 0
+#define ECHO_REQUEST 1
+#define ECHO_REPLY 2
+
+/* ---- addresses ------------------------------------------------------------- */
+#define IPV4_MAPPED_PLEN 96     /* an IPv4 prefix /n is the mapped prefix /(96 + n) */
+#define IPV6_BAN_PLEN 64        /* IPv6 sources are counted and banned per /64 */
 
 /* ---- ACL ----------------------------------------------------------------- */
 #define ACL_ACT_ALLOW 1
@@ -136,12 +149,20 @@ struct samixdp_meta {
     __u64 created_ns;
 };
 
-/* Normalised IPv4 5-tuple: the numerically lower (address, port) end first,
- * so both directions of a flow find the same entry with one lookup.
- * ICMP echo: port_lo = echo identifier, port_hi = 0. */
+/* An address of either family, network order: IPv6 as it is, IPv4 as the
+ * IPv4-mapped address ::ffff:a.b.c.d (RFC 4291 2.5.5.2). One key type for
+ * both families keeps one code path; an IPv6 packet carrying a mapped address
+ * is dropped as malformed, so the two can never meet in a table. */
+struct ip_addr {
+    __u32 w[4];
+};
+
+/* Normalised 5-tuple: the numerically lower (address, port) end first, so
+ * both directions of a flow find the same entry with one lookup.
+ * ICMP/ICMPv6 echo: port_lo = echo identifier, port_hi = 0. */
 struct session_key {
-    __u32 addr_lo;
-    __u32 addr_hi;
+    struct ip_addr addr_lo;
+    struct ip_addr addr_hi;
     __u16 port_lo;
     __u16 port_hi;
     __u8 proto;
@@ -176,25 +197,27 @@ struct session_value {
     __u64 created_ns;     /* of the first packet */
 };
 
-/* LPM key for IPv4 prefixes (protected prefixes, ACL rule sets). */
-struct lpm_v4_key {
+/* LPM key for prefixes of either family (protected prefixes); prefixlen
+ * counts in the mapped space (an IPv4 /24 is 120). */
+struct lpm_key {
     __u32 prefixlen;
-    __u32 addr;
+    struct ip_addr addr;
 };
 
 /* ACL rule sets are keyed by generation then prefix: one LPM trie holds the
  * live generation and the one being built, and flipping CFG_ACL_GEN swaps
- * them atomically. prefixlen = 32 + the address prefix length. */
+ * them atomically. prefixlen = 32 + the mapped prefix length. */
 struct acl_key {
     __u32 prefixlen;
     __u32 gen;
-    __u32 addr;
+    struct ip_addr addr;
 };
 
-/* SYN accounting per (client source, protected destination). */
+/* SYN accounting per (client source, protected destination); an IPv6 source
+ * is counted per /64 (IPV6_BAN_PLEN, the rest zero). */
 struct syn_key {
-    __u32 src;
-    __u32 dst;
+    struct ip_addr src;
+    struct ip_addr dst;
 };
 
 struct syn_value {
@@ -204,22 +227,24 @@ struct syn_value {
     __u64 total;          /* SYNs since the entry was created */
 };
 
-/* A banned source; `vm` is the protected address whose SYN rate it crossed,
- * so the ban can travel with that VM. */
+/* A banned source (the blacklist key: an IPv4 address, or an IPv6 /64 with
+ * the interface half zero); `vm` is the protected address whose SYN rate it
+ * crossed, so the ban can travel with that VM. */
 struct blacklist_value {
     __u64 banned_ns;
     __u64 expires_ns;
     __u64 dropped;        /* packets dropped since the ban */
-    __u32 vm;             /* the VM whose SYN rate the source crossed */
+    struct ip_addr vm;    /* the VM whose SYN rate the source crossed */
     __u32 flags;          /* BL_F_* */
+    __u32 pad;
 };
 
 /* One ACL rule; a rule set is the ordered (first match) list for a VM or
  * prefix, compiled by userspace so one LPM lookup yields the full list. */
 struct acl_rule {
     __u32 id;             /* index into `acl_hits` */
-    __u32 src_addr;
-    __u32 src_mask;       /* network byte order mask; 0 = any source */
+    struct ip_addr src_addr;
+    struct ip_addr src_mask; /* network byte order mask; all zero = any source */
     __u32 ifindex;        /* 0 = any interface */
     __u16 dport_lo;       /* host byte order, inclusive */
     __u16 dport_hi;
@@ -239,18 +264,18 @@ struct acl_set {
 struct acl_entry {
     struct acl_rule rule;
     __u32 priority;       /* lower first; ties by id */
-    __u32 dst_addr;       /* VM address or prefix, network byte order */
-    __u32 dst_prefixlen;  /* 32 for a single VM */
-    __u32 pad;
+    struct ip_addr dst_addr; /* VM address or prefix, network byte order */
+    __u32 dst_prefixlen;  /* in the mapped space: 128 for a single VM of either family */
 };
 
-/* Key of the fragment tracker: the first fragment's identity. */
+/* Key of the fragment tracker: the first fragment's identity (IPv4's 16-bit
+ * or IPv6's 32-bit identification, network order). */
 struct frag_key {
-    __u32 src;
-    __u32 dst;
-    __u16 id;
+    struct ip_addr src;
+    struct ip_addr dst;
+    __u32 id;
     __u8 proto;
-    __u8 pad;
+    __u8 pad[3];
 };
 
 /* An accepted first fragment: when, and how far its transport header reaches,
@@ -266,19 +291,23 @@ struct frag_value {
  * from the fast path to the later stages). Addresses and ports in network
  * order, TCP numbers in host order. */
 struct pkt {
-    __u32 saddr;
-    __u32 daddr;
+    struct ip_addr saddr;
+    struct ip_addr daddr;
     __u16 sport;          /* ICMP echo: identifier */
     __u16 dport;          /* ICMP echo: 0 */
-    __u32 l3_len;         /* IPv4 total length */
+    __u32 l3_len;         /* IPv4 total length; IPv6 40 + payload length */
+    __u32 ip_id;          /* fragment identification, network order */
     __u16 vlan;           /* innermost VID, 0 when untagged */
-    __u16 ip_id;
-    __u8 proto;
+    __u8 ipv6;            /* 1 for IPv6 */
+    __u8 echo;            /* ECHO_* */
+    __u8 proto;           /* the transport protocol (after IPv6 extension headers) */
     __u8 tcp_flags;
     __u8 icmp_type;
     __u8 frag;            /* 0 = whole, 1 = first fragment, 2 = later fragment */
     __u16 frag_off;       /* later fragments: offset in 8-byte units */
-    __u16 l4_hdr_len;     /* first fragments: bytes of transport header */
+    __u16 l4_hdr_len;     /* first fragments: bytes of the fragmentable part up to the
+                           * end of the transport header (IPv6: with the extension
+                           * headers behind the fragment header) */
     __u32 seq;
     __u32 ack_seq;
     __u32 seg_len;        /* TCP payload bytes */
@@ -289,13 +318,15 @@ struct pkt {
     __u16 opt_len;        /* bytes of TCP options */
     /* ICMP errors: the quoted packet, reversed to the direction of the
      * original (the error travels against it). */
-    __u32 in_saddr;
-    __u32 in_daddr;
+    struct ip_addr in_saddr;
+    struct ip_addr in_daddr;
     __u16 in_sport;
     __u16 in_dport;
     __u8 in_proto;
     __u8 is_icmp_err;
-    __u8 pad[2];
+    __u8 frag_proto;      /* what fragments are tracked by: IPv4's protocol, IPv6's
+                           * fragment header next header (first and later alike) */
+    __u8 pad[5];          /* a per-CPU value: bcc wants a multiple of 8 bytes */
 };
 
 /* The whole runtime configuration, one entry of the `config` array, so

@@ -251,3 +251,116 @@ def icmp_echo_ip(src: str, dst: str, ident: int, reply: bool = False, seq: int =
     return ipv4(
         src, dst, 1, icmp_msg(0 if reply else 8, 0, struct.pack("!HH", ident, seq), b"ping")
     )
+
+
+# ---- IPv6 (RFC 8200), ICMPv6 (RFC 4443) and neighbour discovery (RFC 4861) ----
+
+ETH_P_IPV6 = 0x86DD
+NH_HOPOPTS, NH_ROUTING, NH_FRAGMENT, NH_DSTOPTS, NH_NONE = 0, 43, 44, 60, 59
+
+
+def ipv6(src: str, dst: str, nh: int, payload: bytes, hlim: int = 64, ext: bytes = b"",
+         plen: int | None = None, version: int = 6) -> bytes:
+    """An IPv6 packet; `ext` is a ready-made chain of extension headers whose first
+    one is `nh` (the chain's last header names the payload's protocol)."""
+    length = len(ext) + len(payload) if plen is None else plen
+    hdr = struct.pack("!IHBB16s16s", version << 28, length, nh, hlim,
+                      ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed)
+    return hdr + ext + payload
+
+
+def ext_hdr(nh: int, body: bytes = b"\0" * 6) -> bytes:
+    """Hop-by-hop / destination options / generic header: next header, length in
+    8-byte units beyond the first 8, body padded to a multiple of 8."""
+    body = body.ljust(((len(body) + 2 + 7) // 8) * 8 - 2, b"\0")
+    return struct.pack("!BB", nh, (len(body) + 2) // 8 - 1) + body
+
+
+def routing_hdr(nh: int, rtype: int, segments_left: int = 1, addrs: tuple[str, ...] = ()) -> bytes:
+    body = struct.pack("!BBI", rtype, segments_left, 0)
+    body += b"".join(ipaddress.IPv6Address(a).packed for a in addrs)
+    return struct.pack("!BB", nh, len(addrs) * 2) + body
+
+
+def frag_hdr(nh: int, offset: int = 0, more: bool = False, ident: int = 1) -> bytes:
+    """Fragment header; `offset` in 8-byte units."""
+    return struct.pack("!BBHI", nh, 0, (offset << 3) | (1 if more else 0), ident)
+
+
+def _l4_checksum6(src: str, dst: str, nh: int, seg: bytes) -> int:
+    pseudo = (ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
+              + struct.pack("!IxxxB", len(seg), nh))
+    return inet_checksum(pseudo + seg)
+
+
+def tcp6_seg(src: str, sport: int, dst: str, dport: int, flags: int, payload: bytes = b"",
+             **kw: Any) -> bytes:
+    seg = tcp_seg(sport, dport, flags, payload, **kw)
+    seg = seg[:16] + b"\0\0" + seg[18:]
+    return seg[:16] + struct.pack("!H", _l4_checksum6(src, dst, 6, seg)) + seg[18:]
+
+
+def tcp6(src: str, sport: int, dst: str, dport: int, flags: int, payload: bytes = b"",
+         vlans: tuple[int, ...] = (), **kw: Any) -> bytes:
+    return eth(ipv6(src, dst, 6, tcp6_seg(src, sport, dst, dport, flags, payload, **kw)),
+               ethertype=ETH_P_IPV6, vlans=vlans)
+
+
+def udp6_seg(src: str, sport: int, dst: str, dport: int, payload: bytes = b"x") -> bytes:
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    return seg[:6] + struct.pack("!H", _l4_checksum6(src, dst, 17, seg)) + seg[8:]
+
+
+def udp6(src: str, sport: int, dst: str, dport: int, payload: bytes = b"x",
+         vlans: tuple[int, ...] = ()) -> bytes:
+    return eth(ipv6(src, dst, 17, udp6_seg(src, sport, dst, dport, payload)),
+               ethertype=ETH_P_IPV6, vlans=vlans)
+
+
+def icmp6_msg(src: str, dst: str, icmp_type: int, code: int = 0, rest: bytes = b"\0\0\0\0",
+              payload: bytes = b"") -> bytes:
+    body = struct.pack("!BBH", icmp_type, code, 0) + rest[:4].ljust(4, b"\0") + payload
+    return body[:2] + struct.pack("!H", _l4_checksum6(src, dst, 58, body)) + body[4:]
+
+
+def icmp6_echo_ip(src: str, dst: str, ident: int, reply: bool = False, seq: int = 1) -> bytes:
+    """The IPv6 packet (no Ethernet) of an echo request/reply."""
+    msg = icmp6_msg(src, dst, 129 if reply else 128, 0, struct.pack("!HH", ident, seq), b"ping")
+    return ipv6(src, dst, 58, msg)
+
+
+def icmp6_echo(src: str, dst: str, ident: int, reply: bool = False, seq: int = 1) -> bytes:
+    return eth(icmp6_echo_ip(src, dst, ident, reply, seq), ethertype=ETH_P_IPV6)
+
+
+def icmp6_error(src: str, dst: str, quoted_ip: bytes, icmp_type: int = 1, code: int = 4,
+                mtu: int = 0, hlim: int = 64) -> bytes:
+    """An ICMPv6 error from `src` to `dst` quoting `quoted_ip` (up to 1232 bytes, as
+    RFC 4443 allows); for packet-too-big (type 2) `mtu` fills the 4-byte field."""
+    msg = icmp6_msg(src, dst, icmp_type, code, struct.pack("!I", mtu), quoted_ip[:1232])
+    return eth(ipv6(src, dst, 58, msg, hlim=hlim), ethertype=ETH_P_IPV6)
+
+
+def ndp(src: str, dst: str, icmp_type: int = 135, target: str = "::", hlim: int = 255) -> bytes:
+    """A neighbour solicitation/advertisement (or RS/RA/redirect by type)."""
+    msg = icmp6_msg(src, dst, icmp_type, 0, b"\0\0\0\0", ipaddress.IPv6Address(target).packed)
+    return eth(ipv6(src, dst, 58, msg, hlim=hlim), ethertype=ETH_P_IPV6)
+
+
+class Tcp6Flow(TcpFlow):
+    """TcpFlow over IPv6."""
+
+    def frame(self, frm: str, flags: int, payload: bytes = b"", *, seq: int | None = None,
+              ack: int | None = None, win: int | None = None, options: bytes = b"",
+              advance: bool = True) -> bytes:
+        to = "b" if frm == "a" else "a"
+        (src, sport), (dst, dport) = self.ends[frm], self.ends[to]
+        s = self.snd_nxt[frm] if seq is None else seq
+        k = (self.rcv_nxt[frm] if flags & ACK else 0) if ack is None else ack
+        seg = tcp6_seg(src, sport, dst, dport, flags, payload, seq=s, ack=k,
+                       win=self.win if win is None else win, options=options)
+        if advance and seq is None:
+            used = len(payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            self.snd_nxt[frm] = (s + used) & 0xFFFFFFFF
+            self.rcv_nxt[to] = self.snd_nxt[frm]
+        return eth(ipv6(src, dst, 6, seg), ethertype=ETH_P_IPV6, vlans=self.vlans)

@@ -110,6 +110,8 @@ _CHECK_CDEF = """
 struct demo { uint32_t a; uint16_t b; uint8_t c; uint8_t pad[1]; uint64_t d[2]; };
 struct holey { uint8_t a; uint64_t b; };
 struct outer { uint32_t n; uint32_t pad; struct demo items[3]; };
+struct addr { uint32_t w[4]; };
+struct pair { struct addr lo; struct addr hi; uint16_t port; uint8_t proto; uint8_t pad; };
 """
 
 
@@ -129,6 +131,21 @@ class Outer(ctypes.Structure):
     _fields_ = [("n", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("items", Demo * 3)]
 
 
+class Addr(ctypes.Structure):  # struct ip_addr's shape: a struct holding an array
+    _fields_ = [("w", ctypes.c_uint32 * 4)]
+
+
+class Pair(ctypes.Structure):
+    _fields_ = [("lo", Addr), ("hi", Addr), ("port", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+def _pair_dtype(words: int) -> np.dtype:
+    addr = np.dtype([("w", np.uint32, (words,))])
+    return np.dtype([("lo", addr), ("hi", addr), ("port", np.uint16), ("proto", np.uint8),
+                     ("pad", np.uint8)])
+
+
 def _demo_flat(ffi: cffi.FFI, name: str) -> Flat:
     return flat_cffi(ffi, ffi.typeof(f"struct {name}"))
 
@@ -140,6 +157,10 @@ def test_checker_accepts_identical_layouts(demo_ffi):
                    "formats": [np.uint32, np.uint16, np.uint8, (np.uint8, 1), (np.uint64, 2)],
                    "offsets": [0, 4, 6, 7, 8], "itemsize": 24})
     assert_same_layout("dtype", flat_dtype(dt), _demo_flat(demo_ffi, "demo"), ("np", "cffi"))
+    pair = _demo_flat(demo_ffi, "pair")
+    assert_same_layout("pair", flat_ctypes(Pair), pair, ("ct", "cffi"))
+    assert_same_layout("pair", flat_dtype(_pair_dtype(4)), pair, ("np", "cffi"))
+    assert {"lo", "lo.w", "lo.w[]", "hi.w", "port"} <= set(pair), "nested fields by path"
 
 
 class DemoSwapped(ctypes.Structure):  # b and c swapped: same size, other offsets
@@ -171,6 +192,15 @@ class OuterShort(ctypes.Structure):  # nested struct array of another length
     _fields_ = [("n", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("items", Demo * 2)]
 
 
+class AddrV4(ctypes.Structure):  # a 4-byte address where struct ip_addr has 16
+    _fields_ = [("w", ctypes.c_uint32 * 1)]
+
+
+class PairV4(ctypes.Structure):  # the nested address shrank: its array and all after move
+    _fields_ = [("lo", AddrV4), ("hi", AddrV4), ("port", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
 @pytest.mark.parametrize("ct, struct, bad_path", [
     (DemoSwapped, "demo", "b"),
     (DemoWide, "demo", "c"),
@@ -178,7 +208,9 @@ class OuterShort(ctypes.Structure):  # nested struct array of another length
     (DemoMissing, "demo", "c"),
     (HoleyPacked, "holey", "b"),
     (OuterShort, "outer", "items"),
-], ids=["swapped", "widened", "short-array", "missing", "packed", "nested-array"])
+    (PairV4, "pair", "lo.w"),
+], ids=["swapped", "widened", "short-array", "missing", "packed", "nested-array",
+        "nested-struct"])
 def test_checker_rejects_different_layouts(demo_ffi, ct, struct, bad_path):
     with pytest.raises(AssertionError, match="layouts differ") as err:
         assert_same_layout(struct, flat_ctypes(ct), _demo_flat(demo_ffi, struct), ("ct", "cffi"))
@@ -192,6 +224,11 @@ def test_checker_rejects_a_dtype_with_a_moved_field(demo_ffi):
                     "offsets": [0, 4, 6, 7, 12], "itemsize": 28})
     with pytest.raises(AssertionError, match="d: np="):
         assert_same_layout("dtype", flat_dtype(bad), good, ("np", "cffi"))
+
+
+def test_checker_rejects_a_dtype_with_a_short_nested_address(demo_ffi):
+    diff = layout_diff(flat_dtype(_pair_dtype(2)), _demo_flat(demo_ffi, "pair"))
+    assert {"lo", "lo.w", "hi", "hi.w", "port", "proto", "pad"} <= set(diff)
 
 
 def test_checker_sees_a_real_struct_drift():
@@ -208,6 +245,18 @@ def test_checker_sees_a_real_struct_drift():
     diff = layout_diff(real, flat_cffi(drifted, drifted.typeof("struct session_value")))
     # same total size (the pad byte went), yet every moved or vanished field is reported
     assert set(diff) == {"state", "initiator", "flags", "pad"}
+
+
+def test_checker_sees_the_old_ipv4_key_in_the_real_session_key():
+    """A session_key of the previous layout (u32 addresses) against the real one: the
+    nested struct ip_addr fields are reported by path, and everything after them."""
+    ffi = load_layout().ffi
+    real = flat_cffi(ffi, ffi.typeof("struct session_key"))
+    old = cffi.FFI()
+    old.cdef("""struct session_key { uint32_t addr_lo; uint32_t addr_hi; uint16_t port_lo;
+        uint16_t port_hi; uint8_t proto; uint8_t pad[3]; };""")
+    diff = layout_diff(real, flat_cffi(old, old.typeof("struct session_key")))
+    assert {"", "addr_lo", "addr_lo.w", "addr_lo.w[]", "addr_hi", "port_lo", "proto"} <= set(diff)
 
 
 # ---- the real program -------------------------------------------------------------
@@ -309,6 +358,7 @@ LAYOUT_DIGESTS = {
     5: "2f833fd91da79a44b7e29045624c5c590937d8f86a8d5108010c9152e665e5dd",
     6: "1a3d5ed0ff90111d2924d43590e36a727f120bce543c9a111dfd85bb0640eda9",
     7: "ef36b0f5f780b16e5e8728b9e3ad90408046c4ae407d1fbd6ab8dc8640f5e992",
+    8: "940d072b678cfd8dea986a38202d44ca04b2e4a4a16d4578788d38e35975550f",
 }
 
 

@@ -25,13 +25,13 @@ from .compile import MAP_NAMES, PROG_PIN, Limits, compile_program, map_fds
 MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "sessions": ("session_key", "session_value"),
     "unassured": ("session_key", "session_value"),
-    "protected": ("lpm_v4_key", None),
+    "protected": ("lpm_key", None),
     "syn_counters": ("syn_key", "syn_value"),
-    "blacklist": (None, "blacklist_value"),
+    "blacklist": ("ip_addr", "blacklist_value"),
     "acl_sets": ("acl_key", "acl_set"),
     "acl_hits": (None, None),
     "acl_rules": (None, "acl_entry"),
-    "pickup": (None, None),
+    "pickup": ("ip_addr", None),
     "fragments": ("frag_key", "frag_value"),
     "iface_roles": (None, None),
     "stages": (None, None),
@@ -52,6 +52,14 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         count += (int(hi) - int(lo) + 1) if hi else 1
     return count
+
+
+def _contiguous(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`a` as a C-contiguous array of `dtype`, without NumPy's (slow, for nested
+    structs) dtype promotion when it already is one."""
+    if isinstance(a, np.ndarray) and a.dtype is dtype and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
 def _scalar_dtype(size: int) -> np.dtype:
@@ -78,7 +86,7 @@ class PinnedMap:
 
     def lookup(self, key: np.ndarray) -> np.ndarray | None:
         """Value(s) for one key (an array of per-CPU values for per-CPU maps)."""
-        key = np.ascontiguousarray(key, dtype=self.key_dtype)
+        key = _contiguous(key, self.key_dtype)
         out = self._value_buf()
         f = bpfsys.ffi()
         ok = bpfsys.lookup(
@@ -89,8 +97,8 @@ class PinnedMap:
         return out if self.percpu else out[0]
 
     def update(self, key: np.ndarray, value: np.ndarray, flags: int = bpfsys.BPF_ANY) -> None:
-        key = np.ascontiguousarray(key, dtype=self.key_dtype)
-        value = np.ascontiguousarray(value, dtype=self.value_dtype)
+        key = _contiguous(key, self.key_dtype)
+        value = _contiguous(value, self.value_dtype)
         f = bpfsys.ffi()
         bpfsys.update(
             self.fd,
@@ -100,7 +108,7 @@ class PinnedMap:
         )
 
     def delete(self, key: np.ndarray) -> bool:
-        key = np.ascontiguousarray(key, dtype=self.key_dtype)
+        key = _contiguous(key, self.key_dtype)
         f = bpfsys.ffi()
         return bpfsys.delete(self.fd, f.cast("void *", key.ctypes.data))
 
