@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.base.netutil import ip_to_addr, ipv4_addr_array
 from sami_xdp.loader import batch
 
 pytestmark = pytest.mark.needs_root
@@ -20,8 +20,8 @@ def _fill(fw, n: int) -> None:
     m = fw.maps["sessions"]
     i = np.arange(n, dtype=np.uint32)
     keys = np.zeros(n, dtype=m.key_dtype)
-    keys["addr_lo"] = np.where(i % 7 == 0, ip_to_be32("10.1.1.1"), ip_to_be32("10.1.1.2"))
-    keys["addr_hi"] = (np.uint32(0xAC100000) + (i >> 8)).byteswap()
+    keys["addr_lo"] = np.where(i % 7 == 0, ip_to_addr("10.1.1.1"), ip_to_addr("10.1.1.2"))
+    keys["addr_hi"] = ipv4_addr_array(np.uint32(0xAC100000) + (i >> 8))
     keys["port_lo"] = (i & 255).astype(np.uint16)
     keys["proto"] = 6
     vals = np.zeros(n, dtype=m.value_dtype)
@@ -35,7 +35,8 @@ def test_threaded_scan_equals_sequential_walk(fw, workers):
     _fill(fw, 200_000)
     m = fw.maps["sessions"]
     want_k, want_v = m.dump()
-    vm = np.uint32(ip_to_be32("10.1.1.1"))
+    vm = ip_to_addr("10.1.1.1")
+    row = np.dtype((np.void, m.key_dtype.itemsize))
 
     def keep(k, _v):
         return k["addr_lo"] == vm
@@ -45,22 +46,22 @@ def test_threaded_scan_equals_sequential_walk(fw, workers):
     assert got.scanned == len(want_k) == 200_000
     mask = want_k["addr_lo"] == vm
     assert len(got.keys) == int(mask.sum())
-    order_got = np.argsort(got.keys.view(np.void(16)))
-    order_want = np.argsort(want_k[mask].view(np.void(16)))
+    order_got = np.argsort(got.keys.view(row))
+    order_want = np.argsort(want_k[mask].view(row))
     assert got.keys[order_got].tobytes() == want_k[mask][order_want].tobytes()
     assert got.values[order_got].tobytes() == want_v[mask][order_want].tobytes()
     everything = batch.scan_batch(m.fd, m.info.type, m.info.max_entries, m.key_dtype,
                                   m.value_dtype, workers=workers, chunk=8192)
     assert len(everything.keys) == 200_000
-    assert len(np.unique(everything.keys.view(np.void(16)))) == 200_000
+    assert len(np.unique(everything.keys.view(row))) == 200_000
 
 
 def _keys_values(fw, n: int):
     m = fw.maps["sessions"]
     i = np.arange(n, dtype=np.uint32)
     keys = np.zeros(n, dtype=m.key_dtype)
-    keys["addr_lo"] = ip_to_be32("10.1.1.1")
-    keys["addr_hi"] = (np.uint32(0xAC100000) + (i >> 8)).byteswap()
+    keys["addr_lo"] = ip_to_addr("10.1.1.1")
+    keys["addr_hi"] = ipv4_addr_array(np.uint32(0xAC100000) + (i >> 8))
     keys["port_lo"] = (i & 255).astype(np.uint16)
     keys["proto"] = 6
     return keys, np.zeros(n, dtype=m.value_dtype)

@@ -25,7 +25,7 @@ import pytest
 import typer
 from conftest import run_frame
 
-from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.base.netutil import ip_to_addr
 from sami_xdp.cli import app, main
 from sami_xdp.cli.common import INTERNAL_ERROR
 from sami_xdp.loader.pinned import Firewall
@@ -152,9 +152,9 @@ def env(fw: Firewall, tmp_path: Path) -> Iterator[Env]:
     ReplayCache(state).close()
     rec = np.zeros(1, dtype=wire.SESSION_WIRE)
     rec["addr_lo"], rec["addr_hi"], rec["proto"], rec["state"] = (
-        ip_to_be32(VM), ip_to_be32(CLIENT), 6, 3)
+        ip_to_addr(VM), ip_to_addr(CLIENT), 6, 3)
     bundle = tmp_path / "good.bundle"
-    bundle.write_bytes(encode_bundle({"sessions": rec}, identity=b, vm=ip_to_be32(VM),
+    bundle.write_bytes(encode_bundle({"sessions": rec}, identity=b, vms=[VM],
                                      audience="host-a", seq=1, migration_id=new_migration_id(),
                                      layout_version=fw.const("SAMIXDP_LAYOUT_VERSION"),
                                      flags=FLAG_FINAL, validity_s=3600))
@@ -177,7 +177,8 @@ def option_cases(env: Env) -> list[tuple]:
     listen = "127.0.0.1:57999"
     return [
         # (baseline, option or argument index, bad values)
-        (["attach", "sxnone0"], "--protect", ["", "x", "10.1.1.0/33", "256.0.0.0/8"]),
+        (["attach", "sxnone0"], "--protect",
+         ["", "x", "10.1.1.0/33", "256.0.0.0/8", "2001:db8::/129", "::/0", "2001:db8::g/64"]),
         (["attach", "sxnone0"], "--mode", ["", "turbo"]),
         (["attach", "sxnone0"], "--role", ["", "router", "VM"]),
         (["attach", "sxnone0"], "--syn-rate", ["0", "-1", "x", "1e309", str(10**30), "5/m"]),
@@ -186,10 +187,11 @@ def option_cases(env: Env) -> list[tuple]:
         (["attach", "sxnone0"], "--max-unassured", [*BAD_INT, "0"]),
         (["attach", "IFACE"], "#1", ["", "sxnone0", "x" * 300]),
         (["detach", "IFACE"], "#1", ["", "sxnone0", "x" * 300]),
-        (["sessions"], "--vm", ["", "x", "10.1.1.0/24", "300.1.1.1"]),
+        (["sessions"], "--vm", ["", "x", "10.1.1.0/24", "300.1.1.1", "2001:db8::/64",
+                                "2001:db8::g"]),
         (["sessions"], "--limit", BAD_INT),
-        (["protect", "CIDR"], "#1", ["", "x", "10.1.1.0/40"]),
-        (["protect", "CIDR", "--remove"], "#1", ["10.9.9.0/24", "x"]),
+        (["protect", "CIDR"], "#1", ["", "x", "10.1.1.0/40", "2001:db8::/129", "::/0"]),
+        (["protect", "CIDR", "--remove"], "#1", ["10.9.9.0/24", "x", "2001:db8:1::/64"]),
         (["export", "--vm", VM, "--to", "host-b", "-o", out], "--vm",
          ["", "x", "8.8.8.8", "10.1.1.0/24"]),
         (["export", "--vm", VM, "--to", "host-b", "-o", out], "--to", ["", "nosuch", "../x"]),
@@ -229,13 +231,13 @@ def option_cases(env: Env) -> list[tuple]:
         (["config", "set", "NAME", "1"], "#2", ["", "nosuch", "timeout.nosuch"], "setting"),
         (["config", "set", "frag-policy", "VALUE"], "#3", ["", "x", "1"], "frag-policy"),
         (["acl", "add", "--vm", VM, "--proto", "tcp", "--dport", "22"], "--vm",
-         ["", "x", "8.8.8.8", "10.1.1.1/33"]),
+         ["", "x", "8.8.8.8", "10.1.1.1/33", "2001:db8:1::10", "2001:db8::/129"]),
         (["acl", "add", "--vm", VM, "--proto", "tcp", "--dport", "22"], "--proto",
-         ["", "sctp", "icmp"]),
+         ["", "sctp", "icmp", "icmpv6"]),
         (["acl", "add", "--vm", VM, "--proto", "tcp", "--dport", "22"], "--dport",
          ["70000", "5-1", "-1", "x", "1-2-3", "1e309"]),
         (["acl", "add", "--vm", VM, "--proto", "tcp", "--dport", "22"], "--src",
-         ["x", "1.2.3.4/40", "nan"]),
+         ["x", "1.2.3.4/40", "nan", "2001:db8:99::/48", "::/0", "2001:db8::/129"]),
         (["acl", "add", "--vm", VM, "--proto", "tcp", "--dport", "22"], "--vlan",
          [*BAD_INT, "0", "4095"]),
         (["acl", "add", "--vm", VM, "--proto", "tcp", "--dport", "22"], "--iface",
@@ -244,10 +246,15 @@ def option_cases(env: Env) -> list[tuple]:
          ["", "reject"]),
         (["acl", "add", "--vm", VM, "--proto", "tcp", "--dport", "22"], "--priority",
          [*BAD_INT, str(2**32)]),
-        (["acl", "list"], "--vm", ["x", "10.1.1.0/33"]),
+        (["acl", "list"], "--vm", ["x", "10.1.1.0/33", "2001:db8::g"]),
         (["acl", "del", "ID"], "#2", [*BAD_INT, "0", "65536", "12345"], "ID "),
         (["acl", "load", "FILE"], "#2", [d, missing, garbage]),
-        (["blacklist", "del", "IP"], "#2", ["", "x", "1.2.3.4"]),
+        (["blacklist", "del", "IP"], "#2",
+         ["", "x", "1.2.3.4", "2001:db8:99:1::5", "2001:db8:99::/48", "1.2.3.0/24"]),
+        (["blacklist", "add", "IP"], "#2", ["", "x", "1.2.3.0/24", "2001:db8:99::/48",
+                                             "2001:db8::g"]),
+        (["blacklist", "add", CLIENT], "--seconds", [*BAD_INT, "0", str(2**32 + 1)]),
+        (["blacklist", "add", CLIENT], "--vm", ["", "x", "10.1.1.0/24", "2001:db8::/64"]),
         (["peers", "add", "NAME", "--address", "127.0.0.1:7", "--key", env.key_c, "--vms",
           "10.2.0.0/24"], "#2", ["", "-x", "a b", "x" * 40, "host-b"], "peer"),
         (["peers", "add", "host-c", "--address", "127.0.0.1:7", "--key", env.key_c, "--vms",

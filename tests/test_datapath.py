@@ -25,7 +25,7 @@ import pytest
 from conftest import unavailable
 
 from sami_xdp.base.layout import load_layout
-from sami_xdp.base.netutil import ip_to_be32, port_be
+from sami_xdp.base.netutil import addrs_to_ips, ip_to_addr, ipv4_addr_array, port_be
 from sami_xdp.loader import bpfsys
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.policy import protect, sessions, stats
@@ -42,7 +42,7 @@ CLIENT_LOW = "9.9.9.9"  # numerically below the VM: the VM is the key's hi side
 ROUTER = "198.51.100.254"
 OUT_A, OUT_B = "198.51.100.1", "203.0.113.7"  # two unprotected hosts (transit)
 
-TCP, UDP, ICMP = 6, 17, 1
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 ST = {name: value for value, name in load_layout().names("ST_").items()}
 SIDE_LO, SIDE_HI = 0, 1
 LO_IFINDEX = socket.if_nametoindex("lo")
@@ -72,22 +72,31 @@ def run(fw: Firewall, frame: bytes, ifindex: int = 0) -> str:
 
 
 def _host(ip: str) -> int:
+    """An IPv4 address as a host-order integer."""
     return int(ipaddress.IPv4Address(ip))
+
+
+def _mapped(ip: str) -> int:
+    """An address as the 128-bit number the datapath orders keys by: IPv6 as it is,
+    IPv4 as ::ffff:a.b.c.d (so IPv4 addresses keep their order among themselves)."""
+    addr = ipaddress.ip_address(ip)
+    return int(addr) if addr.version == 6 else (0xFFFF << 32) | int(addr)
 
 
 def key_of(fw: Firewall, proto: int, src: str, sport: int, dst: str, dport: int) -> np.ndarray:
     """The normalised session key, computed independently of the datapath:
-    the numerically lower (address, port) end first; ICMP echo keeps the
+    the numerically lower (address, port) end first; ICMP/ICMPv6 echo keeps the
     identifier in port_lo and 0 in port_hi."""
-    if proto == ICMP:
+    icmp = proto in (ICMP, ICMPV6)
+    if icmp:
         sport, dport = max(sport, dport), 0
-    a, b = (_host(src), sport), (_host(dst), dport)
-    (lo_ip, lo_port), (hi_ip, hi_port) = sorted([a, b])
-    if proto == ICMP:
+    a, b = (_mapped(src), sport, src), (_mapped(dst), dport, dst)
+    (_, lo_port, lo_ip), (_, hi_port, hi_ip) = sorted([a, b])
+    if icmp:
         lo_port, hi_port = sport, 0
     key = np.zeros(1, dtype=fw.maps["sessions"].key_dtype)
-    key["addr_lo"] = ip_to_be32(str(ipaddress.IPv4Address(lo_ip)))
-    key["addr_hi"] = ip_to_be32(str(ipaddress.IPv4Address(hi_ip)))
+    key["addr_lo"] = ip_to_addr(lo_ip)
+    key["addr_hi"] = ip_to_addr(hi_ip)
     key["port_lo"] = port_be(lo_port)
     key["port_hi"] = port_be(hi_port)
     key["proto"] = proto
@@ -95,7 +104,7 @@ def key_of(fw: Firewall, proto: int, src: str, sport: int, dst: str, dport: int)
 
 
 def side_of(src: str, sport: int, dst: str, dport: int) -> int:
-    return SIDE_LO if (_host(src), sport) <= (_host(dst), dport) else SIDE_HI
+    return SIDE_LO if (_mapped(src), sport) <= (_mapped(dst), dport) else SIDE_HI
 
 
 def find(fw: Firewall, proto: int, src: str, sport: int, dst: str, dport: int):
@@ -545,7 +554,7 @@ def test_inbound_syn_on_closed_tuple_still_needs_the_acl(pfw, close):
     # there is no ACL rule for VM:40000, so the default inbound policy applies
     assert run(fw, P.tcp(CLIENT, 80, VM, 40000, P.SYN)) == "drop-acl-default"
     syn_key = np.zeros(1, dtype=fw.maps["syn_counters"].key_dtype)
-    syn_key["src"], syn_key["dst"] = ip_to_be32(CLIENT), ip_to_be32(VM)
+    syn_key["src"], syn_key["dst"] = ip_to_addr(CLIENT), ip_to_addr(VM)
     counted = fw.maps["syn_counters"].lookup(syn_key)
     assert counted is not None and counted["total"] == 1, "the SYN went through SYN accounting"
     assert find(fw, TCP, VM, 40000, CLIENT, 80) == (None, None)
@@ -684,8 +693,8 @@ def test_gc_in_bulk(pfw):
     keys = np.zeros(n, dtype=m.key_dtype)
     vals = np.zeros(n, dtype=m.value_dtype)
     i = np.arange(n)
-    keys["addr_lo"] = ip_to_be32(VM)
-    keys["addr_hi"] = (np.uint32(_host("172.16.0.0")) + i.astype(np.uint32)).byteswap()
+    keys["addr_lo"] = ip_to_addr(VM)
+    keys["addr_hi"] = ipv4_addr_array(_host("172.16.0.0") + i)
     keys["port_lo"] = np.uint16(2000).byteswap()
     keys["port_hi"] = np.uint16(53).byteswap()
     keys["proto"] = UDP
@@ -697,8 +706,8 @@ def test_gc_in_bulk(pfw):
     assert sessions.gc(fw) == {"sessions": n // 2, "unassured": 0}
     left, _ = m.dump()
     assert len(left) == n // 2
-    assert set(int(x) for x in left["addr_hi"].byteswap()) == {
-        _host("172.16.0.0") + j for j in range(1, n, 2)}
+    assert set(addrs_to_ips(left["addr_hi"])) == {
+        str(ipaddress.IPv4Address(_host("172.16.0.0") + j)) for j in range(1, n, 2)}
 
 
 # ---- VLAN, transit, non-IP --------------------------------------------------------
@@ -781,9 +790,9 @@ def test_protected_prefix_decides_direction(pfw):
 @pytest.mark.parametrize("frame", [
     P.arp(),
     P.eth(b"\x00\x01\x08\x00\x06\x04\x00\x02" + b"\0" * 20, ethertype=0x0806, vlans=(7,)),
-    P.eth(b"\x60" + b"\0" * 39, ethertype=0x86DD),  # IPv6 (not filtered yet)
     P.eth(b"\0" * 46, ethertype=0x88CC),  # LLDP
-], ids=["arp", "arp-vlan", "ipv6", "lldp"])
+    P.eth(b"\0" * 46, ethertype=0x8847),  # MPLS (IPv6 is parsed: tests/test_ipv6.py)
+], ids=["arp", "arp-vlan", "lldp", "mpls"])
 def test_non_ip_passes(pfw, frame):
     assert run(pfw, frame) == "pass-non-ip"
     assert n_sessions(pfw) == 0
@@ -863,7 +872,7 @@ def test_icmp_error_with_short_quote_is_malformed(pfw, quote_len):
 
 def _frag_key(fw: Firewall, src: str, dst: str, ident: int, proto: int) -> np.ndarray:
     k = np.zeros(1, dtype=fw.maps["fragments"].key_dtype)
-    k["src"], k["dst"] = ip_to_be32(src), ip_to_be32(dst)
+    k["src"], k["dst"] = ip_to_addr(src), ip_to_addr(dst)
     k["id"], k["proto"] = port_be(ident), proto
     return k
 
@@ -934,8 +943,8 @@ def _fill_sessions(fw: Firewall, n: int) -> None:
     m = fw.maps["sessions"]
     i = np.arange(n, dtype=np.uint32)
     keys = np.zeros(n, dtype=m.key_dtype)
-    keys["addr_lo"] = ip_to_be32(VM2)  # 10.1.1.2 < 172.16/12: VM2 is the lo end
-    keys["addr_hi"] = (np.uint32(_host("172.16.0.0")) + (i >> 8)).byteswap()
+    keys["addr_lo"] = ip_to_addr(VM2)  # 10.1.1.2 < 172.16/12: VM2 is the lo end
+    keys["addr_hi"] = ipv4_addr_array(_host("172.16.0.0") + (i >> 8))
     keys["port_lo"] = (np.uint16(10000) + (i & 255).astype(np.uint16)).byteswap()
     keys["port_hi"] = np.uint16(53).byteswap()
     keys["proto"] = UDP

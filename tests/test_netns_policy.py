@@ -86,7 +86,9 @@ def test_acl_opens_one_port_only(policy: CoreTopology) -> None:
         (["--vm", VM_IP, "--proto", "tcp", "--dport", "70000"], "port out of range"),
         (["--vm", "10.99.0.1", "--proto", "tcp"], "not inside a protected prefix"),
         (["--vm", VM_IP, "--proto", "gre"], "unknown protocol"),
-        (["--vm", VM_IP, "--src", "1.2.3.4/40"], "not an IPv4 prefix"),
+        (["--vm", VM_IP, "--src", "1.2.3.4/40"], "not an IP prefix"),
+        (["--vm", VM_IP, "--src", "2001:db8:99::/48"], "must be of one family"),
+        (["--vm", VM_IP, "--proto", "icmpv6"], "use icmp"),
     ],
 )
 def test_bad_rules_change_nothing(policy: CoreTopology, args, needle) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import run_frame
 
-from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.base.netutil import ip_to_addr
 from sami_xdp.policy import acl, blacklist, protect, sessions, stats
 from testbed import packets as P
 
@@ -116,7 +116,8 @@ def test_ban_expires_in_datapath_and_gc_removes_it(pfw):
     add(pfw, vm=VM, proto="tcp", dport="80")
     bl = pfw.maps["blacklist"]
     blacklist.ban(pfw, CLIENT, VM, 30)
-    key = np.array([ip_to_be32(CLIENT)], np.uint32)
+    key = np.zeros(1, bl.key_dtype)
+    key[0] = ip_to_addr(CLIENT)
     value = bl.lookup(key)
     value["expires_ns"] = time.monotonic_ns() - 50_000_000  # ended (past a coarse-clock tick)
     bl.update(key, value)
@@ -314,7 +315,7 @@ def test_bad_file_changes_nothing(pfw, tmp_path: Path):
 @pytest.mark.parametrize(
     ("kw", "msg"),
     [
-        ({"vm": "10.1.1.1", "src": "300.1.1.0/24"}, "not an IPv4 prefix"),
+        ({"vm": "10.1.1.1", "src": "300.1.1.0/24"}, "not an IP prefix"),
         ({"vm": "10.1.1.1", "proto": "tcp", "dport": "70000"}, "port out of range"),
         ({"vm": "10.1.1.1", "proto": "sctp"}, "unknown protocol"),
         ({"vm": "10.9.9.9", "proto": "tcp"}, "not inside a protected prefix"),

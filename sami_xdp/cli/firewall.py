@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..base.errors import InvalidArgument, SamiError
-from ..base.netutil import ip_to_be32, parse_network
+from ..base.netutil import parse_ip, parse_network
 from ..loader import attach as xdp
 from ..loader import bpffs
 from ..loader.compile import Limits
@@ -57,7 +57,9 @@ def attach_cmd(
     iface: Annotated[str, typer.Argument(help="Interface to filter.")],
     protect_: Annotated[
         list[str] | None,
-        typer.Option("--protect", help="VM prefix behind this host (repeatable)."),
+        typer.Option(
+            "--protect", help="VM prefix behind this host, IPv4 or IPv6 (repeatable)."
+        ),
     ] = None,
     mode: Annotated[str, typer.Option(help="auto|native|generic")] = "auto",
     role: Annotated[
@@ -195,10 +197,16 @@ def status_cmd(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")
 # ---- sessions / stats / gc -------------------------------------------------
 
 
+def _endpoint(ip: object, port: object) -> str:
+    """address:port, an IPv6 address in brackets (RFC 5952 section 6)."""
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+
+
 def sessions_cmd(
     ctx: typer.Context,
     vm: Annotated[
-        str | None, typer.Option(help="Only sessions with this VM at either end.")
+        str | None,
+        typer.Option(help="Only sessions with this address (IPv4 or IPv6) at either end."),
     ] = None,
     json_: Annotated[bool, typer.Option("--json")] = False,
     limit: Annotated[int, typer.Option(help="Rows in the human table (0 = all).")] = 50,
@@ -206,7 +214,7 @@ def sessions_cmd(
     """List sessions (src = initiator)."""
     whole("--limit", limit, 0, 1 << 32)
     if vm is not None:
-        ip_to_be32(vm)
+        parse_ip(vm)
     with root_opts(ctx).open() as fw:
         tbl = sessions.read_sessions(fw)
         if vm is not None:
@@ -220,8 +228,8 @@ def sessions_cmd(
         [
             [
                 r["proto"],
-                f"{r['src']}:{r['sport']}",
-                f"{r['dst']}:{r['dport']}",
+                _endpoint(r["src"], r["sport"]),
+                _endpoint(r["dst"], r["dport"]),
                 r["state"],
                 r["age_s"],
                 r["idle_s"],
@@ -267,17 +275,18 @@ def gc_cmd(ctx: typer.Context) -> None:
 
 def protect_cmd(
     ctx: typer.Context,
-    cidr: str,
+    cidr: Annotated[str, typer.Argument(help="A VM prefix (IPv4 or IPv6) or address.")],
     remove: Annotated[bool, typer.Option("--remove")] = False,
 ) -> None:
-    """Add (or --remove) a protected VM prefix."""
+    """Add (or --remove) a protected VM prefix (see `status` for the list)."""
+    net = parse_network(cidr)
     with root_opts(ctx).change() as fw:
         if remove:
-            if not protect.remove_protected(fw, cidr):
-                raise InvalidArgument(f"{cidr} is not protected")
-            typer.echo(f"no longer protecting {cidr}")
+            if not protect.remove_protected(fw, str(net)):
+                raise InvalidArgument(f"{net} is not protected")
+            typer.echo(f"no longer protecting {net}")
         else:
-            typer.echo(f"protecting {protect.add_protected(fw, cidr)}")
+            typer.echo(f"protecting {protect.add_protected(fw, str(net))}")
 
 
 @config_app.command("show")

@@ -9,12 +9,19 @@ import typer
 
 from ..base.errors import InvalidArgument
 from ..base.layout import load_layout
+from ..base.netutil import parse_ip
 from ..policy import acl, blacklist
 from .common import emit_json, root_opts, table
 from .values import whole
 
 acl_app = typer.Typer(no_args_is_help=True, help="Ordered first-match inbound rules per VM.")
-bl_app = typer.Typer(no_args_is_help=True, help="Sources banned for SYN floods.")
+bl_app = typer.Typer(
+    no_args_is_help=True,
+    help="Sources banned for SYN floods (an IPv6 source is banned as its /64).",
+)
+
+
+MAX_BAN_S = 2**32  # the largest ban time (config slots are u64, the datapath adds ns)
 
 
 def register(app: typer.Typer) -> None:
@@ -25,10 +32,14 @@ def register(app: typer.Typer) -> None:
 @acl_app.command("add")
 def acl_add(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Option(help="VM address (or prefix) the rule protects.")],
-    proto: Annotated[str, typer.Option(help="tcp|udp|icmp|any")] = "any",
+    vm: Annotated[
+        str, typer.Option(help="VM address (or prefix), IPv4 or IPv6, the rule protects.")
+    ],
+    proto: Annotated[str, typer.Option(help="tcp|udp|icmp|icmpv6|any")] = "any",
     dport: Annotated[str | None, typer.Option(help="Port N or range N-M.")] = None,
-    src: Annotated[str | None, typer.Option(help="Source prefix.")] = None,
+    src: Annotated[
+        str | None, typer.Option(help="Source prefix, of the VM's family (default: any).")
+    ] = None,
     vlan: Annotated[int | None, typer.Option(help="Innermost 802.1Q VID.")] = None,
     iface: Annotated[str | None, typer.Option(help="Ingress interface.")] = None,
     action: Annotated[str, typer.Option(help="allow|deny")] = "allow",
@@ -121,9 +132,34 @@ def bl_list(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] =
     )
 
 
+@bl_app.command("add")
+def bl_add(
+    ctx: typer.Context,
+    ip: Annotated[str, typer.Argument(help="Address to ban (IPv6: its /64 is banned).")],
+    seconds: Annotated[
+        int | None, typer.Option("--seconds", help="Ban time (default: the `ban` setting).")
+    ] = None,
+    vm: Annotated[
+        str | None, typer.Option(help="The VM the ban is recorded for (travels with it).")
+    ] = None,
+) -> None:
+    """Ban IP from reaching every VM here."""
+    if seconds is not None:
+        whole("--seconds", seconds, 1, MAX_BAN_S)
+    if vm is not None:
+        parse_ip(vm)
+    with root_opts(ctx).change() as fw:
+        length = seconds if seconds is not None else fw.read_config()[fw.const("CFG_BAN_S")]
+        banned = blacklist.ban(fw, ip, vm, length)
+    typer.echo(f"banned {banned} for {length} s")
+
+
 @bl_app.command("del")
-def bl_del(ctx: typer.Context, ip: str) -> None:
-    """Lift the ban on IP."""
+def bl_del(
+    ctx: typer.Context,
+    ip: Annotated[str, typer.Argument(help="Banned address or IPv6 /64 (as `list` shows it).")],
+) -> None:
+    """Lift the ban on IP (an IPv6 address: the ban of its /64)."""
     with root_opts(ctx).change() as fw:
         if not blacklist.unban(fw, ip):
             raise InvalidArgument(f"{ip} is not on the blacklist")

@@ -2,13 +2,18 @@
 
 The operator's rules live in the pinned `acl_rules` map (id -> rule, priority,
 destination). The datapath never scans that table: userspace compiles, for
-every destination (a VM /32 or a prefix), the ordered first-match list of all
+every destination (a VM's address or a prefix), the ordered first-match list of all
 rules whose destination covers it, into the LPM trie `acl_sets`. One LPM
 lookup then yields the complete list for a packet's VM, so per-packet cost
 depends on that VM's rules only, never on other VMs'.
 
 Every change rebuilds the inactive generation of `acl_sets` and flips
 CFG_ACL_GEN: a reload is atomic for the datapath.
+
+Rules of both families share the tables: destinations and sources are `struct
+ip_addr` (IPv4 as the IPv4-mapped address) and prefix lengths count in that
+mapped space (an IPv4 /24 is a /120, a single VM of either family a /128). A
+rule's source and VM are of one family.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import ipaddress
 import socket
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +30,21 @@ import yaml
 
 from ..base.errors import InvalidArgument
 from ..base.layout import Layout
-from ..base.netutil import ip_to_be32, parse_network
+from ..base.netutil import (
+    IPNetwork,
+    addr_array,
+    ip_to_addr,
+    mapped_prefixlen,
+    network_from_mapped,
+    network_mask,
+    parse_network,
+    subnet_of,
+)
 from ..loader.pinned import Firewall, possible_cpus
 from .protect import list_protected
 
 DEFAULT_PRIORITY = 1000
+GEN_BITS = 32  # acl_key.gen: an LPM key's prefix length counts it before the address
 MAX_RULE_FILE = 16 << 20
 
 
@@ -39,9 +54,19 @@ def protos(layout: Layout) -> dict[str, int]:
     return {
         "any": c["ACL_PROTO_ANY"],
         "icmp": c["PROTO_ICMP"],
+        "icmpv6": c["PROTO_ICMPV6"],
         "tcp": c["PROTO_TCP"],
         "udp": c["PROTO_UDP"],
     }
+
+
+# the ICMP of each address family; a rule naming the other one could never match
+ICMP_OF_FAMILY = {4: "icmp", 6: "icmpv6"}
+
+
+def host_prefixlen(layout: Layout) -> int:
+    """The mapped prefix length of a single address (either family): all its bits."""
+    return 8 * layout.sizeof("ip_addr")
 
 
 def actions(layout: Layout) -> dict[str, int]:
@@ -52,11 +77,11 @@ def actions(layout: Layout) -> dict[str, int]:
 class AclRule:
     """One rule as the operator states it (before an id is assigned)."""
 
-    dst: ipaddress.IPv4Network
+    dst: IPNetwork
     proto: str = "any"
     dport_lo: int = 0
     dport_hi: int = 65535
-    src: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network("0.0.0.0/0"))
+    src: IPNetwork | None = None  # None: any source
     vlan: int = 0
     ifindex: int = 0
     action: str = "allow"
@@ -120,12 +145,22 @@ def make_rule(
             raise AclError(f"{name} has the wrong type ({type(value).__name__})")
     try:
         dst = parse_network(vm)
-        src_net = parse_network(src) if src else ipaddress.IPv4Network("0.0.0.0/0")
+        src_net = parse_network(src) if src else None
     except InvalidArgument as exc:
         raise AclError(str(exc)) from exc
+    if src_net is not None and src_net.version != dst.version:
+        raise AclError(
+            f"source {src_net} is IPv{src_net.version} but VM {dst} is IPv{dst.version}: "
+            "a rule's source and VM must be of one family"
+        )
+    if src_net is not None and src_net.prefixlen == 0:
+        src_net = None  # every source of the VM's family: any source
     proto = proto.lower()
     if proto not in protos(fw.layout):
-        raise AclError(f"unknown protocol {proto!r}: use tcp, udp, icmp or any")
+        raise AclError(f"unknown protocol {proto!r}: use tcp, udp, icmp, icmpv6 or any")
+    icmp_here = ICMP_OF_FAMILY[dst.version]
+    if proto in ICMP_OF_FAMILY.values() and proto != icmp_here:
+        raise AclError(f"{proto} never reaches IPv{dst.version} VM {dst}: use {icmp_here}")
     if action not in actions(fw.layout):
         raise AclError(f"unknown action {action!r}: use allow or deny")
     lo, hi = parse_ports(dport)
@@ -137,7 +172,7 @@ def make_rule(
     if not 0 <= prio < 2**32:
         raise AclError(f"priority {prio} out of range")
     protected = list_protected(fw)
-    if not any(dst.subnet_of(p) for p in protected):
+    if not any(subnet_of(dst, p) for p in protected):
         shown = ", ".join(map(str, protected)) or "none"
         raise AclError(f"{dst} is not inside a protected prefix (protected: {shown})")
     return AclRule(
@@ -165,21 +200,27 @@ def read_rules(fw: Firewall) -> np.ndarray:
     return values[order]
 
 
-def _to_entry(fw: Firewall, rule: AclRule, rule_id: int) -> np.ndarray:
-    e = np.zeros(1, dtype=fw.maps["acl_rules"].value_dtype)
+def _to_entries(fw: Firewall, rules: list[AclRule], ids: list[int]) -> np.ndarray:
+    """The table entries (struct acl_entry) of `rules` with ids `ids`, built column-wise."""
+    e = np.zeros(len(rules), dtype=fw.maps["acl_rules"].value_dtype)
     r = e["rule"]
-    r["id"] = rule_id
-    r["src_addr"] = int.from_bytes(rule.src.network_address.packed, "little")
-    r["src_mask"] = int.from_bytes(rule.src.netmask.packed, "little")
-    r["ifindex"] = rule.ifindex
-    r["dport_lo"] = rule.dport_lo
-    r["dport_hi"] = rule.dport_hi
-    r["vlan"] = rule.vlan
-    r["proto"] = protos(fw.layout)[rule.proto]
-    r["action"] = actions(fw.layout)[rule.action]
-    e["priority"] = rule.priority
-    e["dst_addr"] = int.from_bytes(rule.dst.network_address.packed, "little")
-    e["dst_prefixlen"] = rule.dst.prefixlen
+    r["id"] = ids
+    sources = [(i, rule.src) for i, rule in enumerate(rules) if rule.src is not None]
+    if sources:  # the others stay all zero: any source
+        where = [i for i, _ in sources]
+        r["src_addr"][where] = addr_array(net.network_address for _, net in sources)
+        masks = b"".join(network_mask(net).tobytes() for _, net in sources)
+        r["src_mask"][where] = np.frombuffer(masks, dtype=r["src_mask"].dtype)
+    r["ifindex"] = [rule.ifindex for rule in rules]
+    r["dport_lo"] = [rule.dport_lo for rule in rules]
+    r["dport_hi"] = [rule.dport_hi for rule in rules]
+    r["vlan"] = [rule.vlan for rule in rules]
+    proto_nums, action_nums = protos(fw.layout), actions(fw.layout)
+    r["proto"] = [proto_nums[rule.proto] for rule in rules]
+    r["action"] = [action_nums[rule.action] for rule in rules]
+    e["priority"] = [rule.priority for rule in rules]
+    e["dst_addr"] = addr_array(rule.dst.network_address for rule in rules)
+    e["dst_prefixlen"] = [mapped_prefixlen(rule.dst) for rule in rules]
     return e
 
 
@@ -193,26 +234,34 @@ def _free_ids(fw: Firewall, taken: np.ndarray, count: int) -> list[int]:
     return out
 
 
-def _net(addr_be: int, plen: int) -> ipaddress.IPv4Network:
-    return ipaddress.IPv4Network(
-        (ipaddress.IPv4Address(int(addr_be).to_bytes(4, "little")), int(plen))
-    )
+# A destination as the LPM trie keys it: (address as a 128-bit number of the mapped
+# space, prefix length in that space).
+Dest = tuple[int, int]
 
 
-def compile_sets(fw: Firewall, entries: np.ndarray) -> dict[ipaddress.IPv4Network, np.ndarray]:
-    """Destination -> ordered rules (struct acl_rule) that apply to it.
+def _mapped_ints(addrs: np.ndarray) -> list[int]:
+    """`struct ip_addr` values as 128-bit numbers (IPv4 as ::ffff:a.b.c.d)."""
+    raw = np.ascontiguousarray(addrs).view(np.uint8).reshape(-1, 16)
+    hi = raw[:, :8].copy().view(">u8").reshape(-1).tolist()
+    lo = raw[:, 8:].copy().view(">u8").reshape(-1).tolist()
+    return [(h << 64) | low for h, low in zip(hi, lo, strict=True)]
 
-    Prefixes nest or are disjoint, so the rules for destination D are those
-    whose destination contains D (D's ancestors, at most 33 prefix lengths);
-    the most specific D wins in the LPM trie. `entries` is in (priority, id)
-    order, and index order preserves it."""
+
+def _dest_net(fw: Firewall, dest: Dest) -> IPNetwork:
+    addr, plen = dest
+    return network_from_mapped(addr.to_bytes(host_prefixlen(fw.layout) // 8, "big"), plen)
+
+
+def _compile(fw: Firewall, entries: np.ndarray) -> dict[Dest, np.ndarray]:
+    """`compile_sets`, keyed by destination as the trie keys it."""
     per_set = fw.const("SAMIXDP_ACL_MAX_RULES_PER_SET")
     max_sets = fw.const("SAMIXDP_ACL_MAX_SETS")
-    host = np.asarray(entries["dst_addr"], dtype=np.uint32).byteswap()
-    plens = np.asarray(entries["dst_prefixlen"], dtype=np.int64)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for idx, (addr, plen) in enumerate(zip(host.tolist(), plens.tolist(), strict=True)):
-        groups.setdefault((addr, plen), []).append(idx)
+    bits = host_prefixlen(fw.layout)
+    addrs = _mapped_ints(entries["dst_addr"])
+    plens = np.asarray(entries["dst_prefixlen"], dtype=np.int64).tolist()
+    groups: dict[Dest, list[int]] = {}
+    for idx, dest in enumerate(zip(addrs, plens, strict=True)):
+        groups.setdefault(dest, []).append(idx)
     if len(groups) > max_sets:
         raise AclError(f"rules name {len(groups)} VMs or prefixes; at most {max_sets}")
     plens_present = sorted({p for _, p in groups})
@@ -222,34 +271,47 @@ def compile_sets(fw: Firewall, entries: np.ndarray) -> dict[ipaddress.IPv4Networ
         for anc in plens_present:
             if anc > plen:
                 break
-            mask = (0xFFFFFFFF << (32 - anc)) & 0xFFFFFFFF if anc else 0
+            mask = ((1 << anc) - 1) << (bits - anc)
             chosen.extend(groups.get((addr & mask, anc), ()))
         if len(chosen) > per_set:
-            net = ipaddress.IPv4Network((addr, plen))
             raise AclError(
-                f"{len(chosen)} rules apply to {net}; at most {per_set} per VM or prefix"
+                f"{len(chosen)} rules apply to {_dest_net(fw, (addr, plen))}; "
+                f"at most {per_set} per VM or prefix"
             )
         chosen.sort()
-        out[ipaddress.IPv4Network((addr, plen))] = entries["rule"][chosen]
+        out[(addr, plen)] = entries["rule"][chosen]
     return out
 
 
-def _build_inactive(fw: Firewall, compiled: dict[ipaddress.IPv4Network, np.ndarray]) -> int:
+def compile_sets(fw: Firewall, entries: np.ndarray) -> dict[IPNetwork, np.ndarray]:
+    """Destination -> ordered rules (struct acl_rule) that apply to it.
+
+    Prefixes nest or are disjoint, so the rules for destination D are those
+    whose destination contains D (D's ancestors, at most 129 prefix lengths of
+    the mapped space); the most specific D wins in the LPM trie. `entries` is in
+    (priority, id) order, and index order preserves it."""
+    return {_dest_net(fw, dest): rules for dest, rules in _compile(fw, entries).items()}
+
+
+def _build_inactive(fw: Firewall, compiled: dict[Dest, np.ndarray]) -> int:
     """Writes the compiled sets into the generation the datapath is not using."""
     sets_map = fw.maps["acl_sets"]
     new = (fw.read_config()[fw.const("CFG_ACL_GEN")] & 1) ^ 1
     existing = sets_map.keys()
     for key in existing[existing["gen"] == new]:  # leftovers of an interrupted reload
         sets_map.delete(key)
-    for net, rules in compiled.items():
-        key = np.zeros(1, dtype=sets_map.key_dtype)
-        key["prefixlen"] = 32 + net.prefixlen
-        key["gen"] = new
-        key["addr"] = int.from_bytes(net.network_address.packed, "little")
-        value = np.zeros(1, dtype=sets_map.value_dtype)
+    width = host_prefixlen(fw.layout) // 8
+    keys = np.zeros(len(compiled), dtype=sets_map.key_dtype)
+    keys["prefixlen"] = [GEN_BITS + plen for _, plen in compiled]
+    keys["gen"] = new
+    raw = b"".join(addr.to_bytes(width, "big") for addr, _ in compiled)
+    keys["addr"] = np.frombuffer(raw, dtype=keys["addr"].dtype)
+    value = np.zeros(1, dtype=sets_map.value_dtype)
+    for i, rules in enumerate(compiled.values()):
+        value[0] = 0
         value["n_rules"] = len(rules)
         value["rules"][0, : len(rules)] = rules
-        sets_map.update(key, value)
+        sets_map.update(keys[i : i + 1], value)
     return new
 
 
@@ -276,7 +338,7 @@ def replace_rules(fw: Firewall, entries: np.ndarray) -> None:
     only then flip the live generation."""
     if len(entries):
         entries = entries[np.lexsort((entries["rule"]["id"], entries["priority"]))]
-    new_gen = _build_inactive(fw, compile_sets(fw, entries))
+    new_gen = _build_inactive(fw, _compile(fw, entries))
     table = fw.maps["acl_rules"]
     old_keys, old_values = table.dump()
     new_ids = entries["rule"]["id"].astype(np.uint32)
@@ -299,7 +361,7 @@ def replace_rules(fw: Firewall, entries: np.ndarray) -> None:
 def add_rules(fw: Firewall, rules: list[AclRule]) -> list[int]:
     current = read_rules(fw)
     ids = _free_ids(fw, current["rule"]["id"], len(rules))
-    added = np.concatenate([_to_entry(fw, r, i) for r, i in zip(rules, ids, strict=True)])
+    added = _to_entries(fw, rules, ids)
     replace_rules(fw, np.concatenate([current, added]))
     _zero_hits(fw, ids)
     return ids
@@ -319,24 +381,21 @@ def load_rules(fw: Firewall, rules: list[AclRule]) -> list[int]:
     ids = list(range(1, len(rules) + 1))
     if len(rules) >= fw.const("SAMIXDP_ACL_MAX_RULE_ID"):
         raise AclError("too many rules")
-    entries = (
-        np.concatenate([_to_entry(fw, r, i) for r, i in zip(rules, ids, strict=True)])
-        if rules
-        else np.zeros(0, dtype=fw.maps["acl_rules"].value_dtype)
-    )
-    replace_rules(fw, entries)
+    replace_rules(fw, _to_entries(fw, rules, ids))
     _zero_hits(fw, ids)
     return ids
 
 
 def vm_entries(fw: Firewall, vm: str) -> np.ndarray:
-    """The rules written for exactly this VM (/32): what migrates with it."""
+    """The rules written for exactly this VM (its /32 or /128): what migrates with it."""
     entries = read_rules(fw)
-    return entries[_is_vm_rule(entries, vm)]
+    return entries[_is_vm_rule(fw, entries, vm)]
 
 
-def _is_vm_rule(entries: np.ndarray, vm: str) -> np.ndarray:
-    return (entries["dst_addr"] == ip_to_be32(vm)) & (entries["dst_prefixlen"] == 32)
+def _is_vm_rule(fw: Firewall, entries: np.ndarray, vm: str) -> np.ndarray:
+    return (entries["dst_addr"] == ip_to_addr(vm)) & (
+        entries["dst_prefixlen"] == host_prefixlen(fw.layout)
+    )
 
 
 # ---- a VM's own rules, as a whole (what migration moves) ----------------------------
@@ -376,7 +435,7 @@ def snapshot_vm_rules(fw: Firewall, vm: str) -> np.ndarray:
 def _with_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Every rule of the host with the VM's own rules replaced by `rules` (new ids)."""
     current = read_rules(fw)
-    keep = current[~_is_vm_rule(current, vm)]
+    keep = current[~_is_vm_rule(fw, current, vm)]
     ids = _free_ids(fw, current["rule"]["id"], len(rules))
     new = np.zeros(len(rules), dtype=fw.maps["acl_rules"].value_dtype)
     have = rules.dtype.names or ()
@@ -386,15 +445,15 @@ def _with_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> tuple[np.ndarray
     new["rule"]["id"] = ids
     new["rule"]["ifindex"] = 0
     new["priority"] = rules["priority"]
-    new["dst_addr"] = ip_to_be32(vm)
-    new["dst_prefixlen"] = 32
+    new["dst_addr"] = ip_to_addr(vm)
+    new["dst_prefixlen"] = host_prefixlen(fw.layout)
     return np.concatenate([keep, new]), ids
 
 
 def check_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> None:
     """Raises AclError if `rules` could not become the VM's rules (writes nothing)."""
     entries, _ = _with_vm_rules(fw, vm, rules)
-    compile_sets(fw, entries)
+    _compile(fw, entries)
 
 
 def replace_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> None:
@@ -411,7 +470,7 @@ def replace_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> None:
 def restore_vm_rules(fw: Firewall, vm: str, snapshot: np.ndarray) -> None:
     """Puts back the VM's rules of `snapshot_vm_rules`, ids and all where still free."""
     current = read_rules(fw)
-    keep = current[~_is_vm_rule(current, vm)]
+    keep = current[~_is_vm_rule(fw, current, vm)]
     old = snapshot
     clash = np.isin(old["rule"]["id"], keep["rule"]["id"])
     if clash.any():  # ids taken meanwhile by other rules: give those new ids
@@ -435,6 +494,20 @@ def hits(fw: Firewall, ids: np.ndarray) -> dict[int, int]:
     return out
 
 
+def _net_text(net: IPNetwork) -> str:
+    """A prefix in canonical form; a single address without its /32 or /128."""
+    return str(net.network_address) if net.num_addresses == 1 else str(net)
+
+
+def _rule_source(rule: np.void, vm: IPNetwork) -> IPNetwork:
+    """A rule's source prefix; any source (mask all zero) as the VM family's /0."""
+    mask = np.asarray(rule["src_mask"]).tobytes()
+    plen = sum(bin(b).count("1") for b in mask)
+    if plen == 0:
+        return ipaddress.ip_network(f"{vm.network_address}/0", strict=False)
+    return network_from_mapped(rule["src_addr"], plen)
+
+
 def describe(fw: Firewall, entries: np.ndarray) -> list[dict[str, object]]:
     counts = hits(fw, entries["rule"]["id"])
     action_names = {v: k for k, v in actions(fw.layout).items()}
@@ -445,19 +518,19 @@ def describe(fw: Firewall, entries: np.ndarray) -> list[dict[str, object]]:
     out = []
     for e in entries:
         r = e["rule"]
-        src = _net(r["src_addr"], bin(int(r["src_mask"])).count("1"))
+        vm_net = network_from_mapped(e["dst_addr"], int(e["dst_prefixlen"]))
         lo, hi = int(r["dport_lo"]), int(r["dport_hi"])
         out.append(
             {
                 "id": int(r["id"]),
                 "priority": int(e["priority"]),
                 "action": action_names.get(int(r["action"]), "?"),
-                "vm": str(_net(e["dst_addr"], e["dst_prefixlen"])).removesuffix("/32"),
+                "vm": _net_text(vm_net),
                 "proto": proto_names.get(int(r["proto"]), str(int(r["proto"]))),
                 "dport": "any"
                 if (lo, hi) == (0, 65535)
                 else (str(lo) if lo == hi else f"{lo}-{hi}"),
-                "src": str(src),
+                "src": str(_rule_source(r, vm_net)),
                 "vlan": int(r["vlan"]) or None,
                 "iface": names.get(int(r["ifindex"])) if int(r["ifindex"]) else None,
                 "hits": counts[int(r["id"])],
@@ -504,6 +577,12 @@ def parse_rule_file(fw: Firewall, path: Path) -> list[AclRule]:
         if unknown:
             names = ", ".join(sorted(map(str, unknown)))
             raise AclError(f"{path}: rule {n} has unknown keys {names}")
+        for key in ("vm", "src"):
+            if isinstance(item.get(key), int) and not isinstance(item.get(key), bool):
+                raise AclError(
+                    f"{path}: rule {n}: {key} is a number, not an address "
+                    "(quote IPv6 addresses: YAML reads 1:2:3 as base 60)"
+                )
         try:
             rules.append(
                 make_rule(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..base.layout import Layout
-from ..base.netutil import be16_array_to_host, be32_array_to_host, host_to_ip, ip_to_be32
+from ..base.netutil import IPAddress, addrs_to_ips, be16_array_to_host, ip_to_addr
 from ..base.rows import concat_rows
 from ..loader.batch import KeepFn
 from ..loader.pinned import Firewall
@@ -61,14 +61,24 @@ def read_sessions(fw: Firewall) -> SessionTable:
     return SessionTable(np.concatenate(parts_k), np.concatenate(parts_v), np.concatenate(parts_s))
 
 
-def vm_mask(keys: np.ndarray, vm_ip: str) -> np.ndarray:
-    vm = ip_to_be32(vm_ip)
+VmAddr = str | IPAddress | np.void
+
+
+def vm_addr(vm: VmAddr) -> np.void:
+    """A VM given as text, an address object or a `struct ip_addr` scalar, as the latter
+    (InvalidArgument, one line, for text that is no address)."""
+    return vm if isinstance(vm, np.void) else ip_to_addr(vm)
+
+
+def vm_mask(keys: np.ndarray, vm_ip: VmAddr) -> np.ndarray:
+    vm = vm_addr(vm_ip)
     return (keys["addr_lo"] == vm) | (keys["addr_hi"] == vm)
 
 
-def involves(vm: int) -> KeepFn:
-    """Row filter: session keys with `vm` (network-order u32) at either end."""
-    v = np.uint32(vm)
+def involves(vm: VmAddr) -> KeepFn:
+    """Row filter: session keys with `vm` (a `struct ip_addr` scalar, or its text) at
+    either end."""
+    v = vm_addr(vm)
 
     def keep(keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
         return (keys["addr_lo"] == v) | (keys["addr_hi"] == v)
@@ -76,7 +86,7 @@ def involves(vm: int) -> KeepFn:
     return keep
 
 
-def vm_sessions(fw: Firewall, vm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def vm_sessions(fw: Firewall, vm: VmAddr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, values, source map index) of every session with `vm` at either end,
     expired or not, from both session maps: what `read_sessions` + `vm_mask`
     select, without holding the whole table."""
@@ -120,12 +130,12 @@ def session_records(
     now = now_ns if now_ns is not None else time.monotonic_ns()
     states = state_names(fw.layout)
     protos = proto_names(fw.layout)
-    icmp = fw.const("PROTO_ICMP")
+    icmp = (fw.const("PROTO_ICMP"), fw.const("PROTO_ICMPV6"))
     f_migrated, f_picked = fw.const("SESS_F_MIGRATED"), fw.const("SESS_F_PICKED_UP")
     side_hi = fw.const("SIDE_HI")
     k, v = table.keys, table.values
-    lo_ip = be32_array_to_host(k["addr_lo"])
-    hi_ip = be32_array_to_host(k["addr_hi"])
+    lo_ip = addrs_to_ips(k["addr_lo"])
+    hi_ip = addrs_to_ips(k["addr_hi"])
     lo_port = be16_array_to_host(k["port_lo"])
     hi_port = be16_array_to_host(k["port_hi"])
     out: list[dict[str, object]] = []
@@ -134,7 +144,7 @@ def session_records(
         src, dst = (hi_ip[i], lo_ip[i]) if init_hi else (lo_ip[i], hi_ip[i])
         sport, dport = (hi_port[i], lo_port[i]) if init_hi else (lo_port[i], hi_port[i])
         proto = int(k["proto"][i])
-        if proto == icmp:  # ICMP echo: the identifier, no ports
+        if proto in icmp:  # ICMP/ICMPv6 echo: the identifier, no ports
             sport, dport = lo_port[i], 0
         pk = v["packets"][i]
         by = v["bytes"][i]
@@ -143,9 +153,9 @@ def session_records(
         out.append(
             {
                 "proto": protos.get(proto, str(proto)),
-                "src": host_to_ip(src),
+                "src": src,
                 "sport": int(sport),
-                "dst": host_to_ip(dst),
+                "dst": dst,
                 "dport": int(dport),
                 "state": states.get(state, str(state)),
                 "age_s": round(max(0, now - int(v["created_ns"][i])) / 1e9, 3),
