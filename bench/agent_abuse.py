@@ -10,7 +10,8 @@ that scenario alone) on loopback, with a freshly compiled firewall in a private 
                    address (the per-address cap) and from 20 addresses (127.0.0.x)
   slow-frame       a trusted peer that sends a frame header, then one byte every 2 s
   zlib-bomb        a trusted peer's bundle whose body inflates to 2 GiB of zeros, its
-                   signed header declaring 2 GiB (64M sessions) or 32 MiB (1M sessions)
+                   signed header declaring 2 GiB (35.8M sessions of 60 B) or 60 MiB
+                   (1M sessions)
 
 Prints a table and writes bench/results/agent_abuse.json. Every scenario is bounded in
 time and bytes; the agent, the mount and the pins are removed whatever happens.
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from sami_xdp.base.layout import load_layout
-from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.base.netutil import addr_array
 from sami_xdp.loader.compile import Limits
 from sami_xdp.loader.pinned import unpin_all
 from sami_xdp.migrate import HostIdentity, TrustStore, new_migration_id
@@ -60,6 +61,7 @@ from sami_xdp.migrate.transport import (
     recv_frame,
     send_all,
 )
+from sami_xdp.migrate.wire import SESSION_WIRE
 from sami_xdp.policy import protect
 from sami_xdp.policy.config import create_firewall
 
@@ -249,7 +251,7 @@ def slow_frame(bpffs: Path, work: Path, limit_s: float) -> dict[str, Any]:
 
 
 def bomb_bundle(ident: HostIdentity, declared_sessions: int, inflated: int) -> bytes:
-    base = encode_bundle({}, identity=ident, vm=ip_to_be32(VM), audience="host-b", seq=1,
+    base = encode_bundle({}, identity=ident, vms=[VM], audience="host-b", seq=1,
                          migration_id=new_migration_id(),
                          layout_version=load_layout().const("SAMIXDP_LAYOUT_VERSION"),
                          compression="zlib")
@@ -260,10 +262,10 @@ def bomb_bundle(ident: HostIdentity, declared_sessions: int, inflated: int) -> b
     parts.append(z.flush())
     body = b"".join(parts)
     h["n_sessions"] = declared_sessions
-    h["raw_body_len"] = declared_sessions * 32
+    h["raw_body_len"] = declared_sessions * SESSION_WIRE.itemsize
     h["body_len"] = len(body)
     h["compression"] = COMP_ZLIB
-    signed = h.tobytes() + body
+    signed = h.tobytes() + addr_array([VM]).tobytes() + body  # header, the VM, records
     return signed + ident.sign(signed)
 
 
@@ -284,7 +286,7 @@ def zlib_bomb(bpffs: Path, work: Path, declared_sessions: int, inflated: int) ->
                                          expect_from="host-b")
                 reason = str(body.get("reason"))
         return {"bundle_bytes": len(data), "inflates_to_mib": inflated // MiB,
-                "declared_raw_mib": round(declared_sessions * 32 / MiB, 1),
+                "declared_raw_mib": round(declared_sessions * SESSION_WIRE.itemsize / MiB, 1),
                 "refusal": reason, "seconds": round(time.monotonic() - t0, 2),
                 "agent_rss_growth_mb": round(agent.peak_growth_mb(), 1)}
     finally:
@@ -322,9 +324,10 @@ def main() -> int:
                     bpffs, fresh(f"slow-{many}"), many, limit)
             log("a trusted peer dribbling a frame")
             results["slow_frame_trusted_peer"] = slow_frame(bpffs, fresh("slowframe"), limit)
-            for declared in (bomb // 32, (1 << 20)):
+            record = SESSION_WIRE.itemsize
+            for declared in (bomb // record, (1 << 20)):
                 log(f"zlib bomb: {bomb // MiB} MiB of zeros, header declares {declared} sessions")
-                results[f"zlib_bomb_declares_{declared * 32 // MiB}mib"] = zlib_bomb(
+                results[f"zlib_bomb_declares_{round(declared * record / MiB)}mib"] = zlib_bomb(
                     bpffs, fresh(f"bomb-{declared}"), declared, bomb)
         finally:
             shutil.rmtree(work, ignore_errors=True)

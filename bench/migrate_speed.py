@@ -3,8 +3,13 @@
 
 P4 (ours): one VM holding N sessions (N = 10k, 100k, 1M) on host A, with N
 more sessions of 8 other VMs in the same maps; host B holds N sessions of 8
-VMs of its own. A and B are two firewalls in a private bpffs under /run. B
-runs a real `samixdp agent` process on 127.0.0.1; A drives the real
+VMs of its own. Each size runs twice, the mixes side by side (`--ipv6-share`):
+all sessions IPv4 (the VM is 10.1.1.1), and half of them IPv6 (the VM is
+dual-stack, 10.1.1.1 and 2001:db8:1::10, one bundle holding both addresses;
+the other VMs' sessions are half IPv6 too). An IPv6 client sits in a /64 of its
+own with a random interface identifier, as real clients do. A and B are two
+firewalls in a private bpffs under /run. B runs a real `samixdp agent` process
+on 127.0.0.1; A drives the real
 `Migration` class (sami_xdp/migrate/phases.py): preflight, then the full copy
 round, timed end to end: select + serialise + sign on A -> TCP -> the agent
 verifies and imports on B -> its signed acknowledgement checked on A. The
@@ -34,9 +39,10 @@ ours (with the default 262144, inserts fail with ENOSPC on long chains) and
 nf_conntrack_max room for 2N; both are restored afterwards. A size is skipped
 (and extrapolated linearly, labelled so) if the previous one took > 60 s.
 
-P5: bundle bytes per session at each N for compression none / zlib /
-zlib+shuffle (bundle.build_bundle in process; 32 B records + 256 B of header
-and signature per bundle when uncompressed).
+P5: bundle bytes per session at each N and mix for compression none / zlib /
+zlib+shuffle (bundle.build_bundle in process; 60 B records of either family +
+256 B of header and signature + 16 B per VM address per bundle when
+uncompressed), all-IPv4 and half-IPv6 next to each other.
 
 Memory: `bpftool map show pinned PATH -j` (memlock) of every pinned map of a
 firewall created with the default Limits, cross-checked with the map fd's
@@ -48,8 +54,9 @@ Figures are printed and written to bench/results/migrate_speed.{json,png};
 nothing is asserted about speed. Needs root. Removes its pins, mounts,
 namespaces and agent, and restores the sysctls (SIGTERM too).
 
-    sudo .venv/bin/python bench/migrate_speed.py            # 10k, 100k, 1M (~2.5 min)
-    sudo .venv/bin/python bench/migrate_speed.py --quick    # 10k, 100k (~30 s)
+    sudo .venv/bin/python bench/migrate_speed.py            # 10k, 100k, 1M, both mixes
+    sudo .venv/bin/python bench/migrate_speed.py --quick    # 10k, 100k
+    sudo .venv/bin/python bench/migrate_speed.py --ipv6-share 0.5   # half-IPv6 only
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ from typing import Any
 
 import numpy as np
 
-from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.base.netutil import addr_array, ipv4_addr_array
 from sami_xdp.loader import batch
 from sami_xdp.loader.compile import MAP_NAMES, PROG_PIN, Limits
 from sami_xdp.loader.pinned import Firewall, unpin_all
@@ -85,24 +92,30 @@ from sami_xdp.migrate import (
     ExportState,
     HostIdentity,
     TrustStore,
+    VmAddrs,
     build_bundle,
     new_migration_id,
 )
 from sami_xdp.migrate import phases as phases_mod
+from sami_xdp.migrate.bundle import HEADER_SIZE, SIG_LEN
 from sami_xdp.migrate.importer import abort_import, receive_bundle
 from sami_xdp.migrate.replay import ReplayCache
+from sami_xdp.migrate.select import involves_any, vm_sessions
 from sami_xdp.migrate.verify import verify_bundle
+from sami_xdp.migrate.vmset import addr_lt
 from sami_xdp.policy import protect
-from sami_xdp.policy import sessions as sessions_mod
 from sami_xdp.policy.config import create_firewall
 
 ROOT = Path(__file__).resolve().parent.parent
 
-VM = "10.1.1.1"
-PROTECT = "10.1.0.0/16"
+VM, VM6 = "10.1.1.1", "2001:db8:1::10"  # the migrating VM (dual-stack when a mix has IPv6)
+PROTECT = ("10.1.0.0/16", "2001:db8::/32")
 OTHERS_A = [f"10.1.2.{i}" for i in range(1, 9)]  # other VMs behind A
 OTHERS_B = [f"10.1.3.{i}" for i in range(1, 9)]  # VMs behind B
+OTHERS_A6 = [f"2001:db8:2::{i}" for i in range(1, 9)]  # ... their IPv6 addresses
+OTHERS_B6 = [f"2001:db8:3::{i}" for i in range(1, 9)]
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
+DEFAULT_SHARES = (0.0, 0.5)  # the share of the VM's sessions that are IPv6, per run
 COMPRESSIONS = ("none", "zlib", "zlib+shuffle")
 CT_BOUND_S = 60.0  # conntrack at a size is skipped if the previous size took longer
 TARGET_1M_S = 1.5
@@ -110,7 +123,26 @@ TARGET_RATIO = 3.0
 TARGET_BPS = 32.0
 RESULTS = ROOT / "bench" / "results"
 PHASES = ("select", "serialise", "sign", "transfer", "verify", "load")
-BUNDLE_FIXED = 192 + 64  # header + Ed25519 signature, whatever the record count
+BUNDLE_FIXED = HEADER_SIZE + SIG_LEN  # header + Ed25519 signature, whatever the record count
+ADDR_BYTES = 16  # + one address table entry per VM address
+
+
+def mix_name(share: float) -> str:
+    """How results name a mix: "ipv4" (all IPv4) or e.g. "ipv6-50" (half IPv6)."""
+    return "ipv4" if share == 0 else f"ipv6-{round(share * 100)}"
+
+
+def mix_label(share: float) -> str:
+    return "all IPv4" if share == 0 else ("half IPv6" if share == 0.5 else f"{share:.0%} IPv6")
+
+
+def vm_of(share: float) -> VmAddrs:
+    """The migrating VM: its IPv4 address alone, or dual-stack when sessions are IPv6."""
+    return VmAddrs.parse([VM] if share == 0 else [VM, VM6])
+
+
+def fixed_bytes(vms: VmAddrs) -> int:
+    return BUNDLE_FIXED + ADDR_BYTES * len(vms)
 
 
 def log(msg: str) -> None:
@@ -188,23 +220,36 @@ def capacity_for(n: int) -> int:
 # ---- sessions ----------------------------------------------------------------------------
 
 
+def peers_of(vm: str, n: int, rng: np.random.Generator, salt: int) -> np.ndarray:
+    """n distinct external peers of `vm`'s family: IPv4 ones in 198.0.0.0/8 and up,
+    IPv6 ones each in a /64 of its own with a random interface identifier."""
+    index = rng.permutation(n).astype(np.uint32)
+    if ":" not in vm:
+        return ipv4_addr_array(np.uint32(0xC6000000 + salt * 0x100000) + index)
+    raw = np.zeros((n, 16), dtype=np.uint8)
+    raw[:, :4] = np.frombuffer(bytes.fromhex("20010db8"), np.uint8)  # 2001:db8::/32
+    raw[:, 4:8] = (np.uint32(0xC6000000 + salt * 0x100000) + index).astype(">u4").view(
+        np.uint8).reshape(-1, 4)
+    raw[:, 8:] = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+    return raw.view(addr_array([vm]).dtype).reshape(-1)
+
+
 def fill(fw: Firewall, vm: str, n: int, rng: np.random.Generator, salt: int) -> None:
-    """n live sessions with `vm` at one end and distinct external peers: 90% TCP
-    established, 10% UDP assured (all of them in the assured `sessions` map); half
-    opened by the VM, half towards it."""
+    """n live sessions with `vm` (either family) at one end and distinct external
+    peers: 90% TCP established, 10% UDP assured (all of them in the assured `sessions`
+    map); half opened by the VM, half towards it."""
     if n == 0:
         return
     now = time.monotonic_ns()
     m = fw.maps["sessions"]
     k = np.zeros(n, m.key_dtype)
     v = np.zeros(n, m.value_dtype)
-    peer = np.uint32(0xC6000000 + salt * 0x100000) + rng.permutation(n).astype(np.uint32)
-    peer_be = peer.byteswap()  # host order -> the map's network-order field
-    vmb = np.uint32(ip_to_be32(vm))
-    vm_host = np.uint32(vmb).byteswap()
-    lo = peer < vm_host  # the peer is the key's lo side
-    k["addr_lo"] = np.where(lo, peer_be, vmb)
-    k["addr_hi"] = np.where(lo, vmb, peer_be)
+    peer = peers_of(vm, n, rng, salt)
+    vm_addr = addr_array([vm])
+    lo = addr_lt(peer, np.repeat(vm_addr, n))  # the peer is the key's lo side
+    k["addr_lo"], k["addr_hi"] = vm_addr[0], vm_addr[0]
+    k["addr_lo"][lo] = peer[lo]
+    k["addr_hi"][~lo] = peer[~lo]
     vm_port = np.uint16(443).byteswap()
     peer_port = rng.integers(1024, 65535, n).astype(np.uint16).byteswap()
     k["port_lo"] = np.where(lo, peer_port, vm_port)
@@ -217,8 +262,7 @@ def fill(fw: Firewall, vm: str, n: int, rng: np.random.Generator, salt: int) -> 
     vm_side = np.where(lo, fw.const("SIDE_HI"), fw.const("SIDE_LO"))
     v["initiator"] = np.where(inbound, peer_side, vm_side)
     flags = np.where(inbound, fw.const("SESS_F_INBOUND"), 0)
-    if "SESS_F_VM_LO" in fw.layout.consts:  # layout 5: which end was protected at open
-        flags |= np.where(lo, fw.const("SESS_F_VM_HI"), fw.const("SESS_F_VM_LO"))
+    flags |= np.where(lo, fw.const("SESS_F_VM_HI"), fw.const("SESS_F_VM_LO"))
     v["flags"] = flags
     v["created_ns"] = now - rng.integers(10**9, 3600 * 10**9, n).astype(np.uint64)
     v["last_seen_ns"] = now - rng.integers(0, 60 * 10**9, n).astype(np.uint64)
@@ -229,21 +273,42 @@ def fill(fw: Firewall, vm: str, n: int, rng: np.random.Generator, salt: int) -> 
     m.update_many(k, v)
 
 
+def split_share(n: int, share: float) -> tuple[int, int]:
+    """(IPv4, IPv6) sessions of n at this IPv6 share."""
+    n6 = round(n * share)
+    return n - n6, n6
+
+
+def fill_vm(fw: Firewall, n: int, share: float, rng: np.random.Generator, salt: int) -> None:
+    """The migrating VM's n sessions, `share` of them on its IPv6 address."""
+    n4, n6 = split_share(n, share)
+    fill(fw, VM, n4, rng, salt)
+    fill(fw, VM6, n6, rng, salt + 1)
+
+
 def fill_spread(fw: Firewall, vms: list[str], n: int, rng: np.random.Generator, salt: int) -> None:
     for i, vm in enumerate(vms):
         fill(fw, vm, n // len(vms) + (1 if i < n % len(vms) else 0), rng, salt + i)
 
 
-def vm_count(fw: Firewall, vm: str) -> int:
-    return len(sessions_mod.vm_sessions(fw, ip_to_be32(vm))[0])
+def fill_others(fw: Firewall, v4: list[str], v6: list[str], n: int, share: float,
+                rng: np.random.Generator, salt: int) -> None:
+    """n sessions of other VMs, in the same family mix as the migrating VM's."""
+    n4, n6 = split_share(n, share)
+    fill_spread(fw, v4, n4, rng, salt)
+    fill_spread(fw, v6, n6, rng, salt + len(v4) + 1)
 
 
-def scan_check(fw: Firewall, vm: str) -> dict[str, Any]:
+def vm_count(fw: Firewall, vms: VmAddrs) -> int:
+    return len(vm_sessions(fw, vms)[0])
+
+
+def scan_check(fw: Firewall, vms: VmAddrs) -> dict[str, Any]:
     """The filtered (parallel) scan returns exactly what a plain dump + filter does."""
     m = fw.maps["sessions"]
     k, _ = m.dump()
-    want = k[(k["addr_lo"] == ip_to_be32(vm)) | (k["addr_hi"] == ip_to_be32(vm))]
-    got = m.scan(sessions_mod.involves(ip_to_be32(vm)))
+    want = k[vms.contains(k["addr_lo"]) | vms.contains(k["addr_hi"])]
+    got = m.scan(involves_any(vms.addrs))
     g = np.ascontiguousarray(got.keys).view(f"V{k.dtype.itemsize}")
     w = np.ascontiguousarray(want).view(f"V{k.dtype.itemsize}")
     same = len(g) == len(w) == len(np.unique(g)) and bool(np.isin(g, w).all())
@@ -368,10 +433,18 @@ def phase_split(build: dict[str, float], agent: dict[str, float], round_s: float
     return split
 
 
-def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
+def run_ours(n: int, repeat: int, profile: bool, tmp: Path, share: float = 0.0
+             ) -> dict[str, Any]:
     cap = capacity_for(n)
+    vms = vm_of(share)
+    n4, n6 = split_share(n, share)
     out: dict[str, Any] = {
         "sessions": n,
+        "mix": mix_name(share),
+        "ipv6_share": share,
+        "vm": list(vms.ips),
+        "sessions_ipv4": n4,
+        "sessions_ipv6": n6,
         "others_on_source": n,
         "others_on_destination": n,
         "max_sessions": cap,
@@ -383,17 +456,18 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
         out["setup_compile_s"] = time.perf_counter() - t
         try:
             for fw in (fa, fb):
-                protect.add_protected(fw, PROTECT)
+                for prefix in PROTECT:
+                    protect.add_protected(fw, prefix)
             rng = np.random.default_rng(n)
             t = time.perf_counter()
-            fill(fa, VM, n, rng, 0)
-            fill_spread(fa, OTHERS_A, n, rng, 1)
-            fill_spread(fb, OTHERS_B, n, rng, 1)
+            fill_vm(fa, n, share, rng, 0)
+            fill_others(fa, OTHERS_A, OTHERS_A6, n, share, rng, 2)
+            fill_others(fb, OTHERS_B, OTHERS_B6, n, share, rng, 2)
             out["setup_fill_s"] = time.perf_counter() - t
-            out["scan_check"] = scan_check(fa, VM)
+            out["scan_check"] = scan_check(fa, vms)
 
             cfg_a, cfg_b, st_a, st_b = (
-                tmp / f"{n}-{x}" for x in ("cfg-a", "cfg-b", "st-a", "st-b")
+                tmp / f"{n}-{mix_name(share)}-{x}" for x in ("cfg-a", "cfg-b", "st-a", "st-b")
             )
             ida = HostIdentity.init(cfg_a, "host-a")
             idb = HostIdentity.init(cfg_b, "host-b")
@@ -402,17 +476,18 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
             trust_a.add("host-b", f"127.0.0.1:{port}", idb.public_b64)
             trust_a.save()
             trust_b = TrustStore.load(cfg_b)
-            trust_b.add("host-a", "127.0.0.1:1", ida.public_b64, vms=PROTECT)
+            trust_b.add("host-a", "127.0.0.1:1", ida.public_b64, vms=",".join(PROTECT))
             trust_b.save()
             peer = trust_a.get("host-b")
 
-            agent = AgentProc(mnt / "b", cfg_b, st_b, port, tmp / f"{n}-agent.log")
+            agent = AgentProc(mnt / "b", cfg_b, st_b, port,
+                              tmp / f"{n}-{mix_name(share)}-agent.log")
             rounds: list[dict[str, float]] = []
             preflight: list[float] = []
             try:
                 for i in range(repeat):
                     mig = phases_mod.Migration(
-                        fa, ida, trust_a, peer, VM, phases_mod.MigrateOptions(compression="none")
+                        fa, ida, trust_a, peer, vms, phases_mod.MigrateOptions(compression="none")
                     )
                     t = time.perf_counter()
                     mig.preflight()
@@ -424,16 +499,17 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
                         mig.conn = None
                     if phase.imported.get("sessions") != n:
                         raise RuntimeError(f"agent imported {phase.imported}, expected {n}")
-                    if i == 0 and vm_count(fb, VM) != n:
+                    if i == 0 and vm_count(fb, vms) != n:
                         raise RuntimeError("B does not hold the VM's sessions after the round")
                     split = phase_split(cap_.build, cap_.ack["timings"], phase.seconds)
                     split["bytes"] = phase.bytes
                     rounds.append(split)
-                    log(f"  ours {n}: round {i + 1}/{repeat} {phase.seconds:.3f} s")
+                    log(f"  ours {n} ({mix_label(share)}): round {i + 1}/{repeat} "
+                        f"{phase.seconds:.3f} s")
                     ack = phases_mod.send_abort(ida, trust_a, peer, mig.mid.hex())
                     if not ack.get("ok"):
                         raise RuntimeError(f"abort refused: {ack}")
-                if vm_count(fb, VM) != 0:
+                if vm_count(fb, vms) != 0:
                     raise RuntimeError("B still holds the VM's sessions after the abort")
             finally:
                 agent.stop()
@@ -451,7 +527,7 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
                 tm: dict[str, float] = {}
                 data = build_bundle(
                     fa,
-                    VM,
+                    vms,
                     "host-b",
                     1,
                     new_migration_id(),
@@ -467,7 +543,7 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
                 sizes[comp] = {
                     "bytes": len(data),
                     "bytes_per_session": len(data) / n,
-                    "fixed_bytes": BUNDLE_FIXED,
+                    "fixed_bytes": fixed_bytes(vms),
                     "serialise_compress_s": tm["to_wire_s"] + tm["serialise_s"] + tm["compress_s"],
                     "verify_decompress_s": verify_s,
                 }
@@ -475,7 +551,8 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
             out["bundle_size"] = sizes
 
             if profile:
-                out["profile"] = profile_round(fa, fb, ida, trust_v, tmp / f"{n}-prof")
+                out["profile"] = profile_round(fa, fb, ida, trust_v,
+                                               tmp / f"{n}-{mix_name(share)}-prof", vms)
         finally:
             fa.close()
             fb.close()
@@ -483,7 +560,8 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path) -> dict[str, Any]:
 
 
 def profile_round(
-    fa: Firewall, fb: Firewall, ida: HostIdentity, trust_b: TrustStore, state: Path
+    fa: Firewall, fb: Firewall, ida: HostIdentity, trust_b: TrustStore, state: Path,
+    vms: VmAddrs,
 ) -> dict[str, Any]:
     """One in-process export + verify + import under cProfile: where the time goes."""
     replay = ReplayCache(state)
@@ -492,7 +570,8 @@ def profile_round(
     tm: dict[str, float] = {}
     t = time.perf_counter()
     pr.enable()
-    data = build_bundle(fa, VM, "host-b", 1, mid, "full", ExportState(), identity=ida, timings=tm)
+    data = build_bundle(fa, vms, "host-b", 1, mid, "full", ExportState(), identity=ida,
+                        timings=tm)
     res = receive_bundle(fb, data, trust_b, replay, "host-b", state_dir=state)
     pr.disable()
     total = time.perf_counter() - t
@@ -785,7 +864,7 @@ def run_conntrack(n: int, repeat: int, knobs: ConntrackKnobs) -> dict[str, Any]:
 def summarise(res: dict[str, Any]) -> None:
     for key, o in res["ours"].items():
         ct = res["conntrack"].get(key)
-        if ct:
+        if ct and o["mix"] == "ipv4":  # conntrack's entries are IPv4: compare like with like
             o["conntrack_s"] = ct["end_to_end_s"]
             o["conntrack_measured"] = ct["measured"]
             o["ours_over_conntrack"] = o["end_to_end_s"] / ct["end_to_end_s"]
@@ -797,9 +876,12 @@ def summarise(res: dict[str, Any]) -> None:
     def target(name: str, value: float, goal: float, met: bool, **extra: Any) -> None:
         t[name] = {"value": value, "target": goal, "met": met, **extra}
 
-    if n >= 1_000_000:
-        v = largest["end_to_end_s"]
-        target("p4_1M_end_to_end_s", v, TARGET_1M_S, v <= TARGET_1M_S)
+    for mix, by_n in res["ours_mixes"].items():
+        big = max(by_n.values(), key=lambda o: o["sessions"])
+        if big["sessions"] >= 1_000_000:
+            v = big["end_to_end_s"]
+            suffix = "" if mix == "ipv4" else f"_{mix}"
+            target(f"p4_1M_end_to_end_s{suffix}", v, TARGET_1M_S, v <= TARGET_1M_S)
     if "speedup_vs_conntrack" in largest:  # the issue's wording: at 1M, >= 3x conntrack
         v = largest["speedup_vs_conntrack"]
         target(
@@ -823,19 +905,26 @@ def summarise(res: dict[str, Any]) -> None:
             sp[worst] >= TARGET_RATIO,
             worst_at=worst,
         )
-    for comp in COMPRESSIONS:
-        b = largest["bundle_size"][comp]
-        v = b["bytes_per_session"]
-        target(
-            f"p5_bytes_per_session_{comp}_at_{n}",
-            v,
-            TARGET_BPS,
-            v <= TARGET_BPS,
-            per_record=(b["bytes"] - BUNDLE_FIXED) / n,
-            fixed_bytes=BUNDLE_FIXED,
-        )
+    for mix, by_n in res["ours_mixes"].items():
+        big = max(by_n.values(), key=lambda o: o["sessions"])
+        for comp in COMPRESSIONS:
+            b = big["bundle_size"][comp]
+            v = b["bytes_per_session"]
+            suffix = "" if mix == "ipv4" else f"_{mix}"
+            target(
+                f"p5_bytes_per_session_{comp}_at_{big['sessions']}{suffix}",
+                v,
+                TARGET_BPS,
+                v <= TARGET_BPS,
+                per_record=(b["bytes"] - b["fixed_bytes"]) / big["sessions"],
+                fixed_bytes=b["fixed_bytes"],
+            )
     res["targets"] = t
     res["summary_rows"] = summary_rows(res)
+
+
+def _mix_text(o: dict[str, Any]) -> str:
+    return "" if o["mix"] == "ipv4" else f" ({mix_label(o['ipv6_share'])})"
 
 
 def summary_rows(res: dict[str, Any]) -> list[list[str]]:
@@ -845,51 +934,57 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
         return "met" if ok else "missed"
 
     rows = []
-    for o in res["ours"].values():
-        n = o["sessions"]
-        value = f"{o['end_to_end_s'] * 1000:.0f} ms"
-        target, ok = "", None
-        if "speedup_vs_conntrack" in o:
-            est = "" if o["conntrack_measured"] else " (extrapolated)"
-            value += (
-                f"; conntrack-tools {o['conntrack_s'] * 1000:.0f} ms{est}: "
-                f"{o['speedup_vs_conntrack']:.2f}x faster"
+    for by_n in res["ours_mixes"].values():
+        for o in by_n.values():
+            n = o["sessions"]
+            value = f"{o['end_to_end_s'] * 1000:.0f} ms"
+            target, ok = "", None
+            if "speedup_vs_conntrack" in o:
+                est = "" if o["conntrack_measured"] else " (extrapolated)"
+                value += (
+                    f"; conntrack-tools {o['conntrack_s'] * 1000:.0f} ms{est}: "
+                    f"{o['speedup_vs_conntrack']:.2f}x faster"
+                )
+                target, ok = (
+                    f">= {TARGET_RATIO:g}x conntrack",
+                    o["speedup_vs_conntrack"] >= TARGET_RATIO,
+                )
+            if n == 1_000_000:
+                target = f"<= {TARGET_1M_S} s" + (f", {target}" if target else "")
+                ok = o["end_to_end_s"] <= TARGET_1M_S and ok is not False
+            rows.append(
+                [
+                    f"P4 full copy of one VM, {n:,} sessions{_mix_text(o)}, through the agent",
+                    value,
+                    target,
+                    verdict(ok) if ok is not None else "",
+                ]
             )
-            target, ok = (
-                f">= {TARGET_RATIO:g}x conntrack",
-                o["speedup_vs_conntrack"] >= TARGET_RATIO,
-            )
-        if n == 1_000_000:
-            target = f"<= {TARGET_1M_S} s" + (f", {target}" if target else "")
-            ok = o["end_to_end_s"] <= TARGET_1M_S and ok is not False
-        rows.append(
-            [
-                f"P4 full copy of one VM, {n:,} sessions, through the agent",
-                value,
-                target,
-                verdict(ok) if ok is not None else "",
-            ]
-        )
     largest = max(res["ours"].values(), key=lambda o: o["sessions"])
     ph = largest["phases_s"]
     rows.append(
         [
-            f"P4 phases at {largest['sessions']:,} (ms)",
+            f"P4 phases at {largest['sessions']:,}{_mix_text(largest)} (ms)",
             ", ".join(f"{p} {ph[p] * 1000:.0f}" for p in (*PHASES, "other")),
             "",
             "",
         ]
     )
-    for comp in COMPRESSIONS:
-        b = largest["bundle_size"][comp]["bytes_per_session"]
-        rows.append(
-            [
-                f"P5 bundle bytes/session, {comp}, {largest['sessions']:,} sessions",
-                f"{b:.4f} (with {BUNDLE_FIXED} B of header+signature per bundle)",
-                f"<= {TARGET_BPS:g}",
-                verdict(b <= TARGET_BPS),
-            ]
-        )
+    for by_n in res["ours_mixes"].values():
+        big = max(by_n.values(), key=lambda o: o["sessions"])
+        for comp in COMPRESSIONS:
+            size = big["bundle_size"][comp]
+            b = size["bytes_per_session"]
+            rows.append(
+                [
+                    f"P5 bundle bytes/session, {comp}, {big['sessions']:,} sessions"
+                    f"{_mix_text(big)}",
+                    f"{b:.4f} (with {size['fixed_bytes']} B of header, addresses and "
+                    "signature per bundle)",
+                    f"<= {TARGET_BPS:g}",
+                    verdict(b <= TARGET_BPS),
+                ]
+            )
     mem = res["memory"]
     s = mem["maps"]["sessions"]
     rows.append(
@@ -914,12 +1009,14 @@ def print_table(res: dict[str, Any]) -> None:
         "P4: one VM's N sessions (+N other VMs' sessions on each host), full copy round "
         "through the agent on loopback; medians (ms)"
     )
-    hdr = f"{'N':>9} " + "".join(f"{p:>10}" for p in (*PHASES, "other"))
+    hdr = f"{'N':>9} {'mix':>10} " + "".join(f"{p:>10}" for p in (*PHASES, "other"))
     hdr += f"{'ours e2e':>10}{'conntrack':>11}{'speedup':>9}"
     print(hdr)
-    for o in res["ours"].values():
+    everything = [o for by_n in res["ours_mixes"].values() for o in by_n.values()]
+    for o in sorted(everything, key=lambda o: (o["sessions"], o["ipv6_share"])):
         ph = o["phases_s"]
-        row = f"{o['sessions']:>9} " + "".join(f"{ph[p] * 1000:>10.1f}" for p in (*PHASES, "other"))
+        row = f"{o['sessions']:>9} {mix_label(o['ipv6_share']):>10} "
+        row += "".join(f"{ph[p] * 1000:>10.1f}" for p in (*PHASES, "other"))
         row += f"{o['end_to_end_s'] * 1000:>10.1f}"
         if "conntrack_s" in o:
             mark = "" if o["conntrack_measured"] else "*"
@@ -930,11 +1027,12 @@ def print_table(res: dict[str, Any]) -> None:
     print(
         "  details (ms): "
         + "; ".join(
-            f"{o['sessions']}: read maps {o['phases_s']['select.read_maps'] * 1000:.0f}, "
+            f"{o['sessions']}{_mix_text(o)}: read maps "
+            f"{o['phases_s']['select.read_maps'] * 1000:.0f}, "
             f"plan {o['phases_s']['load.plan'] * 1000:.0f}, "
             f"write {o['phases_s']['load.write'] * 1000:.0f}, "
             f"preflight {o['preflight_s'] * 1000:.0f}"
-            for o in res["ours"].values()
+            for o in everything
         )
     )
     for c in res["conntrack"].values():
@@ -943,13 +1041,21 @@ def print_table(res: dict[str, Any]) -> None:
                 f"  conntrack {c['sessions']}: export (-L -s/-d) {c['export_s'] * 1000:.0f} ms, "
                 f"import (-R) {c['import_s'] * 1000:.0f} ms, {c['hash_buckets']} hash buckets"
             )
-    print("\nP5: bundle bytes per session")
-    print(f"{'N':>9}" + "".join(f"{c:>14}" for c in COMPRESSIONS))
-    for o in res["ours"].values():
-        print(
-            f"{o['sessions']:>9}"
-            + "".join(f"{o['bundle_size'][c]['bytes_per_session']:>14.2f}" for c in COMPRESSIONS)
-        )
+    mixes = list(res["ours_mixes"])
+    shares = {m: next(iter(res["ours_mixes"][m].values()))["ipv6_share"] for m in mixes}
+    print("\nP5: bundle bytes per session (" + ", ".join(
+        f"{mix_label(shares[m])}" for m in mixes) + " side by side)")
+    print(f"{'N':>9}" + "".join(f"{f'{c} {mix_label(shares[m])}':>24}"
+                                 for c in COMPRESSIONS for m in mixes))
+    sizes = sorted({int(k) for by_n in res["ours_mixes"].values() for k in by_n})
+    for n in sizes:
+        cells = []
+        for c in COMPRESSIONS:
+            for m in mixes:
+                o = res["ours_mixes"][m].get(str(n))
+                cells.append(f"{o['bundle_size'][c]['bytes_per_session']:>24.2f}" if o
+                             else f"{'-':>24}")
+        print(f"{n:>9}" + "".join(cells))
     mem = res["memory"]
     print(
         "\nMemory (bpftool memlock), default Limits "
@@ -983,7 +1089,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ours = list(res["ours"].values())
     ns = [o["sessions"] for o in ours]
     a = ax[0][0]
-    a.loglog(ns, [o["end_to_end_s"] for o in ours], "o-", label="sami-xdp (through the agent)")
+    a.loglog(ns, [o["end_to_end_s"] for o in ours], "o-",
+             label=f"sami-xdp, {mix_label(ours[0]['ipv6_share'])} (through the agent)")
+    for by_n in res["ours_mixes"].values():
+        if by_n is res["ours"]:
+            continue
+        other = list(by_n.values())
+        a.loglog([o["sessions"] for o in other], [o["end_to_end_s"] for o in other], "^-",
+                 label=f"sami-xdp, {mix_label(other[0]['ipv6_share'])}")
     ct = sorted(res["conntrack"].values(), key=lambda c: c["sessions"])
     meas = [c for c in ct if c["measured"]]
     extra = [c for c in ct if not c["measured"]]
@@ -1029,19 +1142,22 @@ def plot(res: dict[str, Any], path: Path) -> None:
     a.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
 
     a = ax[1][0]
-    w = 0.25
+    mixes = list(res["ours_mixes"].values())
+    w = 0.8 / (len(COMPRESSIONS) * len(mixes))
+    bar = 0
     for i, comp in enumerate(COMPRESSIONS):
-        a.bar(
-            x + (i - 1) * w,
-            [o["bundle_size"][comp]["bytes_per_session"] for o in ours],
-            w,
-            label=comp,
-        )
+        for j, by_n in enumerate(mixes):
+            vals = [by_n[str(n)]["bundle_size"][comp]["bytes_per_session"]
+                    if str(n) in by_n else 0.0 for n in ns]
+            share = next(iter(by_n.values()))["ipv6_share"]
+            a.bar(x - 0.4 + (bar + 0.5) * w, vals, w, color=f"C{i}",
+                  hatch="//" if j else None, label=f"{comp}, {mix_label(share)}")
+            bar += 1
     a.axhline(TARGET_BPS, color="grey", ls=":", lw=1)
     a.set_xticks(x, [f"{n:,}" for n in ns])
     a.set_ylabel("bundle bytes / session")
-    a.set_title("P5: bundle size (target <= 32 B/session)")
-    a.legend(fontsize=8)
+    a.set_title("P5: bundle size (target <= 32 B/session), all IPv4 vs half IPv6")
+    a.legend(fontsize=7)
 
     a = ax[1][1]
     mem = res["memory"]["maps"]
@@ -1074,6 +1190,12 @@ def main() -> int:
     ap.add_argument("--ct-repeat", type=int, default=None, help="rounds per size (conntrack)")
     ap.add_argument("--no-conntrack", action="store_true")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile round")
+    ap.add_argument(
+        "--ipv6-share",
+        default=",".join(f"{x:g}" for x in DEFAULT_SHARES),
+        help="the share of the VM's sessions that are IPv6, one run per value, comma "
+        "separated (default 0,0.5: all IPv4 and half IPv6 side by side)",
+    )
     ap.add_argument("--json-out", type=Path, default=RESULTS / "migrate_speed.json")
     ap.add_argument("--png-out", type=Path, default=RESULTS / "migrate_speed.png")
     args = ap.parse_args()
@@ -1085,17 +1207,27 @@ def main() -> int:
         if args.sizes
         else ([10_000, 100_000] if args.quick else list(DEFAULT_SIZES))
     )
+    try:
+        shares = sorted({float(x) for x in args.ipv6_share.split(",")})
+    except ValueError:
+        ap.error("--ipv6-share: comma separated numbers within [0, 1]")
+    if not shares or not all(0 <= x <= 1 for x in shares):
+        ap.error("--ipv6-share: comma separated numbers within [0, 1]")
     t_start = time.perf_counter()
     res: dict[str, Any] = {
         "environment": environment(),
         "sizes": sizes,
-        "ours": {},
+        "ipv6_shares": shares,
+        "ours_mixes": {mix_name(x): {} for x in shares},
         "conntrack": {},
     }
+    # `ours`: the all-IPv4 runs (compared with conntrack's IPv4 entries), else the first mix
+    res["ours"] = res["ours_mixes"][mix_name(shares[0])]
     res["method"] = {
         "ours": "real `samixdp agent` process on 127.0.0.1 for host B, Migration.preflight + "
         "Migration.send_round('full') on host A in this process; compression none; median of "
-        "repeats; each repeat aborted through the agent afterwards",
+        "repeats; each repeat aborted through the agent afterwards; per IPv6 share, the VM "
+        "dual-stack (one bundle for both addresses) when the share is above 0",
         "conntrack": "two namespaces; timed: `conntrack -L -o save -s VM` and `-d VM` side by "
         "side on the source into tmpfs files, then two `conntrack -R` side by side on the "
         "destination; entries are TCP ESTABLISHED/ASSURED with 3600 s timeouts",
@@ -1113,8 +1245,11 @@ def main() -> int:
         res["memory"] = run_memory()
         for n in sizes:
             repeat = args.repeat or 5
-            log(f"ours: {n} sessions, {repeat} rounds")
-            res["ours"][str(n)] = run_ours(n, repeat, not args.no_profile and n == max(sizes), tmp)
+            for share in shares:
+                log(f"ours: {n} sessions ({mix_label(share)}), {repeat} rounds")
+                profile = not args.no_profile and n == max(sizes) and share == shares[0]
+                res["ours_mixes"][mix_name(share)][str(n)] = run_ours(
+                    n, repeat, profile, tmp, share)
         if not args.no_conntrack:
             last: dict[str, Any] | None = None
             for n in sizes:

@@ -24,6 +24,9 @@ from testbed import packets as P
 SAMIXDP = Path(sys.executable).parent / "samixdp"
 VM, CLIENT = "10.1.1.1", "192.0.2.10"
 PREFIX = "10.1.1.0/24"
+VM6, CLIENT6 = "2001:db8:1::10", "2001:db8:99::5"  # the VM's other address: dual-stack
+PREFIX6 = "2001:db8:1::/64"
+BOTH = f"{PREFIX},{PREFIX6}"
 
 
 def free_port() -> int:
@@ -110,17 +113,19 @@ def start_agent(host: Host, port: int, *args: str) -> Agent:
 
 @contextlib.contextmanager
 def make_pair(fw_a: Firewall, fw_b: Firewall, root: Path, *agent_args: str,
-              a_scope: str = PREFIX) -> Iterator[Pair]:
-    """A trusts B (its agent); B trusts A for `a_scope`; B's agent runs."""
+              a_scope: str = BOTH) -> Iterator[Pair]:
+    """A trusts B (its agent); B trusts A for `a_scope`; B's agent runs. Both protect
+    the VM's two prefixes (IPv4 and IPv6)."""
     reset_firewall(fw_b)
     a = Host("hosta", fw_a, root / "a-cfg", root / "a-state")
     b = Host("hostb", fw_b, root / "b-cfg", root / "b-state")
     ids = {}
     for h in (a, b):  # what `keys init` and `peers add` write (the CLI has tests of its own)
         protect.add_protected(h.fw, PREFIX)
+        protect.add_protected(h.fw, PREFIX6)
         ids[h.name] = HostIdentity.init(h.config, h.name)
     port = free_port()
-    for h, other, address, scope in ((a, b, f"127.0.0.1:{port}", PREFIX),
+    for h, other, address, scope in ((a, b, f"127.0.0.1:{port}", BOTH),
                                      (b, a, "127.0.0.1:1", a_scope)):
         trust = TrustStore.load(h.config)
         trust.add(other.name, address, ids[other.name].public_b64, vms=scope)
@@ -132,17 +137,20 @@ def make_pair(fw_a: Firewall, fw_b: Firewall, root: Path, *agent_args: str,
         agent.stop()
 
 
-def establish(fw: Firewall, n: int, base: int = 20000) -> None:
+def establish(fw: Firewall, n: int, base: int = 20000, vm: str = VM) -> None:
+    """n outbound TCP connections of the VM's address `vm` (IPv4 or IPv6), established
+    by the real program."""
+    tcp, client = (P.tcp6, CLIENT6) if ":" in vm else (P.tcp, CLIENT)
     for i in range(n):
         sp = base + i
-        assert run_frame(fw, P.tcp(VM, sp, CLIENT, 443, P.SYN)) == "PASS"
-        assert run_frame(fw, P.tcp(CLIENT, 443, VM, sp, P.SYN | P.ACK)) == "PASS"
-        assert run_frame(fw, P.tcp(VM, sp, CLIENT, 443, P.ACK)) == "PASS"
+        assert run_frame(fw, tcp(vm, sp, client, 443, P.SYN)) == "PASS"
+        assert run_frame(fw, tcp(client, 443, vm, sp, P.SYN | P.ACK)) == "PASS"
+        assert run_frame(fw, tcp(vm, sp, client, 443, P.ACK)) == "PASS"
 
 
-def count_vm(fw: Firewall) -> int:
+def count_vm(fw: Firewall, vm: str = VM) -> int:
     t = sessions.read_sessions(fw)
-    return int(sessions.vm_mask(t.keys, VM).sum())
+    return int(sessions.vm_mask(t.keys, vm).sum())
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 15.0,

@@ -19,10 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agents import PREFIX, VM, Pair, count_vm, establish, free_port, make_pair, start_agent
+from agents import (
+    PREFIX,
+    PREFIX6,
+    VM,
+    VM6,
+    Pair,
+    count_vm,
+    establish,
+    free_port,
+    make_pair,
+    start_agent,
+)
 
 from sami_xdp.base.layout import load_layout
-from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.base.netutil import addr_array
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.migrate import HostIdentity, TrustStore, new_migration_id, wire
 from sami_xdp.migrate.bundle import COMP_ZLIB, HEADER, HEADER_SIZE, encode_bundle
@@ -97,13 +108,15 @@ def resign(ident: HostIdentity, body: dict) -> bytes:
 
 BAD_FIELDS = [
     ("sessions", "lots"), ("sessions", -5), ("sessions", 2**80), ("migration_id", "zz" * 16),
-    ("migration_id", None), ("vm", "not-an-ip"), ("layout_version", 1.5), ("type", "abort"),
+    ("migration_id", None), ("vms", "not-an-ip"), ("vms", ["not-an-ip"]), ("vms", []),
+    ("vms", [VM, VM6, VM]), ("vms", [VM] * 40), ("vms", [VM, 7]), ("layout_version", 1.5),
+    ("type", "abort"),
 ]
 
 
 def test_bad_fields_get_a_signed_refusal_naming_them(pair):
     conn, ident, trust = talk(pair)
-    good = {"type": "preflight", "to": "hostb", "vm": VM, "migration_id": "ab" * 16,
+    good = {"type": "preflight", "to": "hostb", "vms": [VM, VM6], "migration_id": "ab" * 16,
             "layout_version": LAYOUT, "sessions": 1}
     with conn:
         for field, value in BAD_FIELDS:
@@ -148,7 +161,7 @@ def test_an_abort_is_obeyed_only_from_the_migrations_source_and_only_once(pair, 
 
 def test_a_replayed_preflight_is_refused(pair):
     conn, ident, trust = talk(pair)
-    msg = sign_control(ident, {"type": "preflight", "to": "hostb", "vm": VM,
+    msg = sign_control(ident, {"type": "preflight", "to": "hostb", "vms": [VM],
                                "migration_id": "cd" * 16, "layout_version": LAYOUT,
                                "sessions": 0})
     with conn:
@@ -161,7 +174,7 @@ def test_preflight_names_the_scope(pair, tmp_path):
     c, trust_c = add_peer_c(pair, tmp_path)
     with Connection(trust_c.get("hostb"), c) as conn:
         reply = conn.request(MSG_PREFLIGHT, sign_control(c, {
-            "type": "preflight", "to": "hostb", "vm": VM, "migration_id": "ef" * 16,
+            "type": "preflight", "to": "hostb", "vms": [VM], "migration_id": "ef" * 16,
             "layout_version": LAYOUT, "sessions": 0}))
     body = answer(pair, reply, trust_c, "hostc")
     assert body["ok"] is False and "outside the scope of hostc" in body["reason"]
@@ -268,7 +281,7 @@ def test_an_authenticated_peer_that_dribbles_a_frame_is_cut_off(pair):
 def bomb(ident: HostIdentity, declared_sessions: int, inflated: int) -> bytes:
     """A signed bundle (zlib) whose header declares `declared_sessions` records and
     whose body inflates to `inflated` bytes of zeros."""
-    base = encode_bundle({}, identity=ident, vm=ip_to_be32(VM), audience="hostb", seq=1,
+    base = encode_bundle({}, identity=ident, vms=[VM], audience="hostb", seq=1,
                          migration_id=new_migration_id(), layout_version=LAYOUT,
                          compression="zlib")
     h = np.frombuffer(base[:HEADER_SIZE], dtype=HEADER).copy()
@@ -281,7 +294,7 @@ def bomb(ident: HostIdentity, declared_sessions: int, inflated: int) -> bytes:
     h["raw_body_len"] = declared_sessions * wire.SESSION_WIRE.itemsize
     h["body_len"] = len(data)
     h["compression"] = COMP_ZLIB
-    signed = h.tobytes() + data
+    signed = h.tobytes() + addr_array([VM]).tobytes() + data
     return signed + ident.sign(signed)
 
 
@@ -337,3 +350,53 @@ def test_a_second_agent_on_the_same_state_dir_recovers_nothing_twice(pair, tmp_p
         assert not [e for e in other.events() if e["event"] == "recovered"]
     finally:
         other.stop()
+
+
+# ---- a VM of several addresses -------------------------------------------------------------------
+
+
+def test_preflight_names_each_address_outside_the_scope(fw, firewall_b, tmp_path):
+    with make_pair(fw, firewall_b, tmp_path, a_scope=PREFIX) as pair:  # IPv4 only
+        conn, ident, trust = talk(pair)
+        with conn:
+            reply = conn.request(MSG_PREFLIGHT, sign_control(ident, {
+                "type": "preflight", "to": "hostb", "vms": [VM, VM6],
+                "migration_id": "ab" * 16, "layout_version": LAYOUT, "sessions": 0}))
+        body = answer(pair, reply, trust)
+        assert body["ok"] is False
+        assert body["reason"] == f"{VM6} is outside the scope of hosta here (vms: {PREFIX})"
+
+
+@pytest.mark.parametrize("table", ["out-of-scope", "twice"])
+def test_a_bundle_is_refused_on_its_address_table_before_its_body_is_read(fw, firewall_b,
+                                                                          tmp_path, table):
+    """B trusts A for the VM's IPv4 prefix only: a bundle of the dual-stack VM (or one
+    listing an address twice) is refused once its header and address table are in, with
+    the rest of it never sent, and nothing is loaded."""
+    from sami_xdp.migrate import wire
+
+    with make_pair(fw, firewall_b, tmp_path, a_scope=f"{PREFIX},{PREFIX6}" if table == "twice"
+                   else PREFIX) as pair:
+        conn, ident, trust = talk(pair)
+        rec = np.zeros(1000, dtype=wire.SESSION_WIRE)
+        rec["addr_lo"], rec["addr_hi"] = addr_array([VM6])[0], addr_array(["2001:db8:99::5"])[0]
+        rec["port_lo"], rec["proto"], rec["state"] = np.arange(1000), 6, 3
+        vms = [VM, VM6] if table == "out-of-scope" else [VM6, VM, VM6]
+        data = encode_bundle({"sessions": rec}, identity=ident, vms=vms, audience="hostb",
+                             seq=1, migration_id=new_migration_id(), layout_version=LAYOUT)
+        head = HEADER_SIZE + 16 * len(vms)
+        with conn:
+            send_all(conn.sock, FRAME.pack(MAGIC, VERSION, MSG_BUNDLE, 0, len(data)),
+                     Deadline(5))
+            send_all(conn.sock, data[:head], Deadline(5))  # the records are never sent
+            reply = recv_frame(conn.sock, 1 << 16, Deadline(10))
+        assert reply.type == MSG_ERROR
+        body = answer(pair, reply, trust)
+        if table == "out-of-scope":
+            assert body["error"] == "out-of-scope"
+            assert body["reason"] == (
+                f"bundle for VM {VM6} is outside the scope of peer hosta (vms: {PREFIX})")
+        else:
+            assert body["error"] == "malformed" and f"lists VM address {VM6} twice" in (
+                body["reason"])
+        assert count_vm(pair.b.fw, VM6) == 0 and count_vm(pair.b.fw, VM) == 0

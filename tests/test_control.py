@@ -20,7 +20,8 @@ from sami_xdp.migrate.control import (
     sign_control,
     verify_control,
 )
-from sami_xdp.migrate.fields import FieldError, want_int, want_ip, want_mid
+from sami_xdp.migrate.fields import FieldError, want_int, want_ip, want_mid, want_vms
+from sami_xdp.migrate.vmset import MAX_VM_ADDRS
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,25 @@ def test_bad_field_values_are_refusals_naming_the_field(body, field):
         want_ip(full, "vm")
     assert exc.value.field == field and field in str(exc.value)
     assert isinstance(exc.value, ControlError)
+
+
+def test_addresses_of_either_family_are_read_canonically():
+    assert want_ip({"vm": "2001:DB8:1:0::10"}, "vm") == "2001:db8:1::10"
+    assert want_ip({"vm": "::ffff:10.1.1.1"}, "vm") == "10.1.1.1"
+    vms = want_vms({"vms": ["10.1.1.1", "2001:DB8:1::10"]})
+    assert vms.ips == ("10.1.1.1", "2001:db8:1::10") and len(vms.addrs) == 2
+
+
+@pytest.mark.parametrize("value,why", [
+    ("10.1.1.1", "expected a list"),
+    ([], "expected 1 to"),
+    ([f"10.1.1.{i}" for i in range(1, MAX_VM_ADDRS + 2)], "expected 1 to"),
+    (["10.1.1.1", "2001:db8:1::10", "::ffff:10.1.1.1"], "10.1.1.1 is given twice"),
+    (["10.1.1.1", "2001:db8:1::g"], "not an IP address"),
+    (["10.1.1.1", 7], "expected a string"),
+    (["10.1.1.0/24"], "not an IP address"),
+])
+def test_a_bad_vm_address_list_is_a_refusal_naming_the_field(value, why):
+    with pytest.raises(FieldError, match=why) as exc:
+        want_vms({"vms": value})
+    assert exc.value.field == "vms" and isinstance(exc.value, ControlError)

@@ -3,8 +3,9 @@ state-changing command or agent start ran) the destination holds exactly its pre
 state or exactly the whole import, nothing in between; the replay entry exists if and
 only if the import did; no temp files remain; a rolled-back bundle can be retried.
 
-The bundle is a final round of 200,000 sessions plus SYN counters, bans, ACL rules and
-a pickup window, so every undo step is on the line. Half the kills fall anywhere in the
+The bundle is a final round of a dual-stack VM (one IPv4 and one IPv6 address, one
+bundle): 200,000 sessions of both families plus SYN counters, bans, ACL rules and
+pickup windows of each address, so every undo step is on the line, for both. Half the kills fall anywhere in the
 importer's life, half inside the map writes (once its undo record is on disk)."""
 
 from __future__ import annotations
@@ -23,9 +24,22 @@ import numpy as np
 import pytest
 from agents import Host, free_port, start_agent
 from conftest import reset_firewall, run_frame
-from twohosts import ATTACKER, CLIENT, PREFIX, VM, VM2, make_state_a
+from twohosts import (
+    ATTACKER,
+    ATTACKER6,
+    CLIENT,
+    CLIENT6,
+    DUAL,
+    PREFIX,
+    PREFIX6,
+    VM,
+    VM2,
+    VM2_6,
+    VM6,
+    make_dual_state_a,
+)
 
-from sami_xdp.base.netutil import ip_to_be32
+from sami_xdp.base.netutil import addr_array, is_ipv4_addr
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.migrate import (
     ExportState,
@@ -77,14 +91,20 @@ def fingerprint(fw: Firewall, with_times: bool = True) -> dict[str, str]:
     return out
 
 
-def fill_vm(fw: Firewall, n: int) -> None:
-    """n established sessions VM:443 <-> distinct clients (VM is the lo end)."""
+def fill_vm(fw: Firewall, vm: str, n: int) -> None:
+    """n established sessions vm:443 <-> distinct clients of its family (vm is the lo
+    end: the clients are 198.0.0.0/8, or 2001:db8:c6::/48)."""
     m = fw.maps["sessions"]
     now = time.monotonic_ns()
     k = np.zeros(n, m.key_dtype)
     v = np.zeros(n, m.value_dtype)
-    peer = (np.uint32(0xC6000000) + np.arange(n, dtype=np.uint32)).byteswap()
-    k["addr_lo"], k["addr_hi"] = ip_to_be32(VM), peer
+    peer = np.zeros(n, m.key_dtype["addr_hi"])
+    v4 = bool(is_ipv4_addr(addr_array([vm]))[0])
+    first = addr_array(["198.0.0.0" if v4 else "2001:db8:c6::"])[0]
+    peer[:] = first
+    peer["w"][:, 3] = (np.uint32(0xC6000000 if v4 else 0) + np.arange(n, dtype=np.uint32)
+                       ).byteswap()
+    k["addr_lo"], k["addr_hi"] = addr_array([vm])[0], peer
     k["port_lo"], k["port_hi"], k["proto"] = np.uint16(443).byteswap(), 0x5000, 6
     v["state"], v["initiator"] = fw.const("ST_ESTABLISHED"), fw.const("SIDE_HI")
     v["flags"] = fw.const("SESS_F_INBOUND") | fw.const("SESS_F_VM_LO")
@@ -112,26 +132,36 @@ def crash(firewall: Firewall, firewall_b: Firewall, tmp_path_factory) -> Iterato
     reset_firewall(firewall_b)
     for fw in (firewall, firewall_b):
         protect.add_protected(fw, PREFIX)
-    make_state_a(firewall)  # sessions, half-open, SYN counters, a ban, ACL rules
-    fill_vm(firewall, N_SESSIONS)
-    # B's own state: a session of the VM the bundle overwrites, others it must keep
+        protect.add_protected(fw, PREFIX6)
+    # bans outlive the module (it runs longer than the default ban of 60 s): a bundle
+    # loaded late must hold what the first one held
+    firewall.set_config(firewall.const("CFG_BAN_S"), 3600)
+    make_dual_state_a(firewall)  # sessions, half-open, SYN counters, bans, ACL rules
+    fill_vm(firewall, VM, N_SESSIONS // 2)
+    fill_vm(firewall, VM6, N_SESSIONS - N_SESSIONS // 2)
+    # B's own state: sessions of the VM the bundle overwrites (one per address), rules
+    # of both addresses it replaces, a pickup window, others it must keep
     run_frame(firewall_b, P.tcp(VM2, 40000, CLIENT, 80, P.SYN))
     run_frame(firewall_b, P.udp(VM2, 1, CLIENT, 2))
+    run_frame(firewall_b, P.tcp6(VM2_6, 40000, CLIENT6, 80, P.SYN))
     acl.add_rules(firewall_b, [acl.make_rule(firewall_b, vm=VM, proto="tcp", dport="8080"),
+                               acl.make_rule(firewall_b, vm=VM6, proto="tcp", dport="8080"),
                                acl.make_rule(firewall_b, vm=VM2, proto="udp")])
+    firewall_b.maps["pickup"].update(addr_array([VM6]), np.array([12345], np.uint64))
     k, v = firewall.maps["sessions"].dump()
-    mine = k[(k["addr_lo"] == ip_to_be32(VM)) & (k["proto"] == 6)][:1]
-    old = v[:1].copy()
-    old["state"] = 5
-    firewall_b.maps["sessions"].update_many(mine, old)
+    for vm in DUAL:
+        mine = k[(k["addr_lo"] == addr_array([vm])[0]) & (k["proto"] == 6)][:1]
+        old = v[:1].copy()
+        old["state"] = 5
+        firewall_b.maps["sessions"].update_many(mine, old)
     a = HostIdentity.init(root / "a-cfg", "host-a")
     b = HostIdentity.init(root / "b-cfg", "host-b")
     trust = TrustStore.load(root / "b-cfg")
-    trust.add("host-a", "127.0.0.1:1", a.public_b64, vms=PREFIX)
+    trust.add("host-a", "127.0.0.1:1", a.public_b64, vms=f"{PREFIX},{PREFIX6}")
     trust.save()
     mid = new_migration_id()
     path = root / "vm.bundle"
-    path.write_bytes(build_bundle(firewall, VM, b.host_id, 1, mid, "final", ExportState(),
+    path.write_bytes(build_bundle(firewall, DUAL, b.host_id, 1, mid, "final", ExportState(),
                                   identity=a, validity_s=3600))
     host = Host("host-b", firewall_b, root / "b-cfg", root / "ref-state")
     before, before_times = fingerprint(firewall_b, False), fingerprint(firewall_b)
@@ -264,7 +294,9 @@ def test_kill_9_of_the_agent_mid_import_is_undone_at_its_next_start(crash, tmp_p
         restore(crash, fw, state, result)
     assert seen <= {"previous", "full"}
     assert parse_bundle(data).counts()["sessions"] >= N_SESSIONS
+    assert parse_bundle(data).vm_ips == DUAL
     assert run_frame(crash.b.fw, P.tcp(ATTACKER, 1, VM, 2, P.ACK)) == "DROP"
+    assert run_frame(crash.b.fw, P.tcp6(ATTACKER6, 1, VM6, 2, P.ACK)) == "DROP"
 
 
 @pytest.fixture

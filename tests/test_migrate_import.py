@@ -19,7 +19,7 @@ import pytest
 from conftest import run_frame
 from typer.testing import CliRunner
 
-from sami_xdp.base.netutil import ip_to_be32, port_be
+from sami_xdp.base.netutil import addr_array, addr_to_ip, addrs_to_ips, ip_to_addr, port_be
 from sami_xdp.loader import batch
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.migrate import (
@@ -115,7 +115,7 @@ def test_round_trip_sessions_syn_blacklist_acl(fw_a, fw_b, hosts):
     assert svb["count"].tolist() == sva["count"].tolist()
     assert svb["total"].tolist() == sva["total"].tolist()
     (ba, bva), (bb, bvb) = before["blacklist"], after["blacklist"]
-    assert ba.tolist() == bb.tolist() == [ip_to_be32(ATTACKER)]
+    assert addrs_to_ips(ba) == addrs_to_ips(bb) == [ATTACKER]
     assert abs(int(bvb["expires_ns"][0]) - int(bva["expires_ns"][0])) < 20_000_000
     assert bvb["dropped"].tolist() == bva["dropped"].tolist()
     assert len(vm_entries(fw_b, VM2)["sessions"][0]) == 0  # the other VM stayed on A
@@ -155,14 +155,14 @@ def test_pickup_window_is_set(fw_a, fw_b, hosts):
     make_state_a(fw_a)
     t0 = time.monotonic_ns()
     res = hosts.receive(fw_b, full_bundle(fw_a, hosts, kind="final"), pickup_s=7)
-    deadline = int(fw_b.maps["pickup"].lookup(np.array([ip_to_be32(VM)], np.uint32)))
+    deadline = int(fw_b.maps["pickup"].lookup(addr_array([VM])))
     assert deadline == res.pickup_until_ns
     assert t0 + 7e9 <= deadline <= time.monotonic_ns() + 7e9
     # mid-flow TCP of an unknown connection of the VM is picked up inside the window
     assert run_frame(fw_b, P.tcp(CLIENT, 81, VM, 41000, P.ACK)) == "PASS"
     assert stats.verdict_packets(fw_b)["pass-pickup"] == 1
     # once the window has closed, mid-flow TCP is strict again
-    key = np.array([ip_to_be32(VM)], np.uint32)
+    key = addr_array([VM])
     fw_b.maps["pickup"].update(key, np.array([time.monotonic_ns() - 50_000_000], np.uint64))
     assert run_frame(fw_b, P.tcp(CLIENT, 82, VM, 41001, P.ACK)) == "DROP"
     assert stats.verdict_packets(fw_b)["drop-no-session"] == 1
@@ -178,9 +178,9 @@ def test_an_imported_ban_never_replaces_a_live_ban_made_here(fw_a, fw_b, hosts):
     acl.add_rules(fw_b, [acl.make_rule(fw_b, vm=VM2, proto="tcp", dport="80")])
     run_frame(fw_b, P.tcp(ATTACKER, 1000, VM2, 80, P.SYN))
     assert run_frame(fw_b, P.tcp(ATTACKER, 1001, VM2, 80, P.SYN)) == "DROP"
-    key = np.array([ip_to_be32(ATTACKER)], np.uint32)
+    key = addr_array([ATTACKER])
     own = fw_b.maps["blacklist"].lookup(key)
-    assert own is not None and int(own["vm"]) == ip_to_be32(VM2)
+    assert own is not None and addr_to_ip(own["vm"]) == VM2
     res = hosts.receive(fw_b, full_bundle(fw_a, hosts), pickup_s=0)
     assert res.skipped["local_bans"] == 1 and res.counts["blacklist"] == 0
     after = fw_b.maps["blacklist"].lookup(key)
@@ -192,17 +192,17 @@ def test_an_imported_ban_never_replaces_a_live_ban_imported_for_another_vm(fw_a,
     ATTACKER too. The entry stays VM2's: one source has one ban entry, and a bundle
     acts on its own VM only."""
     make_state_a(fw_a)  # ATTACKER banned for VM on A
-    key = np.array([ip_to_be32(ATTACKER)], np.uint32)
+    key = addr_array([ATTACKER])
     value = fw_a.maps["blacklist"].lookup(key)
     fw_a.maps["blacklist"].delete(key)
     assert value is not None
-    value["vm"] = ip_to_be32(VM2)
+    value["vm"] = ip_to_addr(VM2)
     fw_a.maps["blacklist"].update(key, value)
     hosts.receive(fw_b, build_bundle(fw_a, VM2, "host-b", 1, new_migration_id(), "full",
                                      ExportState(), identity=hosts.a), pickup_s=0)
     theirs = fw_b.maps["blacklist"].lookup(key)
     assert theirs is not None and int(theirs["flags"]) == fw_b.const("BL_F_VM_ONLY")
-    value["vm"] = ip_to_be32(VM)
+    value["vm"] = ip_to_addr(VM)
     fw_a.maps["blacklist"].update(key, value)
     res = hosts.receive(fw_b, full_bundle(fw_a, hosts), pickup_s=0)
     assert res.skipped["foreign_bans"] == 1 and res.counts["blacklist"] == 0
@@ -245,20 +245,20 @@ def _poisoned(hosts: Hosts, section: str) -> bytes:
     from sami_xdp.migrate import wire
 
     rec = np.zeros(2, dtype=wire.SESSION_WIRE)
-    rec["addr_lo"], rec["addr_hi"] = ip_to_be32(VM), ip_to_be32(CLIENT)
+    rec["addr_lo"], rec["addr_hi"] = ip_to_addr(VM), ip_to_addr(CLIENT)
     rec["port_lo"], rec["port_hi"] = port_be(22), [port_be(5000), port_be(5001)]
     rec["proto"], rec["state"] = 6, 3
     secs: dict[str, Any] = {"sessions": rec}
     if section == "sessions":
-        rec["addr_lo"][1] = ip_to_be32(VM2)  # a session of another VM
+        rec["addr_lo"][1] = ip_to_addr(VM2)  # a session of another VM
     else:
         bl = np.zeros(1, dtype=wire.BLACKLIST_WIRE)
-        bl["src"], bl["vm"], bl["remaining_ms"] = ip_to_be32(ATTACKER), ip_to_be32(VM2), 60_000
+        bl["src"], bl["vm"], bl["remaining_ms"] = ip_to_addr(ATTACKER), ip_to_addr(VM2), 60_000
         secs["blacklist"] = bl  # a ban that belongs to another VM
     return encode_bundle(
         secs,
         identity=hosts.a,
-        vm=ip_to_be32(VM),
+        vms=[VM],
         audience="host-b",
         seq=1,
         migration_id=new_migration_id(),
@@ -337,8 +337,8 @@ def test_capacity_refusal_writes_nothing(fw_a, fw_b, hosts):
     cap = m.info.max_entries
     n = cap  # full
     k = np.zeros(n, m.key_dtype)
-    k["addr_lo"] = np.arange(n, dtype=np.uint32)
-    k["addr_hi"] = ip_to_be32("172.16.0.1")
+    k["addr_lo"]["w"][:, 3] = np.arange(n, dtype=np.uint32)  # distinct, all below addr_hi
+    k["addr_hi"] = ip_to_addr("172.16.0.1")
     k["proto"] = 17
     v = np.zeros(n, m.value_dtype)
     v["state"] = 8
@@ -361,7 +361,7 @@ def _preexisting_on_b(fw_b: Firewall, fw_a: Firewall) -> None:
     """B already holds one of the VM's session keys (other value), one of its SYN
     counter keys, and unrelated entries: overwritten ones must come back."""
     k, v = fw_a.maps["sessions"].dump()
-    mine = (k["addr_lo"] == ip_to_be32(VM)) & (k["proto"] == 6)
+    mine = (k["addr_lo"] == ip_to_addr(VM)) & (k["proto"] == 6)
     old = v[mine][:1].copy()
     old["state"] = 5
     old["packets"] = [[111, 222]]
@@ -431,7 +431,7 @@ def test_delta_rounds_apply_changes_and_deletes(fw_a, fw_b, hosts):
     udp = [k for k in fw_a.maps["unassured"].dump()[0] if int(k["proto"]) == 17]
     fw_a.maps["unassured"].delete(udp[0])
     assert run_frame(fw_a, P.tcp(VM, 40002, CLIENT, 443, P.SYN)) == "PASS"
-    fw_a.maps["blacklist"].delete(np.array([ip_to_be32(ATTACKER)], np.uint32))
+    fw_a.maps["blacklist"].delete(addr_array([ATTACKER]))
     acl.add_rules(fw_a, [acl.make_rule(fw_a, vm=VM, proto="tcp", dport="443", priority=5)])
     time.sleep(0.1)
 

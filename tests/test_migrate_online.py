@@ -13,7 +13,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import CLIENT, VM, Pair, count_vm, establish, free_port, make_pair, wait_for
+from agents import (
+    CLIENT,
+    CLIENT6,
+    PREFIX,
+    VM,
+    VM6,
+    Pair,
+    count_vm,
+    establish,
+    free_port,
+    make_pair,
+    wait_for,
+)
 from conftest import run_frame
 
 from sami_xdp.loader.pinned import Firewall
@@ -190,7 +202,7 @@ def test_agent_refuses_an_expired_bundle(pair: Pair) -> None:
     ident = HostIdentity.load(pair.a.config)
     state = export_vm_state(pair.a.fw, VM)
     data = encode_bundle(
-        state.sections(), identity=ident, vm=state.vm, audience="hostb", seq=1,
+        state.sections(), identity=ident, vms=state.vms.addrs, audience="hostb", seq=1,
         migration_id=new_migration_id(),
         layout_version=pair.a.fw.const("SAMIXDP_LAYOUT_VERSION"),
         acl_digest=state.acl_digest, validity_s=60,
@@ -204,3 +216,78 @@ def test_agent_refuses_an_expired_bundle(pair: Pair) -> None:
     assert body["ok"] is False and "expired" in body["reason"], body
     assert count_vm(pair.b.fw) == 0
     assert ImportRecords(pair.b.state).list() == []
+
+
+# ---- a dual-stack VM: all its addresses, one bundle a round ------------------------------------
+
+
+def test_migrate_moves_a_dual_stack_vm_whole(pair: Pair) -> None:
+    """`migrate --vm V4 --vm V6`: one bundle a round holds both addresses; B carries the
+    flows of both families; the source cleanup removes both."""
+    establish(pair.a.fw, 6)
+    establish(pair.a.fw, 4, vm=VM6)
+    acl.add_rules(pair.a.fw, [acl.make_rule(pair.a.fw, vm=VM, proto="tcp", dport="22"),
+                              acl.make_rule(pair.a.fw, vm=VM6, proto="tcp", dport="22")])
+    res = pair.a.cli("migrate", "--vm", VM, "--vm", "2001:DB8:1::10", "--peer", "hostb",
+                     "--rounds", "1", "--interval", "0.1", "--source-grace", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["outcome"] == "completed"
+    assert report["vms"] == [VM, VM6] and report["vm"] == f"{VM},{VM6}"
+    full = report["phases"][1]
+    assert full["exported"]["sessions"] == 10
+    assert full["imported"]["sessions"] == 10 and full["imported"]["acl_rules"] == 2
+    assert count_vm(pair.b.fw) == 6 and count_vm(pair.b.fw, VM6) == 4
+    imported = json.loads(pair.b.cli("imports", "list", "--json").stdout)
+    assert [(r["vms"], len(r["rounds"])) for r in imported] == [([VM, VM6], 3)]
+    assert run_frame(pair.b.fw, P.tcp6(CLIENT6, 443, VM6, 20001, P.ACK | P.PSH, b"x")) == "PASS"
+    assert run_frame(pair.b.fw, P.tcp(CLIENT, 443, VM, 20001, P.ACK | P.PSH, b"x")) == "PASS"
+    assert run_frame(pair.b.fw, P.tcp6(CLIENT6, 5555, VM6, 22, P.SYN)) == "PASS"
+    assert run_frame(pair.b.fw, P.tcp6(CLIENT6, 5555, VM6, 23, P.SYN)) == "DROP"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (count_vm(pair.a.fw) or count_vm(pair.a.fw, VM6)):
+        time.sleep(0.2)
+    assert count_vm(pair.a.fw) == 0 and count_vm(pair.a.fw, VM6) == 0
+    wait_for("the rules' cleanup", lambda: len(acl.vm_entries(pair.a.fw, VM6)) == 0)
+
+
+def test_final_and_abort_find_the_migration_by_any_of_its_addresses(pair: Pair) -> None:
+    establish(pair.a.fw, 3)
+    establish(pair.a.fw, 2, vm=VM6)
+    bg = pair.a.popen("migrate", "--vm", VM, "--vm", VM6, "--peer", "hostb", "--until-cutover",
+                      "--interval", "0.1", "--keep-source", "--json")
+    try:
+        wait_for("the full copy on B", lambda: count_vm(pair.b.fw, VM6) == 2, alive=bg)
+        fin = pair.a.cli("migrate", "--vm", VM6, "--final", "--json")
+        assert fin.returncode == 0, fin.stderr
+        bg.wait(timeout=20)
+    finally:
+        if bg.poll() is None:
+            bg.kill()
+    assert bg.returncode == 0
+    assert json.loads(fin.stdout)["outcome"] == "completed"
+    assert count_vm(pair.b.fw) == 3 and count_vm(pair.b.fw, VM6) == 2
+    res = pair.a.cli("migrate", "--vm", VM, "--abort")
+    assert res.returncode == 0, res.stderr
+    assert f"of {VM},{VM6}" in res.stdout
+    assert count_vm(pair.b.fw) == 0 and count_vm(pair.b.fw, VM6) == 0
+    assert count_vm(pair.a.fw) == 3 and count_vm(pair.a.fw, VM6) == 2
+    res = pair.a.cli("migrate", "--vm", "2001:db8:1::99", "--abort")
+    assert res.returncode != 0
+    assert res.stderr.strip() == "samixdp: error: no migration of 2001:db8:1::99 recorded on " \
+                                 "this host"
+
+
+def test_a_destination_trusting_one_address_refuses_the_whole_vm(fw, firewall_b,
+                                                                 tmp_path: Path) -> None:
+    with make_pair(fw, firewall_b, tmp_path, a_scope=PREFIX) as pair:
+        establish(pair.a.fw, 2)
+        establish(pair.a.fw, 2, vm=VM6)
+        res = pair.a.cli("migrate", "--vm", VM, "--vm", VM6, "--peer", "hostb")
+        assert res.returncode != 0
+        err = res.stderr.strip().splitlines()[-1]
+        assert err.startswith("samixdp: error: preflight refused by hostb:")
+        assert f"{VM6} is outside the scope of hosta here (vms: {PREFIX})" in err
+        assert f"{VM} is" not in err  # only the address at fault is named
+        assert count_vm(pair.b.fw) == 0 and count_vm(pair.b.fw, VM6) == 0
+        assert ImportRecords(pair.b.state).list() == []

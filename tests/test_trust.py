@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sami_xdp.base.layout import load_layout
-from sami_xdp.base.netutil import ip_to_be32, port_be
+from sami_xdp.base.netutil import ip_to_addr, port_be
 from sami_xdp.migrate import wire
 from sami_xdp.migrate.bundle import encode_bundle
 from sami_xdp.migrate.errors import (
@@ -50,13 +50,13 @@ def bundle(
     **kw: Any,
 ) -> bytes:
     rec = np.zeros(1, dtype=wire.SESSION_WIRE)
-    rec["addr_lo"], rec["addr_hi"] = ip_to_be32(VM), ip_to_be32("192.0.2.10")
+    rec["addr_lo"], rec["addr_hi"] = ip_to_addr(VM), ip_to_addr("192.0.2.10")
     rec["port_lo"], rec["port_hi"] = port_be(22), port_be(50000)
     rec["proto"], rec["state"] = 6, 3
     return encode_bundle(
         {"sessions": rec},
         identity=ident,
-        vm=ip_to_be32(VM),
+        vms=[VM],
         audience=audience,
         seq=seq,
         migration_id=mid,
@@ -160,7 +160,7 @@ def test_trust_store_validation(hosts):
 def test_accepts_trusted_signer_for_this_host(hosts):
     a, b, root = hosts
     vb = verify_bundle(bundle(a), TrustStore.load(root / "b"), "host-b")
-    assert vb.peer.name == "host-a" and vb.vm_ip == VM
+    assert vb.peer.name == "host-a" and vb.vm_ips == [VM]
 
 
 def test_unknown_signer(hosts, tmp_path):
@@ -275,3 +275,56 @@ def test_inspect_does_not_consume(hosts):
         assert not bad["valid"] and bad["refusal"] == "wrong-audience"
         junk = inspect_bundle(b"nonsense", t, "host-b", rc)
         assert not junk["valid"] and junk["refusal"] == "malformed"
+
+
+# ---- scopes of either family ----------------------------------------------------------------
+
+
+def test_a_scope_holds_prefixes_of_both_families_canonically(hosts):
+    from sami_xdp.migrate.peers import parse_scope, scope_text
+
+    a, b, root = hosts
+    scope = parse_scope(" 2001:DB8:1:0::/64,10.1.1.0/24 ,2001:db8:1::10/128")
+    assert scope_text(scope) == "10.1.1.0/24,2001:db8:1::/64,2001:db8:1::10/128"
+    t = TrustStore.load(root / "b")
+    t.set_vms("host-a", scope)
+    t.save()
+    doc = json.loads((root / "b" / "peers.json").read_text())
+    assert doc["peers"][0]["vms"] == ["10.1.1.0/24", "2001:db8:1::/64", "2001:db8:1::10/128"]
+    p = TrustStore.load(root / "b").get("host-a")
+    assert p.covers("2001:db8:1::ffff") and p.covers("10.1.1.9")
+    assert not p.covers("2001:db8:2::1") and not p.covers("10.1.2.1")
+    assert p.covers("::ffff:10.1.1.9")  # the IPv4-mapped form is the IPv4 address
+    for bad in ("2001:db8::/129", "2001:db8::g/64", "10.1.1.0/33", "x"):
+        with pytest.raises(TrustStoreError, match="not an IP prefix"):
+            parse_scope(bad)
+    # an IPv6 prefix around the IPv4-mapped space would cover every IPv4 VM
+    for wide in ("::/0", "::/80", "::ffff:0:0/95"):
+        with pytest.raises(TrustStoreError, match="covers the IPv4-mapped space"):
+            parse_scope(f"10.1.1.0/24,{wide}")
+    assert parse_scope("::ffff:10.1.1.0/120") == parse_scope("10.1.1.0/24")
+    doc["peers"][0]["vms"] = ["2001:db8:1::/64", "::/0"]  # written by hand
+    (root / "b" / "peers.json").write_text(json.dumps(doc))
+    with pytest.raises(TrustStoreError, match="covers the IPv4-mapped space"):
+        TrustStore.load(root / "b")
+
+
+def test_peers_cli_takes_and_prints_ipv6_scopes(tmp_path):
+    from typer.testing import CliRunner
+
+    from sami_xdp.cli import app
+
+    runner = CliRunner()
+    other = HostIdentity.generate("host-a")
+    cfg = ["--config-dir", str(tmp_path)]
+    res = runner.invoke(app, [*cfg, "peers", "add", "host-a", "--address", "[2001:db8::1]:7800",
+                              "--key", other.public_b64, "--vms", "10.1.1.0/24,2001:DB8:1::/64"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "vms 10.1.1.0/24,2001:db8:1::/64" in res.output
+    listed = json.loads(runner.invoke(app, [*cfg, "peers", "list", "--json"]).output)
+    assert listed[0]["vms"] == ["10.1.1.0/24", "2001:db8:1::/64"]
+    res = runner.invoke(app, [*cfg, "peers", "set-vms", "host-a", "2001:db8:1::10"])
+    assert res.exit_code == 0 and "may send state for: 2001:db8:1::10/128" in res.output
+    res = runner.invoke(app, [*cfg, "peers", "set-vms", "host-a", "2001:db8:1::/129"])
+    assert isinstance(res.exception, TrustStoreError)
+    assert TrustStore.load(tmp_path).get("host-a").vms[0].compressed == "2001:db8:1::10/128"

@@ -1,6 +1,9 @@
 """Moving a VM's state: `export`, `import`, `bundle inspect`, `imports ...` (what
 this host received), `agent` (the destination's server) and `migrate` (the
-source's phases)."""
+source's phases).
+
+A VM is all its addresses: every command that names one takes `--vm` once per
+address (`--vm 10.1.1.1 --vm 2001:db8:1::10`), and moves or finds them together."""
 
 from __future__ import annotations
 
@@ -13,17 +16,18 @@ from typing import Annotated, Any
 import typer
 
 from ..base.errors import InvalidArgument
-from ..base.netutil import ip_to_be32
 from ..loader import bpffs
 from ..migrate import running
 from ..migrate.agent import AgentConfig, serve
 from ..migrate.bundle import (
     COMPRESSIONS,
     DEFAULT_VALIDITY_S,
+    FORMAT_VERSION,
     MAX_VALIDITY_S,
     new_migration_id,
     parse_bundle,
 )
+from ..migrate.describe import record_lines
 from ..migrate.errors import (
     BundleRefused,
     MigrationRefused,
@@ -42,10 +46,12 @@ from ..migrate.replay import REPLAY_FILE, ReplayCache
 from ..migrate.select import ExportState
 from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S
 from ..migrate.verify import inspect_bundle, verify_bundle
+from ..migrate.vmset import VmAddrs
 from .common import emit_json, root_opts, table
 from .values import output_path, read_input, seconds, whole
 
 MAX_WAIT_S = 7 * 86400.0
+VM_HELP = "An address of the VM; repeat for each of its addresses (either family)."
 
 bundle_app = typer.Typer(no_args_is_help=True, help="Look at migration bundle files.")
 imports_app = typer.Typer(no_args_is_help=True, help="Migrations imported on this host.")
@@ -78,7 +84,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def export_cmd(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Option("--vm", help="The VM's IPv4 address.")],
+    vm: Annotated[list[str], typer.Option("--vm", help=VM_HELP)],
     to: Annotated[str, typer.Option("--to", help="Destination peer (its host id).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Bundle file to write.")],
     seq: Annotated[int, typer.Option(help="Phase sequence number.")] = 1,
@@ -91,10 +97,10 @@ def export_cmd(
     ] = None,
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Write a signed bundle of one VM's whole state for peer TO (a single, final
-    round: importing it opens the VM's pickup window there)."""
+    """Write a signed bundle of one VM's whole state (every address given) for peer TO
+    (a single, final round: importing it opens the VM's pickup windows there)."""
     c = root_opts(ctx)
-    ip_to_be32(vm)
+    vms = VmAddrs.parse(vm)
     output_path(output)
     if compress not in COMPRESSIONS:
         raise InvalidArgument(f"--compress must be one of {', '.join(COMPRESSIONS)}")
@@ -116,7 +122,7 @@ def export_cmd(
     with c.open() as fw:
         data = build_bundle(
             fw,
-            vm,
+            vms,
             peer.name,
             seq,
             mid,
@@ -133,7 +139,9 @@ def export_cmd(
         "file": str(output),
         "migration_id": mid.hex(),
         "seq": seq,
-        "vm": vm,
+        "vm": vms.label,
+        "vms": list(vms.ips),
+        "format_version": FORMAT_VERSION,
         "source": ident.host_id,
         "audience": peer.name,
         "bytes": len(data),
@@ -146,7 +154,7 @@ def export_cmd(
         return
     typer.echo(
         f"wrote {output}: {counts['sessions']} sessions, {counts['syn']} SYN counters, "
-        f"{counts['blacklist']} bans, {counts['acl']} ACL rules of {vm} for {peer.name} "
+        f"{counts['blacklist']} bans, {counts['acl']} ACL rules of {vms.label} for {peer.name} "
         f"({len(data)} bytes, migration {mid.hex()} #{seq}, valid {validity:g} s)"
     )
 
@@ -189,6 +197,9 @@ def import_cmd(
 def bundle_inspect(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Bundle file.")],
+    records: Annotated[
+        bool, typer.Option("--records", help="List every record (a trusted peer's bundle).")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Verify (without consuming the replay cache) and summarise a bundle.
@@ -200,7 +211,7 @@ def bundle_inspect(
     host_id = HostIdentity.load(c.config_dir).host_id if HostIdentity.exists(c.config_dir) else None
     replay = ReplayCache(c.state_dir) if (c.state_dir / REPLAY_FILE).exists() else None
     try:
-        info = inspect_bundle(data, trust, host_id, replay)
+        info = inspect_bundle(data, trust, host_id, replay, records=records)
     finally:
         if replay is not None:
             replay.close()
@@ -240,6 +251,9 @@ def _print_inspect(file: Path, info: dict[str, Any]) -> None:
     typer.echo(f"  {info['bytes']} bytes" + (f", {bps} bytes/session" if bps else ""))
     for note in info.get("notes", []):
         typer.echo(f"  note: {note}")
+    if "records" in info:
+        for line in record_lines(info["records"]):
+            typer.echo(f"  {line}")
 
 
 # ---- imports (what this host received) ----------------------------------------------------
@@ -389,7 +403,8 @@ def _print_report(report: dict, as_json: bool) -> None:
         )
     table(rows, ["phase", "ms", "bytes", "exported", "imported", "refused"])
     typer.echo(
-        f"migration {report['migration_id'][:12]} of {report['vm']} to {report['peer']}: "
+        f"migration {report['migration_id'][:12]} of {','.join(report['vms'])} to "
+        f"{report['peer']}: "
         f"{report['outcome']}, {report['total_bytes']} bytes in {report['total_seconds']:.3f} s"
     )
     if report.get("cleanup"):
@@ -398,7 +413,7 @@ def _print_report(report: dict, as_json: bool) -> None:
 
 def migrate_cmd(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Option(help="The VM's address.")],
+    vm: Annotated[list[str], typer.Option("--vm", help=VM_HELP)],
     peer: Annotated[str | None, typer.Option(help="Peer NAME or HOST:PORT.")] = None,
     rounds: Annotated[int, typer.Option(help="Delta rounds before the final one.")] = 1,
     interval: Annotated[float, typer.Option(help="Seconds between delta rounds.")] = 0.5,
@@ -421,9 +436,10 @@ def migrate_cmd(
     ] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Move VM's firewall state to a peer: preflight, full copy, deltas, final, cleanup."""
+    """Move a VM's firewall state (all its addresses, one bundle a round) to a peer:
+    preflight, full copy, deltas, final, cleanup."""
     c = root_opts(ctx)
-    ip_to_be32(vm)  # validates
+    vms = VmAddrs.parse(vm)
     whole("--rounds", rounds, 0, 10_000)
     seconds("--interval", interval, 0, 3600)
     seconds("--source-grace", source_grace, 0, MAX_WAIT_S)
@@ -431,7 +447,7 @@ def migrate_cmd(
     if final and abort:
         raise InvalidArgument("--final and --abort exclude each other")
     if final:
-        done = running.finish_running(c.state_dir, vm)
+        done = running.finish_running(c.state_dir, vms)
         _print_report(done["report"], json_)
         if done["status"] != "completed":
             raise MigrationRefused(done["report"]["outcome"])
@@ -439,7 +455,7 @@ def migrate_cmd(
     identity = HostIdentity.load(c.config_dir)
     trust = TrustStore.load(c.config_dir)
     if abort:
-        typer.echo(running.abort_migration(c.state_dir, vm, identity, trust, peer, plaintext))
+        typer.echo(running.abort_migration(c.state_dir, vms, identity, trust, peer, plaintext))
         return
     if peer is None:
         raise InvalidArgument("--peer NAME|HOST:PORT is required")
@@ -455,13 +471,13 @@ def migrate_cmd(
     )
     say = (lambda m: typer.echo(m, err=True)) if not json_ else (lambda _m: None)
     with c.change() as fw:
-        require_protected(fw, vm)
+        require_protected(fw, vms)
         report = running.run_recorded(
             fw,
             identity,
             trust,
             target,
-            vm,
+            vms,
             opts,
             state_dir=c.state_dir,
             bpffs=c.bpffs,
@@ -472,14 +488,14 @@ def migrate_cmd(
 
 def cleanup_cmd(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Option()],
+    vm: Annotated[list[str], typer.Option("--vm", help=VM_HELP)],
     grace: Annotated[float, typer.Option()] = 30.0,
     max_wait: Annotated[float, typer.Option()] = 3600.0,
 ) -> None:
-    """Wait until VM has been idle here for GRACE seconds, then delete its state."""
-    ip_to_be32(vm)
+    """Wait until the VM has been idle here for GRACE seconds, then delete its state."""
+    vms = VmAddrs.parse(vm)
     seconds("--grace", grace, 0, MAX_WAIT_S)
     seconds("--max-wait", max_wait, 0, MAX_WAIT_S)
     with root_opts(ctx).change() as fw:
-        removed = wait_and_cleanup(fw, vm, grace, max_wait, progress=typer.echo)
-    typer.echo(json.dumps({"vm": vm, "removed": removed}))
+        removed = wait_and_cleanup(fw, vms, grace, max_wait, progress=typer.echo)
+    typer.echo(json.dumps({"vm": vms.label, "vms": list(vms.ips), "removed": removed}))

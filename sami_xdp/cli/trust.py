@@ -68,7 +68,8 @@ def peers_add(
         str,
         typer.Option(
             "--vms",
-            help="VM prefixes it may send state for: PREFIX[,PREFIX...] (default none).",
+            help="VM prefixes (either family) it may send state for: PREFIX[,PREFIX...] "
+            "(default none). A VM of several addresses needs all of them inside.",
         ),
     ] = "",
     replace: Annotated[bool, typer.Option("--replace", help="Change an existing peer.")] = False,
@@ -88,7 +89,10 @@ def peers_set_vms(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The peer's host id.")],
     prefixes: Annotated[
-        str, typer.Argument(help="PREFIX[,PREFIX...] it may send state for ('none': no VM).")
+        str,
+        typer.Argument(
+            help="PREFIX[,PREFIX...] (either family) it may send state for ('none': no VM)."
+        ),
     ],
 ) -> None:
     """Change which VM prefixes a peer may send state for."""

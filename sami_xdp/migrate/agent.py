@@ -5,8 +5,9 @@ authenticated ones per source address), and must authenticate before anything
 larger than a frame header is read: a mutual TLS handshake bound to the host
 keys (tlsid.py), or in `--plaintext` mode a small signed hello. Every frame then
 has an overall deadline, its size is accepted before its payload is read, and a
-bundle's body is read only after its header fits this host's maps, the sender's
-scope and the announced length. Bundles are verified outside the import lock
+bundle's body is read only after its header fits this host's maps and the
+announced length, and every one of the VM's addresses (the table after the
+header) lies in the sender's scope. Bundles are verified outside the import lock
 (a few at a time, `max_bundles`), imports are serialised. Every request gets an
 answer signed by this host: the counts imported, or a refusal naming the reason
 (the field, for a bad control message); a bug in a handler becomes a logged
@@ -32,17 +33,17 @@ from typing import Any
 import numpy as np
 
 from ..base.errors import SamiError
-from ..base.netutil import ip_to_be32
+from ..base.netutil import in_networks
 from ..loader.pinned import Firewall
-from ..policy.protect import is_protected
+from ..policy.protect import list_protected
 from ..policy.sessions import SESSION_MAPS
-from .bundle import HEADER_SIZE, bundle_size, parse_header
+from .bundle import HEADER_SIZE, bundle_size, parse_header, parse_vms, vms_size
 from .control import bundle_digest, nonce_of, sign_control, verify_control
 from .errors import BundleRefused, MigrateError, TransportError
-from .fields import FieldError, want_int, want_ip, want_mid
+from .fields import FieldError, want_int, want_mid, want_vms
 from .importer import DEFAULT_PICKUP_S, abort_import, import_vm_state
 from .keys import HostIdentity
-from .peers import Peer, TrustStore, in_scope, scope_text
+from .peers import Peer, TrustStore, scope_text
 from .plan import record_limits
 from .recovery import recover
 from .replay import ReplayCache
@@ -66,7 +67,7 @@ from .transport import (
     recv_into,
     send_frame,
 )
-from .verify import verify_bundle
+from .verify import check_scope, verify_bundle
 
 
 @dataclass
@@ -304,16 +305,19 @@ class Agent:
     def preflight(self, peer: Peer, body: dict[str, Any], nonce: str | None) -> bytes:
         if body.get("type") != "preflight":
             raise FieldError("type", "a preflight frame must hold a preflight message")
-        vm = want_ip(body, "vm")
+        vms = want_vms(body, "vms")
         mid = want_mid(body)
         want_layout = want_int(body, "layout_version")
         need = want_int(body, "sessions")
         reasons = []
-        if not in_scope(peer.vms, ip_to_be32(vm)):
-            reasons.append(f"{vm} is outside the scope of {peer.name} here "
-                           f"(vms: {scope_text(peer.vms)})")
-        if not is_protected(self.fw, vm):
-            reasons.append(f"{vm} is not in a protected prefix of {self.me}")
+        in_scope, protected = peer.covers_all(vms.addrs), in_networks(
+            vms.addrs, list_protected(self.fw))
+        for ip, ok_scope, ok_here in zip(vms.ips, in_scope, protected, strict=True):
+            if not ok_scope:
+                reasons.append(f"{ip} is outside the scope of {peer.name} here "
+                               f"(vms: {scope_text(peer.vms)})")
+            if not ok_here:
+                reasons.append(f"{ip} is not in a protected prefix of {self.me}")
         layout = self.fw.const("SAMIXDP_LAYOUT_VERSION")
         if want_layout != layout:
             reasons.append(f"layout version {want_layout} differs from {self.me}'s {layout}")
@@ -324,7 +328,7 @@ class Agent:
         if need > free["sessions"] + free["unassured"]:
             reasons.append(f"{self.me} has room for {free['sessions']} sessions, {need} needed")
         ok = not reasons
-        _log("preflight", peer=peer.name, vm=vm, ok=ok, reasons=reasons)
+        _log("preflight", peer=peer.name, vm=vms.label, ok=ok, reasons=reasons)
         return sign_control(
             self.identity,
             {
@@ -375,12 +379,12 @@ class Agent:
                     raise BundleRefused(f"bundle announces {bundle_size(h)} bytes in a "
                                         f"message of {length}")
                 self.limits.check(h)
-                if not peer.covers(int(h["vm"])):
-                    raise BundleRefused(f"bundle for a VM outside the scope of peer {peer.name}"
-                                        f" (vms: {scope_text(peer.vms)})")
+                table = head + vms_size(h)  # within `length`: bundle_size counts it
+                recv_into(sock, view[head:table], deadline, "the bundle's VM addresses")
+                check_scope(peer, parse_vms(h, view[head:table]))
             except BundleRefused as exc:
                 raise Refusal(str(exc), close=True, kind=exc.reason) from exc
-            recv_into(sock, view[head:], deadline, "the bundle")
+            recv_into(sock, view[table:], deadline, "the bundle")
             return MSG_ACK, self.bundle(data, peer), False
         finally:
             self.bundle_slots.release()

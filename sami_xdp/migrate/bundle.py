@@ -2,18 +2,26 @@
 
     +--------------------+  192 bytes, HEADER dtype (little-endian)
     | header             |  magic "SXMB", format/layout version, flags,
-    |                    |  compression, migration id, seq, VM, times,
-    |                    |  source/audience host ids, key id, ACL digest,
-    |                    |  record counts, body lengths
+    |                    |  compression, number of VM addresses, migration id,
+    |                    |  seq, times, source/audience host ids, key id, ACL
+    |                    |  digest, record counts, body lengths
+    +--------------------+
+    | VM addresses       |  n_vms x 16 bytes (network order, IPv4 as
+    |                    |  ::ffff:a.b.c.d): every address of the VM, never
+    |                    |  compressed, so a receiver reads them before the body
     +--------------------+
     | body               |  sections in fixed order, each a packed array of
     |  (maybe zlib)      |  fixed-size little-endian records (wire.py):
-    |                    |  sessions 32 B, syn 24 B, blacklist 24 B,
-    |                    |  acl 32 B (or an opaque blob), del_sessions 13 B,
-    |                    |  del_syn 8 B, del_blacklist 8 B
+    |                    |  sessions 60 B, syn 48 B, blacklist 48 B,
+    |                    |  acl 54 B (or an opaque blob), del_sessions 37 B,
+    |                    |  del_syn 32 B, del_blacklist 32 B
     +--------------------+
-    | signature          |  64 bytes: Ed25519 over header + stored body
+    | signature          |  64 bytes: Ed25519 over header + addresses + stored body
     +--------------------+
+
+A bundle holds the state of one VM, which is all its addresses (1 to
+MAX_VM_ADDRS, each once, of either family): every record must involve one of
+them, and a receiver takes all of them or none.
 
 The signature covers the body as stored (compressed), so a bundle is
 authenticated before anything is decompressed. The raw body length is in
@@ -22,7 +30,13 @@ counts, which bounds decompression.
 
 `zlib+shuffle` compression stores each section byte-plane by byte-plane
 (all first bytes of the records, then all second bytes, ...) before zlib:
-columns of ages, states and counter exponents compress far better that way.
+columns of ages, states, counter exponents and the constant bytes of IPv4
+addresses compress far better that way.
+
+Format 3 (this one) replaced format 2's single IPv4 VM (a 4-byte header field)
+with the address table and made every address field 16 bytes. A bundle of
+another format is refused with a message naming both versions (a format 2
+bundle also carries map layout 7 records, which this build could not load).
 """
 
 from __future__ import annotations
@@ -30,24 +44,25 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..base.netutil import be32_to_ip
+from ..base.netutil import addr_array, addrs_to_ips
 from .errors import BundleFormatError, CountMismatchError
 from .keys import KEY_ID_LEN, HostIdentity, validate_host_id
-from .wire import SECTIONS
+from .vmset import ADDR_BYTES, MAX_VM_ADDRS, VmAddrs, first_duplicate
+from .wire import ADDR, SECTIONS
 
 MAGIC = b"SXMB"
-FORMAT_VERSION = 2  # 2: session records carry each end's TCP window scale (36 B)
+FORMAT_VERSION = 3  # 3: a VM is a table of addresses of either family, 16-byte addresses
 SIG_ALG_ED25519 = 1
 SIG_LEN = 64
 
 FLAG_DELTA = 1  # records are changes since the previous round (+ delete lists)
 FLAG_FINAL = 2  # the last round before cutover
-FLAG_ACL = 4  # the ACL section is present: the VM's rules become exactly these
+FLAG_ACL = 4  # the ACL section is present: each address's rules become exactly these
 FLAG_ACL_BLOB = 8  # ... as an opaque blob (acl_blob_len bytes) instead of records
 KNOWN_FLAGS = FLAG_DELTA | FLAG_FINAL | FLAG_ACL | FLAG_ACL_BLOB
 
@@ -59,21 +74,21 @@ COMPRESSION_NAMES = {v: k for k, v in COMPRESSIONS.items()}
 
 DEFAULT_VALIDITY_S = 60
 MAX_VALIDITY_S = 86400
-MAX_RAW_BODY = 1 << 31  # 2 GiB: 64M sessions; anything larger is refused unread
+MAX_RAW_BODY = 1 << 31  # 2 GiB: 35M sessions; anything larger is refused unread
 
 HEADER = np.dtype(
     [
         ("magic", "S4"),
-        ("format_version", "<u2"),
+        ("format_version", "<u2"),  # at offset 4 in every format: read first
         ("layout_version", "<u2"),
         ("header_size", "<u2"),
         ("flags", "<u2"),
         ("compression", "u1"),
         ("sig_alg", "u1"),
-        ("reserved", "<u2"),
+        ("n_vms", "<u2"),  # addresses in the table after the header
         ("migration_id", "V16"),
         ("seq", "<u4"),
-        ("vm", "<u4"),  # network byte order on the wire
+        ("reserved", "<u4"),
         ("issued_at_ms", "<u8"),  # unix time, ms
         ("expires_at_ms", "<u8"),
         ("source_host", "V32"),  # UTF-8, NUL padded
@@ -201,6 +216,7 @@ class Bundle:
 
     header: np.void
     data: memoryview  # the whole bundle
+    vms: VmAddrs  # the VM's addresses (from the table after the header)
     body: memoryview  # as stored
     signature: bytes
     _sections: dict[str, np.ndarray | bytes] | None = field(default=None, repr=False)
@@ -218,12 +234,13 @@ class Bundle:
         return int(self.header["seq"])
 
     @property
-    def vm(self) -> int:
-        return int(self.header["vm"])
+    def vm_ips(self) -> list[str]:
+        """The VM's addresses, canonical text, in the bundle's order."""
+        return list(self.vms.ips)
 
     @property
-    def vm_ip(self) -> str:
-        return be32_to_ip(self.vm)
+    def vm_label(self) -> str:
+        return self.vms.label
 
     @property
     def source(self) -> str:
@@ -307,17 +324,18 @@ class Bundle:
 
 
 def parse_header(head: bytes | bytearray | memoryview) -> np.void:
-    """The header of a bundle, structurally checked (magic, versions, known flags);
-    nothing in it is authenticated yet."""
+    """The header of a bundle, structurally checked (magic, versions, known flags, the
+    size of the address table); nothing in it is authenticated yet."""
     if len(head) < HEADER_SIZE:
         raise BundleFormatError(f"not a bundle: {len(head)} bytes is shorter than any bundle")
-    h = np.frombuffer(head[:HEADER_SIZE], dtype=HEADER)[0]
-    if bytes(h["magic"]) != MAGIC:
+    if bytes(head[:4]) != MAGIC:
         raise BundleFormatError("not a sami-xdp bundle (bad magic)")
-    if int(h["format_version"]) != FORMAT_VERSION:
+    version = int.from_bytes(bytes(head[4:6]), "little")  # where every format keeps it
+    if version != FORMAT_VERSION:
         raise BundleFormatError(
-            f"bundle format version {int(h['format_version'])}, this samixdp reads {FORMAT_VERSION}"
+            f"bundle format {version} is not supported (this build reads {FORMAT_VERSION})"
         )
+    h = np.frombuffer(head[:HEADER_SIZE], dtype=HEADER)[0]
     if int(h["header_size"]) != HEADER_SIZE:
         raise BundleFormatError(f"bundle header size {int(h['header_size'])} != {HEADER_SIZE}")
     if int(h["sig_alg"]) != SIG_ALG_ED25519:
@@ -328,28 +346,56 @@ def parse_header(head: bytes | bytearray | memoryview) -> np.void:
         raise BundleFormatError(f"unknown compression {int(h['compression'])}")
     if int(h["reserved"]) != 0:
         raise BundleFormatError("reserved header bytes are not zero")
+    n = int(h["n_vms"])
+    if n == 0:
+        raise BundleFormatError("bundle names no VM address")
+    if n > MAX_VM_ADDRS:
+        raise BundleFormatError(
+            f"bundle lists {n} VM addresses, a VM has at most {MAX_VM_ADDRS}"
+        )
     return h
+
+
+def vms_size(h: np.void) -> int:
+    """Bytes of the address table after the header."""
+    return int(h["n_vms"]) * ADDR_BYTES
+
+
+def parse_vms(h: np.void, table: bytes | bytearray | memoryview) -> VmAddrs:
+    """The VM's addresses from the table after the header: each at most once."""
+    if len(table) != vms_size(h):
+        raise BundleFormatError(f"bundle address table is {len(table)} bytes, "
+                                f"its header announces {vms_size(h)}")
+    addrs = np.frombuffer(bytes(table), dtype=ADDR)
+    dup = first_duplicate(addrs)
+    if dup is not None:
+        raise BundleFormatError(
+            f"bundle lists VM address {addrs_to_ips(addrs[dup : dup + 1])[0]} twice"
+        )
+    return VmAddrs.of_addrs(addrs)
 
 
 def bundle_size(h: np.void) -> int:
     """The whole bundle's length in bytes as its header announces it."""
-    return HEADER_SIZE + int(h["body_len"]) + SIG_LEN
+    return HEADER_SIZE + vms_size(h) + int(h["body_len"]) + SIG_LEN
 
 
 def parse_bundle(data: bytes | bytearray | memoryview) -> Bundle:
-    """Structural checks only: sizes, magic, versions, known flags."""
+    """Structural checks only: sizes, magic, versions, known flags, the address table."""
     mv = memoryview(data).cast("B")
     if len(mv) < HEADER_SIZE + SIG_LEN:
         raise BundleFormatError(f"not a bundle: {len(mv)} bytes is shorter than any bundle")
     h = parse_header(mv)
-    body_len = int(h["body_len"])
     if bundle_size(h) != len(mv):
         raise BundleFormatError(f"bundle is {len(mv)} bytes, header announces {bundle_size(h)}")
+    body_at = HEADER_SIZE + vms_size(h)
+    body_end = body_at + int(h["body_len"])
     return Bundle(
         header=h,
         data=mv,
-        body=mv[HEADER_SIZE : HEADER_SIZE + body_len],
-        signature=bytes(mv[HEADER_SIZE + body_len :]),
+        vms=parse_vms(h, mv[HEADER_SIZE:body_at]),
+        body=mv[body_at:body_end],
+        signature=bytes(mv[body_end:]),
     )
 
 
@@ -360,7 +406,7 @@ def encode_bundle(
     sections: dict[str, np.ndarray | bytes],
     *,
     identity: HostIdentity,
-    vm: int,
+    vms: Iterable[str] | np.ndarray,
     audience: str,
     seq: int,
     migration_id: bytes,
@@ -372,8 +418,12 @@ def encode_bundle(
     issued_at_ms: int | None = None,
     timings: dict[str, float] | None = None,
 ) -> bytes:
-    """Serialises and signs already-selected wire sections (low level)."""
+    """Serialises and signs already-selected wire sections (low level: `vms`, the VM's
+    addresses as text or `struct ip_addr` values, is written as given)."""
     t0 = time.perf_counter()
+    table = addr_array(vms) if not isinstance(vms, np.ndarray) else np.ascontiguousarray(vms)
+    if table.dtype.itemsize != ADDR_BYTES or not 0 < len(table) < 2**16:
+        raise ValueError("a bundle names 1 to 65535 VM addresses of 16 bytes")
     if len(migration_id) != 16:
         raise ValueError("migration id must be 16 bytes")
     if not 0 <= seq < 2**32:
@@ -390,7 +440,7 @@ def encode_bundle(
     h["sig_alg"] = SIG_ALG_ED25519
     h["migration_id"] = np.void(migration_id)
     h["seq"] = seq
-    h["vm"] = vm
+    h["n_vms"] = len(table)
     issued = issued_at_ms if issued_at_ms is not None else int(time.time() * 1000)
     h["issued_at_ms"] = issued
     h["expires_at_ms"] = issued + int(validity_s * 1000)
@@ -427,11 +477,11 @@ def encode_bundle(
     t1 = time.perf_counter()
     if comp == COMP_NONE:
         h["body_len"] = raw_len
-        signed = b"".join([h.tobytes(), *parts])  # the only copy of the records
+        signed = b"".join([h.tobytes(), table.tobytes(), *parts])  # the only copy of the records
     else:
         body = zlib.compress(b"".join(parts), 1)
         h["body_len"] = len(body)
-        signed = b"".join((h.tobytes(), body))
+        signed = b"".join((h.tobytes(), table.tobytes(), body))
     t2 = time.perf_counter()
     sig = identity.sign(signed)
     t3 = time.perf_counter()

@@ -4,29 +4,43 @@ snapshot or the delta since the previous round) and encode it as a signed bundle
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 from ..base.errors import InvalidArgument
+from ..base.netutil import in_networks
 from ..loader.pinned import Firewall
-from ..policy.protect import is_protected, list_protected
+from ..policy.protect import list_protected
 from .bundle import DEFAULT_VALIDITY_S, FLAG_DELTA, FLAG_FINAL, encode_bundle
 from .keys import HostIdentity, validate_host_id
 from .select import ExportState, VmState, delta_since, export_vm_state
+from .vmset import VmAddrs
 
 Kind = Literal["full", "delta", "final"]
 KINDS: tuple[Kind, ...] = ("full", "delta", "final")
 
 
-def require_protected(fw: Firewall, vm: str) -> None:
-    """Only a VM behind this host has state here to send."""
-    if not is_protected(fw, vm):
-        shown = ", ".join(map(str, list_protected(fw))) or "none"
-        raise InvalidArgument(f"{vm} is not in a protected prefix here (protected: {shown})")
+def as_vms(vms: VmAddrs | str | Sequence[str]) -> VmAddrs:
+    """A VM given as its address, its addresses, or already parsed."""
+    return vms if isinstance(vms, VmAddrs) else VmAddrs.parse(vms)
+
+
+def require_protected(fw: Firewall, vms: VmAddrs | str | Sequence[str]) -> VmAddrs:
+    """Only a VM behind this host has state here to send: every one of its addresses
+    must lie in a protected prefix."""
+    vm = as_vms(vms)
+    protected = list_protected(fw)
+    inside = in_networks(vm.addrs, protected)
+    if not inside.all():
+        shown = ", ".join(map(str, protected)) or "none"
+        ip = vm.ips[int((~inside).argmax())]
+        raise InvalidArgument(f"{ip} is not in a protected prefix here (protected: {shown})")
+    return vm
 
 
 def build_bundle(
     fw: Firewall,
-    vm: str,
+    vms: VmAddrs | str | Sequence[str],
     audience: str,
     seq: int,
     migration_id: bytes,
@@ -40,6 +54,7 @@ def build_bundle(
     timings: dict[str, float] | None = None,
 ) -> bytes:
     """Selects the VM's state from `fw` and returns a signed bundle for `audience`.
+    `vms`: the VM's address, or all of them (one bundle holds them all).
 
     kind "full": every live entry. "delta": what changed since `since_state`
     (which must hold a previous round). "final": the cutover round, a delta
@@ -48,7 +63,7 @@ def build_bundle(
     if kind not in KINDS:
         raise ValueError("kind must be full, delta or final")
     validate_host_id(audience)
-    require_protected(fw, vm)
+    vm = require_protected(fw, vms)
     t0 = time.perf_counter()
     full = export_vm_state(fw, vm, include_acl=include_acl)
     has_prev = since_state is not None and since_state.rounds > 0
@@ -69,7 +84,7 @@ def build_bundle(
     data = encode_bundle(
         sections,
         identity=identity,
-        vm=state.vm,
+        vms=state.vms.addrs,
         audience=audience,
         seq=seq,
         migration_id=migration_id,

@@ -6,12 +6,13 @@ migration id that is not hex, a session count that is a string)."""
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any
 
-from ..base.netutil import ip_to_be32
+from ..base.errors import InvalidArgument
+from ..base.netutil import canonical_ip
 from .errors import ControlError
+from .vmset import MAX_VM_ADDRS, VmAddrs
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 MAX_TEXT = 4096
@@ -58,15 +59,26 @@ def want_mid(body: dict[str, Any], field: str = "migration_id") -> bytes:
 
 
 def want_ip(body: dict[str, Any], field: str) -> str:
+    """An address of either family, as canonical text."""
     value = want_str(body, field, 64)
     try:
-        return str(ipaddress.IPv4Address(value))
-    except ValueError:
-        raise FieldError(field, f"not an IPv4 address: {value!r}") from None
+        return canonical_ip(value)
+    except InvalidArgument:
+        raise FieldError(field, f"not an IP address: {value!r}") from None
 
 
-def want_ip_be32(body: dict[str, Any], field: str) -> int:
-    return ip_to_be32(want_ip(body, field))
+def want_vms(body: dict[str, Any], field: str = "vms") -> VmAddrs:
+    """A VM's addresses: a list of 1 to MAX_VM_ADDRS addresses, each once."""
+    value = body.get(field)
+    if not isinstance(value, list):
+        raise FieldError(field, f"expected a list of addresses, got {type(value).__name__}")
+    if not 0 < len(value) <= MAX_VM_ADDRS:
+        raise FieldError(field, f"expected 1 to {MAX_VM_ADDRS} addresses, got {len(value)}")
+    ips = [want_ip({field: v}, field) for v in value]
+    try:
+        return VmAddrs.parse(ips, field)
+    except InvalidArgument as exc:
+        raise FieldError(field, str(exc).removeprefix(f"{field}: ")) from None
 
 
 def want_counts(body: dict[str, Any], field: str) -> dict[str, int]:

@@ -1,20 +1,23 @@
 """Loading a verified bundle into the maps: all or nothing, undoable later, and
 crash-consistent (journal.py, recovery.py).
 
-Everything a bundle does is confined to its VM, which must lie in a protected
-prefix here (and in the signer's scope, checked by verify.py):
+Everything a bundle does is confined to its VM, all of whose addresses must
+lie in a protected prefix here (and in the signer's scope, checked by
+verify.py); the round loads the state of every address or of none:
 
-* rounds: only of a migration of the same VM and source, not aborted and not
-  past its final round;
-* sessions: every record involves the VM (verify.py); one whose other end is
-  another VM protected here, outside the signer's scope, is skipped; the flags
-  naming the protected ends are recomputed from this host's prefixes;
+* rounds: only of a migration of the same VM (the same addresses) and source,
+  not aborted and not past its final round;
+* sessions: every record involves one of the VM's addresses (verify.py); one
+  whose other end is another VM protected here, outside the signer's scope, is
+  skipped; the flags naming the protected ends are recomputed from this host's
+  prefixes;
 * SYN counters: towards the VM; bans: triggered by the VM, their remaining
   time capped by this host's ban setting, never replacing a live ban of
   another VM;
-* ACL: the VM's own rules; deletions: only the VM's entries;
-* pickup window: only on the final round of a migration whose state was
-  loaded here (a full bundle, or earlier rounds), for one `pickup_s` period.
+* ACL: each address's own rules; deletions: only the VM's entries;
+* pickup window: for each address, only on the final round of a migration
+  whose state was loaded here (a full bundle, or earlier rounds), for one
+  `pickup_s` period.
 
 Steps, under the import lock (one import, abort or recovery at a time, across
 processes):
@@ -49,7 +52,7 @@ from typing import NoReturn
 import numpy as np
 
 from ..base.netutil import in_networks
-from ..base.rows import KeyIndex, concat_rows, take_rows
+from ..base.rows import KeyIndex, concat_rows, copy_rows, take_rows
 from ..loader.pinned import Firewall
 from ..policy.acl import (
     AclError,
@@ -81,6 +84,7 @@ from .recovery import recover_locked, undo_migration
 from .replay import ReplayCache
 from .undo import apply_undo, undo_record
 from .verify import VerifiedBundle, verify_bundle
+from .vmset import VmAddrs, addr_isin
 
 DEFAULT_PICKUP_S = 10.0
 MAX_PICKUP_S = 3600.0
@@ -90,7 +94,7 @@ MAX_PICKUP_S = 3600.0
 class ImportResult:
     migration_id: str
     seq: int
-    vm: str
+    vms: list[str]  # the VM's addresses, canonical
     source: str
     kind: str
     counts: dict[str, int]  # entries written per kind
@@ -100,8 +104,13 @@ class ImportResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def vm(self) -> str:
+        """The VM's addresses on one line."""
+        return ",".join(self.vms)
+
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {"vm": self.vm, **asdict(self)}
 
 
 @dataclass
@@ -113,14 +122,17 @@ class Confinement:
     scope: tuple
     ban_ms: int
 
-    def foreign_sessions(self, rec: np.ndarray, vm: int) -> np.ndarray:
+    def foreign_sessions(self, rec: np.ndarray, vms: VmAddrs) -> np.ndarray:
         """Records whose other end is another VM protected here that the signer
-        has no say over: loading them would act on that VM."""
+        has no say over: loading them would act on that VM. (A session between two
+        of the VM's own addresses is its own.)"""
         if not len(rec):
             return np.zeros(0, bool)
-        other = np.where(rec["addr_lo"] == np.uint32(vm), rec["addr_hi"], rec["addr_lo"])
+        lo_mine, hi_mine = vms.contains(rec["addr_lo"]), vms.contains(rec["addr_hi"])
+        other = copy_rows(rec["addr_lo"])
+        other[lo_mine] = rec["addr_hi"][lo_mine]
         return (
-            (other != np.uint32(vm))
+            ~(lo_mine & hi_mine)
             & in_networks(other, self.protected)
             & ~in_networks(other, self.scope)
         )
@@ -150,14 +162,14 @@ def _session_plans(
     sm, um = fw.maps["sessions"], fw.maps["unassured"]
     srec, dsess = sec["sessions"], sec["del_sessions"]
     assert isinstance(srec, np.ndarray) and isinstance(dsess, np.ndarray)
-    foreign, dforeign = conf.foreign_sessions(srec, vb.vm), conf.foreign_sessions(dsess, vb.vm)
+    foreign, dforeign = conf.foreign_sessions(srec, vb.vms), conf.foreign_sessions(dsess, vb.vms)
     skipped["foreign_sessions"] = int(foreign.sum()) + int(dforeign.sum())
     if foreign.any():
         srec = take_rows(srec, ~foreign)
     if dforeign.any():
         dsess = take_rows(dsess, ~dforeign)
     # the session maps' snapshot is read while the records are converted
-    only = vm_filter(vb.vm, srec, dsess)
+    only = vm_filter(vb.vms, srec, dsess)
     snap = SessionSnapshot(fw, only) if only is not None and (len(srec) or len(dsess)) else None
     try:
         half = np.isin(srec["state"], unassured_states(fw.layout))
@@ -186,7 +198,8 @@ def _syn_plan(fw: Firewall, vb: VerifiedBundle, base: int) -> MapPlan:
     assert isinstance(syn, np.ndarray) and isinstance(dsyn, np.ndarray)
     keys, values = wire.wire_to_syn(syn, m.key_dtype, m.value_dtype, base)
     dkeys = np.zeros(len(dsyn), dtype=m.key_dtype)
-    dkeys["src"], dkeys["dst"] = dsyn["src"], dsyn["dst"]
+    dkeys["src"] = dsyn["src"]
+    dkeys["dst"] = dsyn["dst"]
     return plan_map(m, keys, values, dkeys)
 
 
@@ -204,7 +217,7 @@ def _ban_plan(
     delete list removes only the VM's imported bans: a bundle acts on its own VM
     only, and never narrows this host's own bans."""
     m = fw.maps["blacklist"]
-    vm = vb.vm
+    vms = vb.vms
     bl, dbl = vb.sections["blacklist"], vb.sections["del_blacklist"]
     assert isinstance(bl, np.ndarray) and isinstance(dbl, np.ndarray)
     capped = bl["remaining_ms"] > np.uint32(min(conf.ban_ms, 0xFFFFFFFF))
@@ -225,23 +238,25 @@ def _ban_plan(
             f, pos = KeyIndex(cur_k).find(keys)
             cur_live = f & (cur_v["expires_ns"][pos] > now)
             local = cur_live & ((cur_v["flags"][pos] & vm_only) == 0)
-            foreign = cur_live & ~local & (cur_v["vm"][pos] != vm)
+            foreign = cur_live & ~local & ~vms.contains(cur_v["vm"][pos])
             skipped["foreign_bans"] = int(foreign.sum())
             skipped["local_bans"] = int(local.sum())
             keep = ~(foreign | local)
             keys, values = keys[keep], values[keep]
+    dkeys = np.zeros(len(dbl), dtype=m.key_dtype)
+    dkeys[:] = dbl["src"]
     return plan_map(
         m,
         keys,
         values,
-        np.asarray(dbl["src"], dtype=m.key_dtype),
-        keep_delete=lambda old: (old["vm"] == vm) & ((old["flags"] & vm_only) != 0),
+        dkeys,
+        keep_delete=lambda old: vms.contains(old["vm"]) & ((old["flags"] & vm_only) != 0),
     )
 
 
-def _acl_rules(fw: Firewall, vb: VerifiedBundle) -> np.ndarray | None:
-    """The VM's rules the round installs (None: the round leaves them alone),
-    checked to fit before anything is written."""
+def _acl_rules(fw: Firewall, vb: VerifiedBundle) -> list[np.ndarray] | None:
+    """Each address's rules the round installs, in the VM's address order (None: the
+    round leaves them alone), each checked to fit before anything is written."""
     if not vb.bundle.has_acl:
         return None
     section = vb.sections["acl"]
@@ -249,12 +264,17 @@ def _acl_rules(fw: Firewall, vb: VerifiedBundle) -> np.ndarray | None:
         raise InvalidRecordError(
             "the bundle's ACL section is an opaque blob: this host installs ACL rule records"
         )
-    rules = wire.wire_to_rules(section, vm_rules_dtype(fw.layout))
-    try:
-        check_vm_rules(fw, vb.vm_ip, rules)
-    except AclError as exc:
-        raise CapacityError(f"the VM's ACL rules cannot be installed: {exc}") from exc
-    return rules
+    out = []
+    dtype = vm_rules_dtype(fw.layout)
+    for i, ip in enumerate(vb.vms.ips):
+        mine = addr_isin(section["vm"], vb.vms.addrs[i : i + 1])
+        rules = wire.wire_to_rules(section[mine], dtype)
+        try:
+            check_vm_rules(fw, ip, rules)
+        except AclError as exc:
+            raise CapacityError(f"the ACL rules of {ip} cannot be installed: {exc}") from exc
+        out.append(rules)
+    return out
 
 
 def _check_migration(records: ImportRecords, vb: VerifiedBundle) -> dict | None:
@@ -266,8 +286,10 @@ def _check_migration(records: ImportRecords, vb: VerifiedBundle) -> dict | None:
         return None
     if prev.get("status") == "aborted":
         raise MigrationConflict(f"migration {mid.hex()} was aborted here")
-    if prev.get("vm") != b.vm_ip:
-        raise MigrationConflict(f"migration {mid.hex()} was for VM {prev.get('vm')}, not {b.vm_ip}")
+    if not b.vms.same_set(prev.get("vms") or []):
+        raise MigrationConflict(
+            f"migration {mid.hex()} was for VM {prev.get('vm')}, not {b.vm_label}"
+        )
     if prev.get("source") != b.source:
         raise MigrationConflict(
             f"migration {mid.hex()} was started here by {prev.get('source')}, not {b.source}"
@@ -285,16 +307,43 @@ def _check_migration(records: ImportRecords, vb: VerifiedBundle) -> dict | None:
 
 
 def confinement(fw: Firewall, vb: VerifiedBundle) -> Confinement:
-    """Refuses a VM outside this host's protected prefixes; else what confines the
-    bundle to its VM."""
+    """Refuses a VM one of whose addresses is outside this host's protected prefixes
+    (naming it); else what confines the bundle to its VM."""
     protected = list_protected(fw)
-    if not in_networks(np.array([vb.vm], np.uint32), protected)[0]:
+    inside = in_networks(vb.vms.addrs, protected)
+    if not inside.all():
         shown = ", ".join(map(str, protected)) or "none"
+        ip = vb.vms.ips[int((~inside).argmax())]
         raise NotProtectedError(
-            f"VM {vb.vm_ip} is not in a protected prefix of this host (protected: {shown})"
+            f"VM {ip} is not in a protected prefix of this host (protected: {shown})"
         )
     ban_ms = int(fw.read_config()[fw.const("CFG_BAN_S")]) * 1000
     return Confinement(protected=protected, scope=vb.peer.vms, ban_ms=ban_ms)
+
+
+@dataclass
+class PickupPlan:
+    """Each of the VM's addresses' pickup window: the key, what it held before."""
+
+    keys: np.ndarray
+    old: np.ndarray  # u64 deadline before the round (0 where there was none)
+    had: np.ndarray  # bool: there was one
+
+
+def _pickup_plan(fw: Firewall, vms: VmAddrs, opening: bool) -> PickupPlan:
+    m = fw.maps["pickup"]
+    keys = np.zeros(len(vms), dtype=m.key_dtype)
+    keys[:] = vms.addrs
+    old = np.zeros(len(vms), np.uint64)
+    had = np.zeros(len(vms), bool)
+    for i in range(len(vms)):
+        value = m.lookup(keys[i : i + 1])
+        if value is not None:
+            old[i], had[i] = int(value), True
+    new = int((~had).sum())
+    if opening and new and m.count() + new > m.info.max_entries:
+        raise CapacityError(f"no room in map pickup for the VM's {new} pickup windows")
+    return PickupPlan(keys, old, had)
 
 
 def import_vm_state(
@@ -311,8 +360,7 @@ def import_vm_state(
     if not 0 <= pickup_s <= MAX_PICKUP_S:  # also refuses nan
         raise ValueError(f"pickup_s must be within [0, {MAX_PICKUP_S:g}]")
     b = vb.bundle
-    vm = b.vm
-    vm_ip = b.vm_ip
+    vms = b.vms
     mid = b.migration_id
     final = bool(b.flags & FLAG_FINAL)
     records = ImportRecords(state_dir)
@@ -344,24 +392,23 @@ def import_vm_state(
         ]
         check_capacity(fw, plans)
         pm = fw.maps["pickup"]
-        pkey = np.array([vm], dtype=np.uint32)
-        pickup_old = pm.lookup(pkey)
+        pick = _pickup_plan(fw, vms, pickup)
         pickup_until = now + int(pickup_s * 1e9) if pickup else 0
-        if pickup and pickup_old is None and pm.count() >= pm.info.max_entries:
-            raise CapacityError("no room in map pickup for the VM's pickup window")
         acl_rules = _acl_rules(fw, vb)
-        acl_old = snapshot_vm_rules(fw, vm_ip) if acl_rules is not None else None
+        acl_old = (
+            concat_rows([snapshot_vm_rules(fw, ip) for ip in vms.ips],
+                        fw.maps["acl_rules"].value_dtype)
+            if acl_rules is not None
+            else None
+        )
         t_plan = time.perf_counter()
 
         # ---- write-ahead: the undo record, durable before any map write -----------
         undo = undo_record(
-            {p.name: p.undo() for p in plans},
-            np.array([pickup_old], np.uint64) if pickup_old is not None else None,
-            pickup,
-            acl_old,
+            {p.name: p.undo() for p in plans}, vms.addrs, pick.old, pick.had, pickup, acl_old
         )
         try:
-            records.begin_round(mid, b.seq, vm, undo)
+            records.begin_round(mid, b.seq, undo)
         except OSError as exc:
             records.drop_inflight()
             raise StateDirError(f"cannot write the undo record: {exc.strerror or exc}") from exc
@@ -381,12 +428,14 @@ def import_vm_state(
                         fw.set_bans_hint(True)  # the datapath checks bans only when set
             step += 1
             if pickup:
-                pm.update(pkey, np.array([pickup_until], np.uint64))
+                for i in range(len(vms)):
+                    pm.update(pick.keys[i : i + 1], np.array([pickup_until], np.uint64))
             step += 1
-            if acl_rules is not None:
-                replace_vm_rules(fw, vm_ip, acl_rules)
+            if acl_rules is not None:  # each address's rules: one atomic reload each
+                for ip, rules in zip(vms.ips, acl_rules, strict=True):
+                    replace_vm_rules(fw, ip, rules)
         except BaseException as exc:  # Ctrl-C mid-load too: leave nothing half-written
-            _rollback(fw, records, vm, undo, exc, steps=step)
+            _rollback(fw, records, undo, exc, steps=step)
         t_write = time.perf_counter()
 
         counts = {
@@ -394,19 +443,20 @@ def import_vm_state(
             "unassured": len(plans[1].write_keys),
             "syn_counters": len(plans[2].write_keys),
             "blacklist": len(plans[3].write_keys),
-            "acl_rules": len(acl_rules) if acl_rules is not None else 0,
+            "acl_rules": sum(map(len, acl_rules)) if acl_rules is not None else 0,
         }
         # ---- the commit point, then the replay entry --------------------------------
-        info = {"vm": vm_ip, "source": b.source, "kind": b.kind, "expires_at_ms": b.expires_at_ms}
+        info = {"vm": vms.label, "vms": list(vms.ips), "source": b.source, "kind": b.kind,
+                "expires_at_ms": b.expires_at_ms}
         try:
             records.commit_round(mid, b.seq, info, counts, final)
         except BaseException as exc:  # e.g. a full disk: the round did not happen
-            _rollback(fw, records, vm, undo, exc, steps=None)
+            _rollback(fw, records, undo, exc, steps=None)
         warnings.extend(_after_commit(records, replay, mid, b.seq, b.expires_at_ms))
     return ImportResult(
         migration_id=mid.hex(),
         seq=b.seq,
-        vm=vm_ip,
+        vms=list(vms.ips),
         source=b.source,
         kind=b.kind,
         counts=counts,
@@ -426,14 +476,13 @@ def import_vm_state(
 def _rollback(
     fw: Firewall,
     records: ImportRecords,
-    vm: int,
     undo: dict[str, np.ndarray],
     exc: BaseException,
     steps: int | None,
 ) -> NoReturn:
     """Undoes a round that failed before its commit point, then re-raises (as
     ImportFailed for errors; interruptions as they are)."""
-    _, errors = apply_undo(fw, vm, undo, steps=steps)
+    _, errors = apply_undo(fw, undo, steps=steps)
     if not errors:
         try:
             records.drop_inflight()

@@ -8,7 +8,8 @@ State dir layout (default /var/lib/samixdp):
                                 its undo record, durable before any map write
     abort.inflight              the migration being aborted (its id in hex)
     .tmp/                       temp files of atomic writes (removed by recovery)
-    migrations/<mid>/meta.json  vm, source, status, committed rounds
+    migrations/<mid>/meta.json  vm (its addresses on one line), vms (the list),
+                                source, status, committed rounds
     migrations/<mid>/undo-<seq>.npz   the undo record of each committed round
 
 One round: `begin_round` makes inflight.npz durable, the maps are written,
@@ -130,13 +131,12 @@ class ImportRecords:
 
     # ---- one round ----------------------------------------------------------------------
 
-    def begin_round(self, mid: bytes, seq: int, vm: int, undo: dict[str, np.ndarray]) -> None:
+    def begin_round(self, mid: bytes, seq: int, undo: dict[str, np.ndarray]) -> None:
         """Makes the round's undo record durable as inflight.npz (before any map write)."""
         rec = {
             **undo,
             "journal.mid": np.frombuffer(mid, np.uint8),
             "journal.seq": np.array([seq], np.uint64),
-            "journal.vm": np.array([vm], np.uint32),
         }
         self._durable(self.inflight_path, lambda fh: np.savez(fh, **rec), ".npz")  # type: ignore[arg-type]
 
@@ -148,6 +148,7 @@ class ImportRecords:
         meta = self.meta(mid) or {
             "migration_id": mid.hex(),
             "vm": info["vm"],
+            "vms": info["vms"],
             "source": info["source"],
             "status": "active",
             "rounds": [],
@@ -237,9 +238,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise StateDirError(f"cannot read the import record {path}: {one_line(exc)}") from exc
     rounds = doc.get("rounds") if isinstance(doc, dict) else None
+    vms = doc.get("vms", []) if isinstance(doc, dict) else None
     if (
         not isinstance(doc, dict)
         or not isinstance(doc.get("vm"), str | None)
+        or not isinstance(vms, list)
+        or not all(isinstance(v, str) for v in vms)
         or not isinstance(rounds, list)
         or not all(isinstance(r, dict) and isinstance(r.get("seq"), int) for r in rounds)
     ):

@@ -5,7 +5,8 @@
 
 A peer's NAME is its host id: bundles name their source and audience by host
 id, and a bundle is only accepted from the peer whose name matches its source.
-A peer's scope (`vms`) lists the VM prefixes it may send state for; a peer
+A peer's scope (`vms`) lists the VM prefixes (of either family) it may send
+state for, and a bundle must have every one of its VM's addresses in it; a peer
 without one may send state for no VM (this host can still migrate VMs to it
 and believe its acknowledgements). The file is re-read by every command and by
 the agent on every request, so changes take effect at once.
@@ -23,7 +24,9 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..base.netutil import in_networks
+from ..base.errors import InvalidArgument
+from ..base.layout import load_layout
+from ..base.netutil import IPNetwork, addr_array, in_networks, parse_network
 from .errors import IdentityError, TrustStoreError
 from .keys import (
     atomic_write,
@@ -39,7 +42,29 @@ PEERS_FILE = "peers.json"
 MAX_PEERS_FILE = 4 << 20
 MAX_SCOPE = 1024  # prefixes per peer
 
-Scope = tuple[ipaddress.IPv4Network, ...]
+Scope = tuple[IPNetwork, ...]
+
+
+def _scope_order(net: IPNetwork) -> tuple[int, IPNetwork]:
+    return (net.version, net)
+
+
+def _mapped_space() -> ipaddress.IPv6Network:
+    """Where IPv4 addresses live among IPv6 ones in the maps (::ffff:0:0/96)."""
+    return ipaddress.IPv6Network(("::ffff:0:0", load_layout().const("IPV4_MAPPED_PLEN")))
+
+
+def _scope_prefix(part: str) -> IPNetwork:
+    try:
+        net = parse_network(part)
+    except InvalidArgument:
+        raise TrustStoreError(f"not an IP prefix in the scope: {part!r}"[:200]) from None
+    if isinstance(net, ipaddress.IPv6Network) and _mapped_space().subnet_of(net):
+        raise TrustStoreError(
+            f"{net} in the scope covers the IPv4-mapped space {_mapped_space()}, so every "
+            "IPv4 VM: give IPv4 prefixes as IPv4 and IPv6 ones without it (e.g. 2000::/3)"
+        )
+    return net
 
 
 def parse_scope(items: str | Iterable[object]) -> Scope:
@@ -51,24 +76,23 @@ def parse_scope(items: str | Iterable[object]) -> Scope:
         parts = list(items)
     if len(parts) > MAX_SCOPE:
         raise TrustStoreError(f"a scope holds at most {MAX_SCOPE} prefixes, got {len(parts)}")
-    nets = []
+    nets: list[IPNetwork] = []
     for part in parts:
         if not isinstance(part, str):
             raise TrustStoreError(f"a VM prefix must be a string, got {part!r}"[:200])
-        try:
-            nets.append(ipaddress.IPv4Network(part.strip(), strict=False))
-        except ValueError:
-            raise TrustStoreError(f"not an IPv4 prefix in the scope: {part!r}"[:200]) from None
-    return tuple(sorted(set(nets)))
+        nets.append(_scope_prefix(part))
+    return tuple(sorted(set(nets), key=_scope_order))
 
 
 def scope_text(scope: Scope) -> str:
     return ",".join(map(str, scope)) or "none"
 
 
-def in_scope(scope: Scope, vm_be32: int) -> bool:
-    """Does a VM (map-order u32, as bundles and maps hold it) lie in the scope?"""
-    return bool(in_networks(np.array([vm_be32], np.uint32), scope)[0])
+def in_scope(scope: Scope, vm: str | np.ndarray) -> np.ndarray:
+    """Which VM addresses (text, or `struct ip_addr` values as bundles and maps hold
+    them) lie in the scope."""
+    addrs = addr_array([vm]) if isinstance(vm, str) else vm
+    return in_networks(addrs, scope)
 
 
 @dataclass(frozen=True)
@@ -86,9 +110,13 @@ class Peer:
     def public_b64(self) -> str:
         return encode_public(self.public_raw)
 
-    def covers(self, vm_be32: int) -> bool:
-        """May this peer send state for the VM?"""
-        return in_scope(self.vms, vm_be32)
+    def covers(self, vm: str) -> bool:
+        """May this peer send state for the VM address?"""
+        return bool(in_scope(self.vms, vm)[0])
+
+    def covers_all(self, addrs: np.ndarray) -> np.ndarray:
+        """Which of these `struct ip_addr` values this peer may send state for."""
+        return in_scope(self.vms, addrs)
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         try:

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ..base.netutil import ip_to_be32
 from ..loader.pinned import Firewall
 from ..policy.acl import delete_vm_rules
-from ..policy.sessions import SESSION_MAPS, involves, vm_sessions
+from ..policy.sessions import SESSION_MAPS
 from .bundle import new_migration_id, parse_bundle
 from .control import bundle_digest, nonce_of, sign_control, verify_control
 from .errors import ControlError, MigrateError, MigrationRefused, TransportError
@@ -33,7 +32,7 @@ from .export import Kind, build_bundle
 from .fields import FieldError, want_bool, want_counts
 from .keys import HostIdentity
 from .peers import Peer, TrustStore
-from .select import ExportState
+from .select import ExportState, involves_any, vm_sessions
 from .transport import (
     MSG_ABORT,
     MSG_ACK,
@@ -43,6 +42,7 @@ from .transport import (
     MSG_PREFLIGHT_REPLY,
     Connection,
 )
+from .vmset import VmAddrs
 
 RECONNECT_IDLE_S = 20.0  # agents close connections idle for longer (their --idle default: 60)
 
@@ -61,7 +61,7 @@ class PhaseReport:
 @dataclass
 class MigrationReport:
     migration_id: str
-    vm: str
+    vms: list[str]  # the VM's addresses, canonical
     peer: str
     phases: list[PhaseReport] = field(default_factory=list)
     outcome: str = "running"
@@ -75,8 +75,14 @@ class MigrationReport:
     def total_seconds(self) -> float:
         return sum(p.seconds for p in self.phases)
 
+    @property
+    def vm(self) -> str:
+        """The VM's addresses on one line."""
+        return ",".join(self.vms)
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["vm"] = self.vm
         d["total_bytes"] = self.total_bytes
         d["total_seconds"] = round(self.total_seconds, 4)
         return d
@@ -137,12 +143,13 @@ def _ack(
     return body
 
 
-def vm_session_count(fw: Firewall, vm: str) -> int:
-    return len(vm_sessions(fw, ip_to_be32(vm))[0])
+def vm_session_count(fw: Firewall, vms: VmAddrs) -> int:
+    return len(vm_sessions(fw, vms)[0])
 
 
 class Migration:
-    """One migration of one VM from this host to `peer`."""
+    """One migration of one VM (all its addresses, one bundle a round) from this host
+    to `peer`."""
 
     def __init__(
         self,
@@ -150,16 +157,16 @@ class Migration:
         identity: HostIdentity,
         trust: TrustStore,
         peer: Peer,
-        vm: str,
+        vms: VmAddrs,
         opts: MigrateOptions,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.fw, self.identity, self.trust, self.peer = fw, identity, trust, peer
-        self.vm, self.opts = vm, opts
+        self.vms, self.opts = vms, opts
         self.mid = new_migration_id()
         self.seq = 0
         self.state = ExportState()
-        self.report = MigrationReport(self.mid.hex(), vm, peer.name)
+        self.report = MigrationReport(self.mid.hex(), list(vms.ips), peer.name)
         self.progress = progress or (lambda _msg: None)
         self.conn: Connection | None = None
         self.cutover = False
@@ -183,10 +190,10 @@ class Migration:
             {
                 "type": "preflight",
                 "to": self.peer.name,
-                "vm": self.vm,
+                "vms": list(self.vms.ips),
                 "migration_id": self.mid.hex(),
                 "layout_version": self.fw.const("SAMIXDP_LAYOUT_VERSION"),
-                "sessions": vm_session_count(self.fw, self.vm),
+                "sessions": vm_session_count(self.fw, self.vms),
             },
         )
         body = _ack(conn, self.identity, self.trust, self.peer, MSG_PREFLIGHT, payload)
@@ -201,7 +208,7 @@ class Migration:
         t0 = time.perf_counter()
         data = build_bundle(
             self.fw,
-            self.vm,
+            self.vms,
             self.peer.name,
             self.seq,
             self.mid,
@@ -281,55 +288,62 @@ def send_abort(
 # ---- the source's cleanup ------------------------------------------------------------
 
 
-def vm_last_seen_ns(fw: Firewall, vm: str) -> int:
-    values = vm_sessions(fw, ip_to_be32(vm))[1]
+def vm_last_seen_ns(fw: Firewall, vms: VmAddrs) -> int:
+    values = vm_sessions(fw, vms)[1]
     return int(values["last_seen_ns"].max()) if len(values) else 0
 
 
-def delete_vm_state(fw: Firewall, vm: str) -> dict[str, int]:
-    """Removes the VM's sessions, SYN counters, the bans it triggered and its rules."""
+def delete_vm_state(fw: Firewall, vms: VmAddrs) -> dict[str, int]:
+    """Removes the VM's sessions, SYN counters, the bans it triggered, its rules and
+    its pickup windows (of every one of its addresses)."""
     removed: dict[str, int] = {}
-    be = ip_to_be32(vm)
     for name in SESSION_MAPS:
-        mine = fw.maps[name].scan(involves(be)).keys
+        mine = fw.maps[name].scan(involves_any(vms.addrs)).keys
         removed[name] = fw.maps[name].delete_many(mine) if len(mine) else 0
     keys, _ = fw.maps["syn_counters"].dump()
-    mine = keys[keys["dst"] == be]
+    mine = keys[vms.contains(keys["dst"])]
     removed["syn_counters"] = fw.maps["syn_counters"].delete_many(mine) if len(mine) else 0
     keys, values = fw.maps["blacklist"].dump()
-    mine = keys[values["vm"] == be]
+    mine = keys[vms.contains(values["vm"])]
     removed["blacklist"] = fw.maps["blacklist"].delete_many(mine) if len(mine) else 0
-    removed["acl_rules"] = delete_vm_rules(fw, vm)
-    fw.maps["pickup"].delete(np.array([be], np.uint32))
+    removed["acl_rules"] = sum(delete_vm_rules(fw, ip) for ip in vms.ips)
+    pickup = fw.maps["pickup"]
+    for i in range(len(vms)):
+        key = np.zeros(1, dtype=pickup.key_dtype)
+        key[0] = vms.addrs[i]
+        pickup.delete(key)
     return removed
 
 
 def wait_and_cleanup(
     fw: Firewall,
-    vm: str,
+    vms: VmAddrs,
     grace_s: float,
     max_wait_s: float,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, int] | None:
-    """Deletes the VM's state once no packet of it was seen for `grace_s`.
+    """Deletes the VM's state once no packet of any of its addresses was seen for
+    `grace_s`.
 
     Returns None (and deletes nothing) if that did not happen within max_wait_s."""
     say = progress or (lambda _m: None)
     grace_ns = int(grace_s * 1e9)
     give_up = time.monotonic() + max_wait_s
     while time.monotonic() < give_up:
-        last = vm_last_seen_ns(fw, vm)
+        last = vm_last_seen_ns(fw, vms)
         idle = time.monotonic_ns() - last if last else grace_ns
         if idle >= grace_ns:
-            removed = delete_vm_state(fw, vm)
-            say(f"source cleanup: VM {vm} idle {idle / 1e9:.1f} s here, removed {removed}")
+            removed = delete_vm_state(fw, vms)
+            say(f"source cleanup: VM {vms.label} idle {idle / 1e9:.1f} s here, removed {removed}")
             return removed
         time.sleep(min(1.0, (grace_ns - idle) / 1e9 + 0.05))
-    say(f"source cleanup: VM {vm} still active here after {max_wait_s:.0f} s; state kept")
+    say(f"source cleanup: VM {vms.label} still active here after {max_wait_s:.0f} s; state kept")
     return None
 
 
-def spawn_cleanup(bpffs: Path, vm: str, grace_s: float, max_wait_s: float, log: Path) -> int:
+def spawn_cleanup(
+    bpffs: Path, vms: VmAddrs, grace_s: float, max_wait_s: float, log: Path
+) -> int:
     """Detached helper process, so `migrate` can return before the cutover."""
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -339,8 +353,7 @@ def spawn_cleanup(bpffs: Path, vm: str, grace_s: float, max_wait_s: float, log: 
         "--bpffs",
         str(bpffs),
         "migrate-cleanup",
-        "--vm",
-        vm,
+        *[arg for ip in vms.ips for arg in ("--vm", ip)],
         "--grace",
         str(grace_s),
         "--max-wait",

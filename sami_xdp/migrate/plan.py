@@ -13,9 +13,11 @@ import numpy as np
 from ..base.rows import KeyIndex, take_rows
 from ..loader.batch import KeepFn, ScanResult
 from ..loader.pinned import Firewall, PinnedMap, possible_cpus
-from ..policy.sessions import SESSION_MAPS, involves
+from ..policy.sessions import SESSION_MAPS
 from .errors import CapacityError
+from .select import involves_any
 from .verify import RecordLimits
+from .vmset import VmAddrs
 
 LRU_HEADROOM_PER_CPU = 128  # LRU maps may evict before they are full (per-CPU free lists)
 
@@ -115,15 +117,15 @@ def check_capacity(fw: Firewall, plans: list[MapPlan]) -> None:
             )
 
 
-def vm_filter(vm: int, *records: np.ndarray) -> KeepFn | None:
-    """`involves(vm)` if every record given (session keys or wire records) has
-    the VM at one end, as verified bundles guarantee: then a session map's other
-    rows cannot matter to the plan. Else None (read everything)."""
-    v = np.uint32(vm)
+def vm_filter(vms: VmAddrs, *records: np.ndarray) -> KeepFn | None:
+    """`involves_any(vms)` if every record given (session keys or wire records) has
+    one of the VM's addresses at one end, as verified bundles guarantee: then a
+    session map's other rows cannot matter to the plan. Else None (read everything)."""
+    keep = involves_any(vms.addrs)
     for r in records:
-        if len(r) and not ((r["addr_lo"] == v) | (r["addr_hi"] == v)).all():
+        if len(r) and not keep(r, r).all():
             return None
-    return involves(vm)
+    return keep
 
 
 class SessionSnapshot:
@@ -160,5 +162,5 @@ def record_limits(fw: Firewall) -> RecordLimits:
         sessions=sum(fw.maps[n].info.max_entries for n in SESSION_MAPS),
         syn=fw.maps["syn_counters"].info.max_entries,
         blacklist=fw.maps["blacklist"].info.max_entries,
-        acl=fw.const("SAMIXDP_ACL_MAX_RULES_PER_SET"),
+        acl=fw.const("SAMIXDP_ACL_MAX_RULES_PER_SET"),  # per VM address
     )

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base.errors import InvalidArgument
-from ..base.netutil import ip_to_be32
 from ..loader.pinned import Firewall
-from .errors import RollbackIncomplete, StateDirError
+from .errors import RollbackIncomplete
 from .journal import ImportRecords, import_lock, read_npz
 from .replay import ReplayCache
 from .undo import apply_undo
@@ -75,11 +73,10 @@ def undo_migration(fw: Firewall, records: ImportRecords, mid: bytes) -> dict[str
     if meta is None or meta.get("status") == "aborted":
         records.abort_path.unlink(missing_ok=True)
         return {}
-    vm = _vm_of(meta)
     totals: dict[str, int] = {}
     errors: list[str] = []
     for path in records.undo_files(mid):
-        counts, errs = apply_undo(fw, vm, read_npz(path))
+        counts, errs = apply_undo(fw, read_npz(path))
         errors.extend(errs)
         for k, v in counts.items():
             totals[k] = totals.get(k, 0) + v
@@ -99,7 +96,6 @@ def recover_locked(
     if inflight is not None:
         mid = bytes(inflight["journal.mid"].astype(np.uint8))
         seq = int(inflight["journal.seq"][0])
-        vm = int(inflight["journal.vm"][0])
         name = f"{mid.hex()}#{seq}"
         if seq in records.committed(mid):  # the crash came after the commit point
             meta = records.meta(mid) or {"rounds": []}
@@ -117,7 +113,7 @@ def recover_locked(
             records.settle_inflight(mid, seq)
             out.finished.append(name)
         else:
-            _, errors = apply_undo(fw, vm, inflight)
+            _, errors = apply_undo(fw, inflight)
             if errors:
                 raise RollbackIncomplete(
                     f"recovery of the interrupted round {name} failed: {'; '.join(errors)}"
@@ -129,10 +125,3 @@ def recover_locked(
         undo_migration(fw, records, mid_aborting)
         out.aborted.append(mid_aborting.hex())
     return out
-
-
-def _vm_of(meta: dict) -> int:
-    try:
-        return ip_to_be32(str(meta["vm"]))
-    except (KeyError, InvalidArgument) as exc:
-        raise StateDirError(f"the import record of {meta.get('migration_id')} has no VM") from exc

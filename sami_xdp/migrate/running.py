@@ -1,9 +1,14 @@
 """An outgoing migration as the operator runs it: a record of the running
 migration in the state dir (so `migrate --final` / `--abort` from another shell
-find it), the signals that drive it, and the source cleanup afterwards."""
+find it), the signals that drive it, and the source cleanup afterwards.
+
+A record is named by the VM's addresses; `--final` and `--abort` find it by all
+of them or by any part of them (`--vm 2001:db8:1::10` finds the migration of
+10.1.1.1 and 2001:db8:1::10)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -25,36 +30,49 @@ from .phases import (
     send_abort,
     spawn_cleanup,
 )
+from .vmset import VmAddrs
 
 SIG_FINAL = signal.SIGUSR1  # `migrate --final` tells a running --until-cutover to finish
+RECORDS_DIR = "migrations"
+MAX_NAME = 128  # longer address lists name their record by a digest
 
 
-def record_path(state_dir: Path, vm: str) -> Path:
-    return state_dir / "migrations" / f"{vm}.json"
+def record_name(vms: VmAddrs) -> str:
+    label = vms.label
+    if len(label) <= MAX_NAME:
+        return label
+    return "vm-" + hashlib.sha256(label.encode()).hexdigest()[:16]
 
 
-def write_record(state_dir: Path, vm: str, doc: dict[str, Any]) -> None:
-    path = record_path(state_dir, vm)
+def record_path(state_dir: Path, vms: VmAddrs) -> Path:
+    return state_dir / RECORDS_DIR / f"{record_name(vms)}.json"
+
+
+def write_record(path: Path, doc: dict[str, Any]) -> None:
     try:
         atomic_write(path, json.dumps(doc).encode(), 0o644)
     except OSError as exc:
         raise StateDirError(f"cannot write the migration record {path}: {one_line(exc)}") from exc
 
 
-def read_record(state_dir: Path, vm: str) -> dict[str, Any] | None:
-    """The record of the VM's last outgoing migration here (None: there is none)."""
-    path = record_path(state_dir, vm)
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A record of an outgoing migration (None: there is none)."""
     if not path.exists():
         return None
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise StateDirError(f"cannot read the migration record {path}: {one_line(exc)}") from exc
+    if isinstance(doc, dict) and "vms" not in doc and isinstance(doc.get("vm"), str):
+        doc["vms"] = [doc["vm"]]  # written before a VM could have several addresses
+    vms = doc.get("vms") if isinstance(doc, dict) else None
     if (
         not isinstance(doc, dict)
         or not isinstance(doc.get("status"), str)
         or not isinstance(doc.get("migration_id"), str)
         or not isinstance(doc.get("peer"), str)
+        or not isinstance(vms, list)
+        or not all(isinstance(v, str) for v in vms)
         or isinstance(doc.get("pid"), bool)
         or not isinstance(doc.get("pid"), int)
         or doc["pid"] <= 1
@@ -63,25 +81,48 @@ def read_record(state_dir: Path, vm: str) -> dict[str, Any] | None:
     return doc
 
 
-def signal_running(state_dir: Path, vm: str, sig: int) -> dict[str, Any]:
-    doc = read_record(state_dir, vm)
+def find_record(state_dir: Path, vms: VmAddrs) -> tuple[Path, dict[str, Any] | None]:
+    """The record of the VM's last outgoing migration here: the one named by exactly
+    these addresses, else the newest whose VM holds all of them; (where a record of
+    exactly these addresses goes, None) when there is none."""
+    exact = record_path(state_dir, vms)
+    doc = read_record(exact)
+    if doc is not None:
+        return exact, doc
+    best: tuple[float, Path, dict[str, Any]] | None = None
+    folder = state_dir / RECORDS_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            other = read_record(path)
+        except StateDirError:
+            continue  # another migration's record, unreadable: not this one's business
+        if other is None or not set(vms.ips) <= set(other["vms"]):
+            continue
+        started = float(other.get("started", 0))
+        if best is None or started > best[0]:
+            best = (started, path, other)
+    return (best[1], best[2]) if best else (exact, None)
+
+
+def signal_running(state_dir: Path, vms: VmAddrs, sig: int) -> tuple[Path, dict[str, Any]]:
+    path, doc = find_record(state_dir, vms)
     if not doc or doc.get("status") != "running":
-        raise MigrateError(f"no running migration of {vm} on this host")
+        raise MigrateError(f"no running migration of {vms.label} on this host")
     try:
         os.kill(int(doc["pid"]), sig)
     except ProcessLookupError as exc:
-        raise MigrateError(f"the migration process of {vm} is gone") from exc
-    return doc
+        raise MigrateError(f"the migration process of {vms.label} is gone") from exc
+    return path, doc
 
 
-def wait_finished(state_dir: Path, vm: str, timeout_s: float = 60.0) -> dict[str, Any]:
+def wait_finished(path: Path, label: str, timeout_s: float = 60.0) -> dict[str, Any]:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        doc = read_record(state_dir, vm)
+        doc = read_record(path)
         if doc and doc.get("status") != "running":
             return doc
         time.sleep(0.05)
-    raise MigrateError(f"migration of {vm} did not finish within {timeout_s:.0f} s")
+    raise MigrateError(f"migration of {label} did not finish within {timeout_s:.0f} s")
 
 
 def run_recorded(
@@ -89,7 +130,7 @@ def run_recorded(
     identity: HostIdentity,
     trust: TrustStore,
     target: Peer,
-    vm: str,
+    vms: VmAddrs,
     opts: MigrateOptions,
     *,
     state_dir: Path,
@@ -99,16 +140,18 @@ def run_recorded(
     """Runs one migration with its record kept up to date; SIG_FINAL ends an
     --until-cutover run with the final delta, SIGTERM aborts it. Then the source
     cleanup (unless --keep-source) is left to a detached helper."""
-    mig = Migration(fw, identity, trust, target, vm, opts, progress=progress)
+    mig = Migration(fw, identity, trust, target, vms, opts, progress=progress)
+    path = record_path(state_dir, vms)
     record = {
         "pid": os.getpid(),
-        "vm": vm,
+        "vm": vms.label,
+        "vms": list(vms.ips),
         "peer": target.name,
         "migration_id": mig.mid.hex(),
         "status": "running",
         "started": time.time(),
     }
-    write_record(state_dir, vm, record)
+    write_record(path, record)
 
     def on_final(_sig: int, _frm: object) -> None:
         mig.cutover = True
@@ -121,51 +164,52 @@ def run_recorded(
     try:
         report = mig.run()
     except BaseException as exc:
-        write_record(state_dir, vm, {**record, "status": "failed", "report": mig.report.as_dict()})
+        write_record(path, {**record, "status": "failed", "report": mig.report.as_dict()})
         if isinstance(exc, KeyboardInterrupt):
             raise MigrationRefused("interrupted; destination asked to drop it") from exc
         raise
     if opts.keep_source:
         report.cleanup = "source state kept (--keep-source)"
     else:
-        log = state_dir / "migrations" / f"{vm}.cleanup.log"
-        pid = spawn_cleanup(bpffs, vm, opts.source_grace_s, opts.max_wait_s, log)
+        log = path.with_name(f"{record_name(vms)}.cleanup.log")
+        pid = spawn_cleanup(bpffs, vms, opts.source_grace_s, opts.max_wait_s, log)
         report.cleanup = (
             f"source cleanup: VM state here is removed once it has been idle for "
             f"{opts.source_grace_s:g} s (helper pid {pid}, log {log})"
         )
-    write_record(state_dir, vm, {**record, "status": "completed", "report": report.as_dict()})
+    write_record(path, {**record, "status": "completed", "report": report.as_dict()})
     return report
 
 
-def finish_running(state_dir: Path, vm: str) -> dict[str, Any]:
-    """`--final`: tells the running --until-cutover migration of `vm` to send the
+def finish_running(state_dir: Path, vms: VmAddrs) -> dict[str, Any]:
+    """`--final`: tells the running --until-cutover migration of the VM to send the
     final delta; returns its record once it ended ("status", "report")."""
-    signal_running(state_dir, vm, SIG_FINAL)
-    return wait_finished(state_dir, vm)
+    path, doc = signal_running(state_dir, vms, SIG_FINAL)
+    return wait_finished(path, doc["vm"] if isinstance(doc.get("vm"), str) else vms.label)
 
 
 def abort_migration(
     state_dir: Path,
-    vm: str,
+    vms: VmAddrs,
     identity: HostIdentity,
     trust: TrustStore,
     peer: str | None,
     plaintext: bool = False,
 ) -> str:
-    """`--abort`: stops the running migration of `vm`, or asks the destination of
+    """`--abort`: stops the running migration of the VM, or asks the destination of
     the last recorded one to drop what it imported. Nothing changes here."""
-    doc = read_record(state_dir, vm)
+    path, doc = find_record(state_dir, vms)
     if doc and doc.get("status") == "running":
-        signal_running(state_dir, vm, signal.SIGTERM)
-        done = wait_finished(state_dir, vm)
-        return f"aborted migration {done['migration_id'][:12]} of {vm}"
+        signal_running(state_dir, vms, signal.SIGTERM)
+        done = wait_finished(path, vms.label)
+        return f"aborted migration {done['migration_id'][:12]} of {','.join(done['vms'])}"
     if not doc:
-        raise InvalidArgument(f"no migration of {vm} recorded on this host")
+        raise InvalidArgument(f"no migration of {vms.label} recorded on this host")
+    label = ",".join(doc["vms"])
     target = resolve_peer(trust, peer or doc["peer"])
     ack = send_abort(identity, trust, target, doc["migration_id"], plaintext)
-    write_record(state_dir, vm, {**doc, "status": "aborted"})
+    write_record(path, {**doc, "status": "aborted"})
     return (
-        f"aborted migration {doc['migration_id'][:12]} of {vm}; {target.name} removed "
+        f"aborted migration {doc['migration_id'][:12]} of {label}; {target.name} removed "
         f"{ack.get('removed')}; nothing changed here"
     )

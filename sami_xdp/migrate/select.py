@@ -1,9 +1,11 @@
 """Selecting one VM's state from the pinned maps, and deltas between rounds.
 
-Everything is read with batch dumps into NumPy and filtered with vectorised
-masks: a VM's sessions (either end, both the `sessions` and `unassured` maps),
-the SYN counters towards it, the blacklist entries it triggered, and its ACL
-rules. Expired entries are left behind (same rule as the datapath).
+A VM is all its addresses (vmset.py). Everything is read with batch dumps into
+NumPy and filtered with vectorised masks: the sessions with one of the VM's
+addresses at either end (both the `sessions` and `unassured` maps, each read
+once whatever the number of addresses), the SYN counters towards them, the
+blacklist entries they triggered, and each address's ACL rules. Expired entries
+are left behind (same rule as the datapath).
 
 Deltas (pre-copy rounds): `ExportState` remembers what the previous round
 sent. A session is re-sent when its key is new or its `last_seen_ns` is at or
@@ -19,17 +21,19 @@ The ACL section is re-sent only when its digest changed.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..base.layout import load_layout
-from ..base.netutil import ip_to_be32
-from ..base.rows import KeyIndex, copy_rows, take_rows
+from ..base.rows import KeyIndex, concat_rows, copy_rows, take_rows
+from ..loader.batch import KeepFn
 from ..loader.pinned import Firewall
 from ..policy.acl import export_vm_rules
-from ..policy.sessions import expired_mask, vm_sessions
+from ..policy.sessions import SESSION_MAPS, expired_mask
 from . import wire
+from .vmset import VmAddrs, addr_isin
 
 WATERMARK_MARGIN_NS = 50_000_000  # 50 ms: packets in flight during the dump
 
@@ -41,8 +45,7 @@ class VmState:
     `now_ns` (CLOCK_MONOTONIC, taken after the dumps) is the export instant
     that wire ages are relative to; `watermark_ns` was taken before them."""
 
-    vm_ip: str
-    vm: int  # network-order u32 as the maps hold it
+    vms: VmAddrs
     now_ns: int
     watermark_ns: int
     sess_keys: np.ndarray
@@ -95,20 +98,50 @@ class VmState:
         }
 
 
-def _acl_section(fw: Firewall, vm_ip: str) -> tuple[np.ndarray, bytes]:
-    recs = wire.rules_to_wire(export_vm_rules(fw, vm_ip), fw.layout)
+def involves_any(vms: np.ndarray) -> KeepFn:
+    """Row filter: session keys with one of `vms` (`struct ip_addr` values) at
+    either end."""
+
+    def keep(keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
+        return addr_isin(keys["addr_lo"], vms) | addr_isin(keys["addr_hi"], vms)
+
+    return keep
+
+
+def vm_sessions(fw: Firewall, vms: VmAddrs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, values, source map index) of every session with one of the VM's
+    addresses at either end, expired or not, from both session maps (each read once,
+    a session between two of its addresses once)."""
+    parts = [fw.maps[name].scan(involves_any(vms.addrs)) for name in SESSION_MAPS]
+    return (
+        concat_rows([p.keys for p in parts]),
+        concat_rows([p.values for p in parts]),
+        np.concatenate([np.full(len(p.keys), i, dtype=np.uint8) for i, p in enumerate(parts)]),
+    )
+
+
+def _acl_section(fw: Firewall, vms: VmAddrs) -> tuple[np.ndarray, bytes]:
+    """Each address's own rules, address by address (in the VM's order)."""
+    parts = [wire.rules_to_wire(export_vm_rules(fw, ip), fw.layout, addr)
+             for ip, addr in zip(vms.ips, vms.addrs, strict=True)]
+    recs = np.concatenate(parts) if parts else np.zeros(0, wire.ACL_WIRE)
     return recs, wire.ruleset_digest(recs.tobytes())
 
 
 def export_vm_state(
-    fw: Firewall, vm_ip: str, now_ns: int | None = None, include_acl: bool = True
+    fw: Firewall,
+    vms: VmAddrs | str | Sequence[str],
+    now_ns: int | None = None,
+    include_acl: bool = True,
 ) -> VmState:
-    """Every live entry of one VM, read with batch dumps (no per-entry objects)."""
-    vm = ip_to_be32(vm_ip)
+    """Every live entry of one VM (all its addresses, or the one given as text), read
+    with batch dumps (no per-entry objects)."""
+    if not isinstance(vms, VmAddrs):
+        vms = VmAddrs.parse(vms)
     t0 = time.perf_counter()
     watermark = time.monotonic_ns() - WATERMARK_MARGIN_NS
     # only the VM's rows are kept, chunk by chunk, while the maps are read
-    keys, values, source = vm_sessions(fw, vm)
+    keys, values, source = vm_sessions(fw, vms)
     syn_k, syn_v = fw.maps["syn_counters"].dump()
     bl_k, bl_v = fw.maps["blacklist"].dump()
     t1 = time.perf_counter()
@@ -128,17 +161,16 @@ def export_vm_state(
             drop[half] = KeyIndex(keys[~half][dup]).contains(keys[half])
             keys, values = keys[~drop], values[~drop]
 
-    syn_mine = syn_k["dst"] == vm
-    bl_mine = (bl_v["vm"] == vm) & (bl_v["expires_ns"] > np.uint64(now))
+    syn_mine = vms.contains(syn_k["dst"])
+    bl_mine = vms.contains(bl_v["vm"]) & (bl_v["expires_ns"] > np.uint64(now))
 
     acl_recs: np.ndarray | None = None
     digest = b"\0" * 16
     if include_acl:
-        acl_recs, digest = _acl_section(fw, vm_ip)
+        acl_recs, digest = _acl_section(fw, vms)
     t2 = time.perf_counter()
     return VmState(
-        vm_ip=vm_ip,
-        vm=vm,
+        vms=vms,
         now_ns=now,
         watermark_ns=watermark,
         sess_keys=keys,
@@ -161,6 +193,7 @@ class ExportState:
     in place to the round just built."""
 
     rounds: int = 0
+    vms: tuple[str, ...] = ()  # the VM's addresses (a migration moves one VM)
     watermark_ns: int = 0
     sess_keys: np.ndarray | None = None
     syn_keys: np.ndarray | None = None
@@ -173,6 +206,7 @@ class ExportState:
         """Remember `full` (the complete current state the delta was cut from)."""
         cur = full or state
         self.rounds += 1
+        self.vms = cur.vms.ips
         self.watermark_ns = cur.watermark_ns
         self.sess_keys = copy_rows(cur.sess_keys)
         self.syn_keys, self.syn_values = cur.syn_keys.copy(), cur.syn_values.copy()
@@ -202,6 +236,10 @@ def delta_since(prev: ExportState, cur: VmState) -> VmState:
     """The part of `cur` that changed since `prev`, plus the delete lists."""
     if prev.sess_keys is None:
         raise ValueError("no previous round to cut a delta from: send a full bundle first")
+    if prev.vms != cur.vms.ips:
+        raise ValueError(
+            f"the previous rounds were of another VM ({','.join(prev.vms)}), not {cur.vms.label}"
+        )
     # sessions: new keys, or heard from since the previous watermark
     if len(prev.sess_keys):
         prev_idx = KeyIndex(prev.sess_keys)
@@ -224,8 +262,7 @@ def delta_since(prev: ExportState, cur: VmState) -> VmState:
 
     acl_same = prev.acl_digest is not None and prev.acl_digest == cur.acl_digest
     return VmState(
-        vm_ip=cur.vm_ip,
-        vm=cur.vm,
+        vms=cur.vms,
         now_ns=cur.now_ns,
         watermark_ns=cur.watermark_ns,
         sess_keys=cur.sess_keys[changed],

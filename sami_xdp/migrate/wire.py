@@ -1,16 +1,19 @@
 """Fixed-size wire records of a bundle and their conversion to/from map entries.
 
-All wire dtypes are explicit little-endian. Addresses and ports keep the map's
-convention (the u32/u16 field holds the network-order bytes), so an address
-appears on the wire in network byte order. ACL ports are host order as in
-`struct acl_rule`.
+All wire dtypes are explicit little-endian. Every address is 16 bytes in network
+order, as the maps' `struct ip_addr` holds it (IPv4 as the IPv4-mapped
+::ffff:a.b.c.d), so one record type carries both families and a record copies
+to and from a map entry without conversion. Ports keep the map's convention (the
+u16 field holds the network-order bytes). ACL ports are host order as in
+`struct acl_rule`; an ACL rule's source travels as address + prefix length (of
+the mapped space, 0 = any source), the mask the rule table holds is rebuilt.
 
 Times never travel as clock values: the datapath's times are per-host
 CLOCK_MONOTONIC, so export turns them into ages (ms before the export
 instant) or remaining durations, and import rebases them on the local clock.
 
-What the session record drops compared to `struct session_value` (104 B + 16 B
-key -> 36 B):
+What the session record drops compared to `struct session_value` (104 B + 40 B
+key -> 60 B):
   * ifindex (local to the source host, never migrated) and padding;
   * TCP window edges: only each end's window scale and option flags travel; the
     destination anchors each direction on its first packet after the move (a
@@ -22,6 +25,9 @@ key -> 36 B):
     relative error below 1/1024, i.e. never overstated);
   * created/idle ages are whole milliseconds, saturating at 2^32-1 ms
     (~49.7 days; a longer-lived session arrives younger than it is).
+An IPv4 session's addresses carry 24 constant bytes (the mapped prefixes):
+`zlib+shuffle` stores each byte position of the records together, so they cost
+next to nothing once compressed.
 """
 
 from __future__ import annotations
@@ -32,15 +38,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..base.layout import Layout
+from ..base.layout import Layout, load_layout
 from ..base.parallel import run_parallel
 
 # ---- record dtypes ----------------------------------------------------------------
 
+ADDR = np.dtype([("w", "<u4", (4,))])  # struct ip_addr: 16 bytes, network order
+
 SESSION_WIRE = np.dtype(
     [
-        ("addr_lo", "<u4"),
-        ("addr_hi", "<u4"),
+        ("addr_lo", ADDR),
+        ("addr_hi", ADDR),
         ("port_lo", "<u2"),
         ("port_hi", "<u2"),
         ("proto", "u1"),
@@ -58,8 +66,8 @@ SESSION_WIRE = np.dtype(
 
 SYN_WIRE = np.dtype(
     [
-        ("src", "<u4"),
-        ("dst", "<u4"),  # must be the VM
+        ("src", ADDR),  # an IPv6 source: its /64 (the rest zero), as the map keys it
+        ("dst", ADDR),  # must be one of the VM's addresses
         ("window_age_ms", "<u4"),
         ("count", "<u4"),
         ("total", "<u8"),
@@ -68,27 +76,28 @@ SYN_WIRE = np.dtype(
 
 BLACKLIST_WIRE = np.dtype(
     [
-        ("src", "<u4"),  # the banned source (map key)
-        ("vm", "<u4"),  # must be the VM
+        ("src", ADDR),  # the banned source (map key; an IPv6 one is its /64)
+        ("vm", ADDR),  # must be one of the VM's addresses
         ("banned_age_ms", "<u4"),
         ("remaining_ms", "<u4"),
         ("dropped", "<u8"),
     ]
 )
 
-# One ACL rule of the VM's effective rule list. No destination field: a rule
-# in a bundle is by construction a rule for the header's VM.
+# One ACL rule of one of the VM's addresses (`vm`): the records of an address are
+# its effective rule list, in evaluation order.
 ACL_WIRE = np.dtype(
     [
+        ("vm", ADDR),  # must be one of the VM's addresses
+        ("src_addr", ADDR),
         ("priority", "<u4"),
-        ("src_addr", "<u4"),
-        ("src_mask", "<u4"),
         ("dport_lo", "<u2"),
         ("dport_hi", "<u2"),
         ("vlan", "<u2"),
+        ("src_plen", "u1"),  # of the mapped space (IPv4 /24 = 120); 0 = any source
         ("proto", "u1"),
         ("action", "u1"),
-        ("flags", "<u4"),  # ACL_WF_*
+        ("flags", "u1"),  # ACL_WF_*
         ("hits", "<u8"),
     ]
 )
@@ -97,19 +106,20 @@ ACL_WIRE_FLAGS = ACL_WF_WAS_IFACE_BOUND
 
 DEL_SESSION_WIRE = np.dtype(
     [
-        ("addr_lo", "<u4"),
-        ("addr_hi", "<u4"),
+        ("addr_lo", ADDR),
+        ("addr_hi", ADDR),
         ("port_lo", "<u2"),
         ("port_hi", "<u2"),
         ("proto", "u1"),
     ]
-)  # 13 bytes, packed
-DEL_SYN_WIRE = np.dtype([("src", "<u4"), ("dst", "<u4")])
-DEL_BLACKLIST_WIRE = np.dtype([("src", "<u4"), ("vm", "<u4")])
+)  # 37 bytes, packed
+DEL_SYN_WIRE = np.dtype([("src", ADDR), ("dst", ADDR)])
+DEL_BLACKLIST_WIRE = np.dtype([("src", ADDR), ("vm", ADDR)])
 
-assert SESSION_WIRE.itemsize == 36
-assert SYN_WIRE.itemsize == 24 and BLACKLIST_WIRE.itemsize == 24
-assert ACL_WIRE.itemsize == 32 and DEL_SESSION_WIRE.itemsize == 13
+assert ADDR.itemsize == load_layout().sizeof("ip_addr") == 16  # the maps' address, as is
+assert SESSION_WIRE.itemsize == 60
+assert SYN_WIRE.itemsize == 48 and BLACKLIST_WIRE.itemsize == 48
+assert ACL_WIRE.itemsize == 54 and DEL_SESSION_WIRE.itemsize == 37
 
 # Sections of the body, in wire order: (name, dtype, header count field).
 SECTIONS: tuple[tuple[str, np.dtype, str], ...] = (
@@ -335,7 +345,8 @@ def wire_to_syn(
 def wire_to_blacklist(
     rec: np.ndarray, key_dtype: np.dtype, value_dtype: np.dtype, base_ns: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    keys = np.asarray(rec["src"], dtype=key_dtype)
+    keys = np.zeros(len(rec), dtype=key_dtype)
+    keys[:] = rec["src"]
     vals = np.zeros(len(rec), dtype=value_dtype)
     vals["banned_ns"] = rebase(base_ns, rec["banned_age_ms"])
     vals["expires_ns"] = np.uint64(base_ns) + rec["remaining_ms"].astype(np.uint64) * np.uint64(
@@ -348,9 +359,26 @@ def wire_to_blacklist(
 
 # ---- a VM's ACL rules <-> wire records ------------------------------------------------
 
+_ACL_COPIED = ("priority", "src_addr", "dport_lo", "dport_hi", "vlan", "proto", "action", "hits")
 
-def rules_to_wire(rules: np.ndarray, layout: Layout) -> np.ndarray:
-    """Ordered wire records of the VM's rules (`acl.vm_rules_dtype` records).
+
+def mask_prefixlen(masks: np.ndarray) -> np.ndarray:
+    """Prefix length of each 16-byte network-order mask (its one bits: the rule table
+    only holds prefix masks)."""
+    raw = np.ascontiguousarray(masks).view(np.uint8).reshape(-1, 16)
+    return np.unpackbits(raw, axis=1).sum(axis=1).astype(np.uint8)
+
+
+def prefix_masks(plens: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """16-byte network-order masks of the given prefix lengths (0..128), as `dtype`."""
+    p = np.asarray(plens, dtype=np.int64).reshape(-1, 1)
+    bits = (np.arange(128) < p).astype(np.uint8)
+    return np.packbits(bits, axis=1).view(dtype).reshape(-1)
+
+
+def rules_to_wire(rules: np.ndarray, layout: Layout, vm: np.void) -> np.ndarray:
+    """Ordered wire records of the rules of one of the VM's addresses, `vm` (records of
+    `acl.vm_rules_dtype`).
 
     Interface-bound rules cannot be mapped to the destination's interfaces.
     Migration never widens what reaches the VM: an interface-bound allow rule
@@ -362,18 +390,10 @@ def rules_to_wire(rules: np.ndarray, layout: Layout) -> np.ndarray:
     keep = ~(bound & (r["action"] != layout.const("ACL_ACT_DENY")))
     r, bound = r[keep], bound[keep]
     out = np.zeros(len(r), dtype=ACL_WIRE)
-    for f in (
-        "priority",
-        "src_addr",
-        "src_mask",
-        "dport_lo",
-        "dport_hi",
-        "vlan",
-        "proto",
-        "action",
-        "hits",
-    ):
+    out["vm"] = vm
+    for f in _ACL_COPIED:
         out[f] = r[f]
+    out["src_plen"] = mask_prefixlen(r["src_mask"])
     out["flags"] = np.where(bound, ACL_WF_WAS_IFACE_BOUND, 0)
     return out
 
@@ -382,18 +402,9 @@ def wire_to_rules(wire: np.ndarray, rules_dtype: np.dtype) -> np.ndarray:
     """Records of `rules_dtype` (`acl.vm_rules_dtype`); id and ifindex 0 (the
     destination assigns ids)."""
     out = np.zeros(len(wire), dtype=rules_dtype)
-    for f in (
-        "priority",
-        "src_addr",
-        "src_mask",
-        "dport_lo",
-        "dport_hi",
-        "vlan",
-        "proto",
-        "action",
-        "hits",
-    ):
+    for f in _ACL_COPIED:
         out[f] = wire[f]
+    out["src_mask"] = prefix_masks(wire["src_plen"], out.dtype["src_mask"])
     return out
 
 
