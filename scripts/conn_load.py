@@ -28,12 +28,18 @@ import socket
 import sys
 import time
 
+
+def family(addr: str) -> socket.AddressFamily:
+    """The socket family of an address text (IPv6 if it holds a colon)."""
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 RECORD = 64  # bytes per exchange
 
 
 def serve(addr: str, port: int, lifetime: float) -> None:
     sel = selectors.DefaultSelector()
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock = socket.socket(family(addr), socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind((addr, port))
     lsock.listen(4096)
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
     deadline_connect = time.monotonic() + 10
     for i in range(args.conns):
         c = Conn(i)
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(family(args.addr), socket.SOCK_STREAM)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if args.local:
             s.bind((args.local, 0))

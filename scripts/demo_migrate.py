@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """The project's main job: long-lived TCP connections survive a VM's move.
 
-Builds the DESIGN section 4 topology (scripts/veth_topology.sh) twice:
+Builds the DESIGN section 4 topology (scripts/veth_topology.sh) twice, with a
+dual-stack VM (10.1.1.1 and 2001:db8:1::10):
 
   control   the VM moves from host A to host B with no state migration:
             B knows none of its connections and drops them (they stall).
-  migrated  `samixdp migrate --vm 10.1.1.1 --peer hostb` sends the VM's state
-            from A to B's agent (signed bundles: full copy, delta, final), then
-            the VM moves: every connection keeps exchanging data.
+  migrated  `samixdp migrate --vm 10.1.1.1 --vm 2001:db8:1::10 --peer hostb`
+            sends the VM's state (both addresses, one bundle) from A to B's
+            agent (signed bundles: full copy, delta, final), then the VM moves:
+            every connection keeps exchanging data.
 
-N connections (default 200), half opened by the VM towards the client and half
-by the client towards the VM (an ACL on A allows that port; it migrates too),
-each exchanging a 64-byte record every --interval ms. Prints a table (alive /
-broken, max and p99 stall, B's drops by reason, migration time and bytes),
+N connections (default 200) in four equal groups: IPv4 and IPv6, each half
+opened by the VM towards the client and half by the client towards the VM (an
+ACL on A allows that port for both addresses; it migrates too), each
+exchanging a 64-byte record every --interval ms. Prints a table (alive per
+family / broken, max and p99 stall, B's drops by reason, migration time and bytes),
 writes JSON and a PNG timeline of per-connection throughput to --out, and
 exits 0 only if the control run broke connections and the migrated run broke
 none. Everything it builds is removed on exit, whatever happens.
@@ -37,7 +40,8 @@ LOAD = REPO / "scripts" / "conn_load.py"
 PY = REPO / ".venv" / "bin" / "python"
 SAMIXDP = REPO / ".venv" / "bin" / "samixdp"
 VM_IP, CLIENT_IP = "10.1.1.1", "192.0.2.10"
-VM_PREFIX = "10.1.1.0/24"
+VM_IP6, CLIENT_IP6 = "2001:db8:1::10", "2001:db8:c::10"
+VM_PREFIX, VM_PREFIX6 = "10.1.1.0/24", "2001:db8:1::/64"
 TO_CLIENT_PORT, TO_VM_PORT = 9000, 9001
 AGENT_PORT = 7800
 
@@ -172,6 +176,7 @@ class RunResult:
     timelines: list[list[float]]
     duration_s: float
     ends: dict[str, int]
+    alive_by_family: dict[str, list[int]]  # "IPv4"/"IPv6" -> [alive, conns]
 
 
 def judge(load: dict[str, Any], duration: float, move_at: float, alive_within: float
@@ -206,24 +211,26 @@ def percentile(values: list[float], q: float) -> float:
 def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> RunResult:
     topo = Topology(suffix=f"{args.suffix}{'m' if migrate else 'c'}")
     try:
-        log(f"{name}: building the topology (VM {VM_IP} behind host A)")
+        log(f"{name}: building the topology (VM {VM_IP} {VM_IP6} behind host A)")
         topo.build()
         a, b = topo.host("A"), topo.host("B")
         for h in (a, b):
             h.cli("keys", "init", "--host-id", h.name)
         keys = {h.name: h.cli("keys", "show").stdout.strip() for h in (a, b)}
         # each trusts the other for the VM prefix only (--vms: its scope)
+        scope = f"{VM_PREFIX},{VM_PREFIX6}"
         a.cli("peers", "add", b.name, "--address", f"{b.uplink_ip}:{AGENT_PORT}",
-              "--key", keys[b.name], "--vms", VM_PREFIX)
+              "--key", keys[b.name], "--vms", scope)
         b.cli("peers", "add", a.name, "--address", f"{a.uplink_ip}:{AGENT_PORT}",
-              "--key", keys[a.name], "--vms", VM_PREFIX)
+              "--key", keys[a.name], "--vms", scope)
         for h in (a, b):
             for iface in h.ifaces:
                 # the client opens all its connections within a second: above the
                 # default SYN rate limit (200/s per source and VM), which would ban it
-                h.cli("attach", iface, "--protect", VM_PREFIX, "--max-sessions", "65536",
-                      "--syn-rate", str(max(200, 4 * args.conns)))
-        a.cli("acl", "add", "--vm", VM_IP, "--proto", "tcp", "--dport", str(TO_VM_PORT))
+                h.cli("attach", iface, "--protect", VM_PREFIX, "--protect", VM_PREFIX6,
+                      "--max-sessions", "65536", "--syn-rate", str(max(200, 4 * args.conns)))
+        for vm in (VM_IP, VM_IP6):
+            a.cli("acl", "add", "--vm", vm, "--proto", "tcp", "--dport", str(TO_VM_PORT))
         if migrate:
             agent = topo.spawn(b.ns, SAMIXDP, "--bpffs", b.bpffs, "--config-dir", b.config_dir,
                                "--state-dir", b.state_dir, "agent", "--listen",
@@ -232,15 +239,20 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
             wait_line(agent, '"listening"', 20)
         lifetime = args.duration + 30
         for ns, ip, port in ((topo.env["SX_NS_CLIENT"], CLIENT_IP, TO_CLIENT_PORT),
-                             (topo.env["SX_NS_VM"], VM_IP, TO_VM_PORT)):
+                             (topo.env["SX_NS_VM"], VM_IP, TO_VM_PORT),
+                             (topo.env["SX_NS_CLIENT"], CLIENT_IP6, TO_CLIENT_PORT),
+                             (topo.env["SX_NS_VM"], VM_IP6, TO_VM_PORT)):
             srv = topo.spawn(ns, sys.executable, LOAD, "serve", ip, str(port),
                              "--lifetime", str(lifetime), lifetime=lifetime)
             wait_line(srv, "listening", 10)
-        half = args.conns // 2
+        quarter = args.conns // 4
         runs = {}
         for label, ns, ip, port, n in (
-            ("vm->client", topo.env["SX_NS_VM"], CLIENT_IP, TO_CLIENT_PORT, args.conns - half),
-            ("client->vm", topo.env["SX_NS_CLIENT"], VM_IP, TO_VM_PORT, half),
+            ("vm->client", topo.env["SX_NS_VM"], CLIENT_IP, TO_CLIENT_PORT,
+             args.conns - 3 * quarter),
+            ("client->vm", topo.env["SX_NS_CLIENT"], VM_IP, TO_VM_PORT, quarter),
+            ("vm->client6", topo.env["SX_NS_VM"], CLIENT_IP6, TO_CLIENT_PORT, quarter),
+            ("client->vm6", topo.env["SX_NS_CLIENT"], VM_IP6, TO_VM_PORT, quarter),
         ):
             f = out / f"{name}-{label.replace('->', '-to-')}.json"
             proc = topo.spawn(ns, sys.executable, LOAD, "run", ip, str(port), "--conns", str(n),
@@ -254,10 +266,11 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
         time.sleep(args.settle)
         migration = None
         if migrate:
-            log(f"{name}: samixdp migrate --vm {VM_IP} --peer {b.name} (on host A)")
+            log(f"{name}: samixdp migrate --vm {VM_IP} --vm {VM_IP6} --peer {b.name} "
+                "(on host A)")
             t0 = time.monotonic()
-            res = a.cli("migrate", "--vm", VM_IP, "--peer", b.name, "--source-grace", "5",
-                        "--json", timeout=120)
+            res = a.cli("migrate", "--vm", VM_IP, "--vm", VM_IP6, "--peer", b.name,
+                        "--source-grace", "5", "--json", timeout=120)
             report = json.loads(res.stdout)
             report["wall_s"] = round(time.monotonic() - t0, 3)
             migration = report
@@ -272,11 +285,15 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
         stats = b.cli_json("stats")
         b_drops = {k: v for k, v in stats.items() if k.startswith("drop-") and v}
         alive, stalls, timelines, ends = [], [], [], {}
+        by_family: dict[str, list[int]] = {"IPv4": [0, 0], "IPv6": [0, 0]}
         duration = 0.0
-        for _, (_, f) in runs.items():
+        for label, (_, f) in runs.items():
             load = json.loads(f.read_text())
             move_at = t_move - load["start"]
             al, st, tl, en = judge(load, args.duration, move_at, alive_within=1.0)
+            fam = by_family["IPv6" if label.endswith("6") else "IPv4"]
+            fam[0] += sum(al)
+            fam[1] += len(al)
             alive += al
             stalls += st
             timelines += tl
@@ -288,7 +305,7 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
             max_stall_ms=round(max(stalls), 1) if stalls else 0.0,
             p99_stall_ms=round(percentile(stalls, 99), 1), b_drops=b_drops,
             migration=migration, move_at_s=round(t_move - t_load + 0.0, 3),
-            timelines=timelines, duration_s=duration, ends=ends,
+            timelines=timelines, duration_s=duration, ends=ends, alive_by_family=by_family,
         )
     finally:
         topo.teardown()
@@ -298,15 +315,17 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
 
 
 def print_table(results: list[RunResult]) -> None:
-    head = ["run", "conns", "alive", "broken", "max stall ms", "p99 stall ms",
+    head = ["run", "conns", "alive", "IPv4 alive", "IPv6 alive", "broken", "max stall ms",
+            "p99 stall ms",
             "dropped at B (reason: packets)", "migration ms", "bytes"]
     rows = []
     for r in results:
         drops = ", ".join(f"{k}: {v}" for k, v in r.b_drops.items()) or "none"
         mig_ms = f"{r.migration['total_seconds'] * 1000:.0f}" if r.migration else "-"
         mig_b = str(r.migration["total_bytes"]) if r.migration else "-"
-        rows.append([r.name, r.conns, r.alive, r.broken, r.max_stall_ms, r.p99_stall_ms,
-                     drops, mig_ms, mig_b])
+        fam = {k: f"{v[0]}/{v[1]}" for k, v in r.alive_by_family.items()}
+        rows.append([r.name, r.conns, r.alive, fam["IPv4"], fam["IPv6"], r.broken,
+                     r.max_stall_ms, r.p99_stall_ms, drops, mig_ms, mig_b])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     print()
@@ -370,8 +389,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("demo: needs root: run `sudo make demo`", file=sys.stderr)
         return 2
-    if args.conns < 2 or args.duration < args.settle + 4:
-        print("demo: need --conns >= 2 and --duration >= --settle + 4", file=sys.stderr)
+    if args.conns < 4 or args.duration < args.settle + 4:
+        print("demo: need --conns >= 4 and --duration >= --settle + 4", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -397,6 +416,10 @@ def main() -> int:
     ok = True
     if "control" in by and by["control"].broken == 0:
         print("DEMO FAILED: the control run broke no connection (the test could not fail)")
+        ok = False
+    elif "control" in by and any(v[0] for v in by["control"].alive_by_family.values()):
+        print("DEMO FAILED: without migration some connections survived the move: "
+              f"{by['control'].alive_by_family}")
         ok = False
     if "migrated" in by and by["migrated"].broken != 0:
         print(f"DEMO FAILED: {by['migrated'].broken} connections broke despite migration")

@@ -31,6 +31,11 @@ import threading
 import time
 
 
+def family(addr: str) -> socket.AddressFamily:
+    """The socket family of an address text (IPv6 if it holds a colon)."""
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -59,7 +64,7 @@ def _handle(conn: socket.socket, deadline: float) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.lifetime
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv = socket.socket(family(args.addr), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         srv.bind((args.addr, args.port))
@@ -109,7 +114,7 @@ def _exchange(sock: socket.socket, text: str, timeout: float) -> str | None:
 
 def udp_echo(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.lifetime
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(family(args.addr), socket.SOCK_DGRAM)
     try:
         sock.bind((args.addr, args.port))
     except OSError as exc:
@@ -128,11 +133,11 @@ def udp_echo(args: argparse.Namespace) -> int:
 
 
 def connect(args: argparse.Namespace) -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(family(args.addr), socket.SOCK_STREAM)
     sock.settimeout(args.timeout)
     if args.sport:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", args.sport))
+        sock.bind(("::" if ":" in args.addr else "0.0.0.0", args.sport))
     try:
         sock.connect((args.addr, args.port))
     except TimeoutError:

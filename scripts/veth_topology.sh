@@ -2,21 +2,25 @@
 # The demo topology of DESIGN section 4, built from network namespaces and veth pairs.
 #
 #   client --- gateway ---+--- firewall host A ---+
-#                         |                       +--- VM 10.1.1.1
+#                         |                       +--- VM 10.1.1.1, 2001:db8:1::10
 #                         +--- firewall host B ---+
 #
-#   sxcl  client   sxc-gw 192.0.2.10/24, default via 192.0.2.1
-#   sxgw  gateway  sxg-cl 192.0.2.1/24, sxg-a 10.9.1.1/24, sxg-b 10.9.2.1/24,
-#                  10.1.1.0/24 via A (10.9.1.2) or, after move-to-b, via B (10.9.2.2)
-#   sxfa  host A   sxa-gw 10.9.1.2/24 (uplink), sxa-vm 10.1.1.254/24 (VM side), router
-#   sxfb  host B   sxb-gw 10.9.2.2/24 (uplink), sxb-vm 10.1.1.254/24 (VM side), router
-#   sxvm  VM       10.1.1.1/24 on its loopback; uplinks sxv-a (to A) and sxv-b (to B)
+# Dual stack; IPv6 mirrors IPv4 (documentation prefixes, RFC 3849):
+#   sxcl  client   sxc-gw 192.0.2.10/24 2001:db8:c::10/64, default via 192.0.2.1, 2001:db8:c::1
+#   sxgw  gateway  sxg-cl 192.0.2.1/24 2001:db8:c::1/64, sxg-a 10.9.1.1/24 2001:db8:a::1/64,
+#                  sxg-b 10.9.2.1/24 2001:db8:b::1/64; 10.1.1.0/24 and 2001:db8:1::/64 via A
+#                  (10.9.1.2, 2001:db8:a::2) or, after move-to-b, via B (10.9.2.2, 2001:db8:b::2)
+#   sxfa  host A   sxa-gw 10.9.1.2/24 2001:db8:a::2/64 (uplink),
+#                  sxa-vm 10.1.1.254/24 2001:db8:1::fe/64 (VM side), router
+#   sxfb  host B   sxb-gw 10.9.2.2/24 2001:db8:b::2/64, sxb-vm as on A, router
+#   sxvm  VM       10.1.1.1 and 2001:db8:1::10 on its loopback; uplinks sxv-a (to A), sxv-b (to B)
 #
-# The VM's address lives on its loopback (noprefixroute; no dummy driver needed, some
+# The VM's addresses live on its loopback (noprefixroute; no dummy driver needed, some
 # kernels lack it), so it never changes; exactly one uplink
 # is up and carries the VM's routes (default via 10.1.1.254). A and B both own the
-# gateway address 10.1.1.254 with the same MAC (an anycast gateway, as in clouds), so
-# the VM's neighbour entry stays valid when it moves. `move-to-b` brings sxv-b up,
+# gateway addresses 10.1.1.254 and 2001:db8:1::fe with the same MAC (an anycast gateway,
+# as in clouds), so the VM's neighbour entries stay valid when it moves. Duplicate
+# address detection is off in every namespace (no address waits 1-2 s as tentative). `move-to-b` brings sxv-b up,
 # moves the VM's routes onto it, takes sxv-a down and flips the gateway's route to B:
 # the VM keeps its address, MAC and default gateway, so its TCP connections can go on.
 #
@@ -44,6 +48,10 @@ GW_A_IP=10.9.1.1 A_UP_IP=10.9.1.2
 GW_B_IP=10.9.2.1 B_UP_IP=10.9.2.2
 VM_IP=10.1.1.1 VM_NET=10.1.1.0/24 VM_GW_IP=10.1.1.254
 VM_GW_MAC=02:73:78:01:01:fe VM_MAC=02:73:78:01:01:01
+CLIENT_IP6=2001:db8:c::10 GW_CL_IP6=2001:db8:c::1
+GW_A_IP6=2001:db8:a::1 A_UP_IP6=2001:db8:a::2
+GW_B_IP6=2001:db8:b::1 B_UP_IP6=2001:db8:b::2
+VM_IP6=2001:db8:1::10 VM_NET6=2001:db8:1::/64 VM_GW_IP6=2001:db8:1::fe
 
 die() { echo "veth_topology: $*" >&2; exit 1; }
 say() { echo "veth_topology[$SFX]: $*"; }
@@ -57,6 +65,10 @@ ns_new() {
     ip -n "$1" link set lo up
     nsysctl "$1" net.ipv4.conf.all.rp_filter 0
     nsysctl "$1" net.ipv4.conf.default.rp_filter 0
+    nsysctl "$1" net.ipv6.conf.all.accept_dad 0
+    nsysctl "$1" net.ipv6.conf.default.accept_dad 0
+    nsysctl "$1" net.ipv6.conf.all.accept_ra 0
+    nsysctl "$1" net.ipv6.conf.default.accept_ra 0
 }
 
 # veth NS_A NAME_A NS_B NAME_B: a pair created directly inside the namespaces
@@ -78,7 +90,10 @@ cmd_up() {
     trap 'cmd_down >/dev/null 2>&1; exit 130' INT TERM
 
     for ns in "${ALL_NS[@]}"; do ns_new "$ns"; done
-    for ns in "$NS_GW" "$NS_A" "$NS_B"; do nsysctl "$ns" net.ipv4.ip_forward 1; done
+    for ns in "$NS_GW" "$NS_A" "$NS_B"; do
+        nsysctl "$ns" net.ipv4.ip_forward 1
+        nsysctl "$ns" net.ipv6.conf.all.forwarding 1
+    done
 
     veth "$NS_CL" sxc-gw "$NS_GW" sxg-cl
     veth "$NS_GW" sxg-a "$NS_A" sxa-gw
@@ -90,6 +105,8 @@ cmd_up() {
     ip -n "$NS_CL" addr add "$CLIENT_IP/24" dev sxc-gw
     ip -n "$NS_CL" link set sxc-gw up
     ip -n "$NS_CL" route add default via "$GW_CL_IP"
+    ip -n "$NS_CL" addr add "$CLIENT_IP6/64" dev sxc-gw nodad
+    ip -n "$NS_CL" -6 route add default via "$GW_CL_IP6"
 
     # gateway
     ip -n "$NS_GW" addr add "$GW_CL_IP/24" dev sxg-cl
@@ -99,6 +116,10 @@ cmd_up() {
     ip -n "$NS_GW" link set sxg-a up
     ip -n "$NS_GW" link set sxg-b up
     ip -n "$NS_GW" route add "$VM_NET" via "$A_UP_IP"
+    ip -n "$NS_GW" addr add "$GW_CL_IP6/64" dev sxg-cl nodad
+    ip -n "$NS_GW" addr add "$GW_A_IP6/64" dev sxg-a nodad
+    ip -n "$NS_GW" addr add "$GW_B_IP6/64" dev sxg-b nodad
+    ip -n "$NS_GW" -6 route add "$VM_NET6" via "$A_UP_IP6"
 
     # firewall hosts: uplink to the gateway, VM side owns the anycast gateway address
     ip -n "$NS_A" addr add "$A_UP_IP/24" dev sxa-gw
@@ -107,13 +128,25 @@ cmd_up() {
     ip -n "$NS_B" link set sxb-vm address "$VM_GW_MAC"
     ip -n "$NS_A" addr add "$VM_GW_IP/24" dev sxa-vm
     ip -n "$NS_B" addr add "$VM_GW_IP/24" dev sxb-vm
+    ip -n "$NS_A" addr add "$A_UP_IP6/64" dev sxa-gw nodad
+    ip -n "$NS_B" addr add "$B_UP_IP6/64" dev sxb-gw nodad
+    ip -n "$NS_A" addr add "$VM_GW_IP6/64" dev sxa-vm nodad
+    ip -n "$NS_B" addr add "$VM_GW_IP6/64" dev sxb-vm nodad
     for l in sxa-gw sxa-vm; do ip -n "$NS_A" link set "$l" up; done
     for l in sxb-gw sxb-vm; do ip -n "$NS_B" link set "$l" up; done
     ip -n "$NS_A" route add default via "$GW_A_IP"
     ip -n "$NS_B" route add default via "$GW_B_IP"
+    ip -n "$NS_A" -6 route add default via "$GW_A_IP6"
+    ip -n "$NS_B" -6 route add default via "$GW_B_IP6"
+    # Linux answers neighbour solicitations only for addresses on the asking link, and
+    # the VM's address is on its loopback: the hosts know its MAC, as a cloud fabric
+    # does (the VM still resolves its gateway by NDP, through the firewall)
+    ip -n "$NS_A" -6 neigh replace "$VM_IP6" lladdr "$VM_MAC" dev sxa-vm nud permanent
+    ip -n "$NS_B" -6 neigh replace "$VM_IP6" lladdr "$VM_MAC" dev sxb-vm nud permanent
 
     # VM: the address on lo, both uplinks share the VM's MAC, only sxv-a is up
     ip -n "$NS_VM" addr add "$VM_IP/24" dev lo noprefixroute
+    ip -n "$NS_VM" addr add "$VM_IP6/128" dev lo nodad
     ip -n "$NS_VM" link set sxv-a address "$VM_MAC"
     ip -n "$NS_VM" link set sxv-b address "$VM_MAC"
     ip -n "$NS_VM" link set sxv-a up
@@ -125,15 +158,17 @@ cmd_up() {
         mountpoint -q "$RUN_DIR/$h/bpf" || mount -t bpf bpf "$RUN_DIR/$h/bpf"
     done
     trap - ERR INT TERM
-    say "up: VM $VM_IP behind A ($NS_A), client $CLIENT_IP in $NS_CL; state under $RUN_DIR"
+    say "up: VM $VM_IP $VM_IP6 behind A ($NS_A), client $CLIENT_IP $CLIENT_IP6 in $NS_CL; state under $RUN_DIR"
 }
 
 vm_routes() {
     ip -n "$NS_VM" route replace "$VM_NET" dev "$1" src "$VM_IP"
     ip -n "$NS_VM" route replace default via "$VM_GW_IP" dev "$1" src "$VM_IP"
+    ip -n "$NS_VM" -6 route replace "$VM_NET6" dev "$1" src "$VM_IP6"
+    ip -n "$NS_VM" -6 route replace default via "$VM_GW_IP6" dev "$1" src "$VM_IP6"
 }
 
-# move TO_LINK FROM_LINK TO_UPLINK_IP NAME
+# move TO_LINK FROM_LINK TO_UPLINK_IP TO_UPLINK_IP6 NAME
 move() {
     require_root
     for ns in "$NS_VM" "$NS_GW"; do ns_exists "$ns" || die "no topology (missing $ns): run '$0 up'"; done
@@ -141,7 +176,8 @@ move() {
     vm_routes "$1"
     ip -n "$NS_VM" link set "$2" down
     ip -n "$NS_GW" route replace "$VM_NET" via "$3"
-    say "VM $VM_IP now behind $4 (uplink $1, gateway routes $VM_NET via $3)"
+    ip -n "$NS_GW" -6 route replace "$VM_NET6" via "$4"
+    say "VM $VM_IP $VM_IP6 now behind $5 (uplink $1, gateway routes $VM_NET via $3, $VM_NET6 via $4)"
 }
 
 kill_ns_pids() {
@@ -191,7 +227,10 @@ cmd_status() {
         done
     fi
     say "VM $VM_IP uplink: $up"
-    if ns_exists "$NS_GW"; then say "gateway: $(ip -n "$NS_GW" route show "$VM_NET")"; fi
+    if ns_exists "$NS_GW"; then
+        say "gateway: $(ip -n "$NS_GW" route show "$VM_NET")"
+        say "gateway: $(ip -n "$NS_GW" -6 route show "$VM_NET6")"
+    fi
     local h n line addr mode pid xdp
     for h in A B; do
         n=$NS_A
@@ -221,6 +260,13 @@ SX_CLIENT_IP='$CLIENT_IP'
 SX_VM_IP='$VM_IP'
 SX_VM_NET='$VM_NET'
 SX_VM_GW_IP='$VM_GW_IP'
+SX_CLIENT_IP6='$CLIENT_IP6'
+SX_VM_IP6='$VM_IP6'
+SX_VM_NET6='$VM_NET6'
+SX_VM_GW_IP6='$VM_GW_IP6'
+SX_GW_CLIENT_IP6='$GW_CL_IP6'
+SX_A_UPLINK_IP6='$A_UP_IP6'
+SX_B_UPLINK_IP6='$B_UP_IP6'
 SX_A_UPLINK_IP='$A_UP_IP'
 SX_B_UPLINK_IP='$B_UP_IP'
 SX_A_IFACES='sxa-gw sxa-vm'
@@ -238,8 +284,8 @@ EOF
 case ${1:-} in
     up) cmd_up ;;
     down) cmd_down ;;
-    move-to-b) move sxv-b sxv-a "$B_UP_IP" "B ($NS_B)" ;;
-    move-to-a) move sxv-a sxv-b "$A_UP_IP" "A ($NS_A)" ;;
+    move-to-b) move sxv-b sxv-a "$B_UP_IP" "$B_UP_IP6" "B ($NS_B)" ;;
+    move-to-a) move sxv-a sxv-b "$A_UP_IP" "$A_UP_IP6" "A ($NS_A)" ;;
     status) cmd_status ;;
     env) cmd_env ;;
     *)

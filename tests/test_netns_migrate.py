@@ -1,4 +1,5 @@
-"""Issue 4 integration: two firewall hosts with real agents on the demo topology.
+"""Issue 4 integration: two firewall hosts with real agents on the demo topology, the VM
+dual-stack (`migrate --vm 10.1.1.1 --vm 2001:db8:1::10`: one migration of both).
 
 Runs the demo driver with few connections: the control run (the VM moves with no
 state migration) must break connections, which proves the check can fail; the
@@ -39,7 +40,8 @@ def test_connections_survive_only_with_migration(tmp_path: Path) -> None:
     assert mig["outcome"] == "completed"
     names = [p["name"] for p in mig["phases"]]
     assert names[0] == "preflight" and names[1] == "full copy" and names[-1] == "final delta"
+    assert mig["vms"] == ["10.1.1.1", "2001:db8:1::10"]  # one migration, both addresses
     full = mig["phases"][1]
     assert full["imported"]["sessions"] + full["imported"]["unassured"] >= 20
-    assert full["imported"]["acl_rules"] == 1  # the VM's ACL rule travelled with it
+    assert full["imported"]["acl_rules"] == 2  # each address's ACL rule travelled with it
     assert (out / "timeline.png").stat().st_size > 10_000
