@@ -14,10 +14,15 @@ from conftest import unavailable
 from testbed.netns import SAMIXDP, TOPOLOGY, Lab, Netns, sh
 from testbed.topology import (  # noqa: F401 (re-exported for the tests)
     CLIENT_IP,
+    CLIENT_IP6,
     FW_CLIENT_IP,
+    FW_CLIENT_IP6,
     VM_GW_IP,
+    VM_GW_IP6,
     VM_IP,
+    VM_IP6,
     VM_NET,
+    VM_NET6,
     CoreTopology,
     build_core,
 )
