@@ -421,3 +421,16 @@ def test_fragments_with_options_behind_the_fragment_header(pfw):
     # a later fragment at 16 bytes would rewrite the UDP header behind the options
     assert run(pfw, _frag(VM6, CLIENT6, P.NH_DSTOPTS, part[16:], 2, False, 0x77)) \
         == "drop-fragment"
+
+
+def test_headers_are_read_within_the_payload_length_not_the_frame(pfw):
+    """Bytes behind the IPv6 payload (an Ethernet trailer) are no part of the packet:
+    a fragment header or an ICMPv6 quote reaching into them is malformed, not read."""
+    frag = P.frag_hdr(UDP, 6, False, 0x55)
+    cut = P.eth(P.ipv6(VM6, CLIENT6, P.NH_FRAGMENT, b"", ext=frag, plen=4) + b"\0" * 8,
+                ethertype=P.ETH_P_IPV6)
+    assert run(pfw, cut) == "drop-malformed"
+    handshake6(pfw)
+    live = P.ipv6(VM6, CLIENT6, 6, P.tcp6_seg(VM6, 40000, CLIENT6, 80, P.ACK))
+    short_quote = P.icmp6_error(ROUTER6, VM6, live[:44], 2, 0, mtu=1280)
+    assert run(pfw, short_quote + live[44:48]) == "drop-malformed"
