@@ -3,7 +3,10 @@
 # once: they share two CPUs, and the conntrack table is shared by all namespaces).
 # Each writes bench/results/<name>.json (and PNGs); bench/summary.py then prints the
 # table that README.md quotes. Bounded: each step has its own packet/second limits
-# and a timeout here; the whole run takes about 10 minutes on a 2-core VM.
+# and a timeout here. On a 2-core VM: P1 under a minute, P2/P3 about 6 minutes, P4/P5
+# about 5 minutes, the flood goodput, P6 and agent abuse steps a few minutes more.
+# IPv4 and IPv6 run side by side within each step (P1 and P2/P3 per family, nftables
+# as one `inet` table; migration with all-IPv4 and half-IPv6 sessions).
 #   BENCH_QUICK=1  shorter runs (smaller sizes), for a smoke test
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,21 +18,21 @@ QUICK=()
 step() { printf '\n===== %s =====\n' "$*"; }
 start=$(date +%s)
 
-step "P1 per-packet cost (PROG_TEST_RUN)"
+step "P1 per-packet cost (PROG_TEST_RUN), IPv4 and IPv6"
 timeout 600 "$PY" bench/prog_cost.py "${QUICK[@]}"
 
 step "ACL cost with other VMs' rules loaded"
 timeout 300 "$PY" bench/acl_cost.py
 
-step "P2/P3 packet rates on veth (ours vs nftables vs XDP_DROP / no filter)"
-timeout 600 "$PY" bench/veth_rates.py "${QUICK[@]}"
+step "P2/P3 packet rates on veth, IPv4 and IPv6 (ours vs nftables inet vs XDP_DROP / no filter)"
+timeout 900 "$PY" bench/veth_rates.py "${QUICK[@]}"
 
 step "established TCP goodput during a spoofed SYN flood (ours vs nftables)"
 rounds=3
 [[ ${BENCH_QUICK:-0} == 1 ]] && rounds=1
 timeout 600 "$PY" bench/flood_goodput.py --rounds "$rounds"
 
-step "P4/P5 migration speed and bundle size, map memory"
+step "P4/P5 migration speed and bundle size (all IPv4, half IPv6), map memory"
 timeout 900 "$PY" bench/migrate_speed.py "${QUICK[@]}"
 
 step "P6 survival at scale: the demo with 1,000 connections"

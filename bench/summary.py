@@ -1,7 +1,9 @@
 """Prints the benchmark summary (Markdown) from bench/results/*.json.
 
 Every figure comes from the JSON the benchmarks wrote; nothing is typed in by
-hand. `make bench` runs it last; README.md quotes its output.
+hand. `make bench` runs it last; README.md quotes its output. IPv6 figures sit
+beside the IPv4 ones: in the same row where both families measured a case (with
+the IPv6/IPv4 ratio), in rows of their own for targets.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def verdict(ok: bool | None) -> str:
 
 
 def rows_p1(d: dict[str, Any]) -> list[list[str]]:
+    if d.get("format", 1) >= 2:
+        return rows_p1_families(d)
     res = d["results"]
     out = []
     for name, r in res.items():
@@ -40,25 +44,71 @@ def rows_p1(d: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def rows_p1_families(d: dict[str, Any]) -> list[list[str]]:
+    """prog_cost.py format 2: results per family, one row per case with both."""
+    v4, v6 = d["results"].get("ipv4", {}), d["results"].get("ipv6", {})
+    ratio = d.get("v6_over_v4", {})
+    out = []
+
+    def cell(r: dict[str, Any]) -> str:
+        return f"{r['ns_per_packet']:.1f} ns/pkt ({r.get('ratio_to_reference', 0):.2f}x reference)"
+
+    for name in list(v4) + [k for k in v6 if k not in v4]:
+        parts = []
+        if name in v4:
+            parts.append(("IPv4 " if name in v6 else "") + cell(v4[name]))
+        if name in v6:
+            parts.append("IPv6 " + cell(v6[name]))
+        if name in ratio:
+            parts.append(f"IPv6/IPv4 {ratio[name]:.2f}")
+        out.append([f"P1 {name}", "; ".join(parts), "", ""])
+    for fam, res in (("IPv4", v4), ("IPv6", v6)):
+        for name, r in res.items():
+            if name.startswith("est-hit") and "extension" not in name:
+                x = r.get("ratio_to_reference")
+                out.append([f"P1 target, {name}, {fam}", f"{x:.2f}x reference", "<= 1.3x",
+                            verdict(x is not None and x <= 1.3)])
+    return out
+
+
 def rows_veth(d: dict[str, Any]) -> list[list[str]]:
     out = []
     ratios = d.get("ratios", {})
-    for key, target, label in (
-        ("P2 ours(native)/nftables", 3.0, "P2 drop new, native: ours / nftables"),
-        ("P2 ours(generic)/nftables", 3.0, "P2 drop new, generic: ours / nftables"),
-        ("P3 ours(native)/nftables", 1.4, "P3 established, native: ours / nftables"),
-        ("P3 ours(generic)/nftables", 1.4, "P3 established, generic: ours / nftables"),
-    ):
-        r = ratios.get(key)
-        if not r:
-            continue
-        med = r["median_paired_ratio"]
-        out.append([label, f"{med:.2f}x (rounds {r['paired_min']:.2f}-{r['paired_max']:.2f})",
-                    f">= {target}x", verdict(med >= target)])
-    for name, r in d.get("results", {}).items():
+    for fam, tag in (("", ""), (" IPv6", ", IPv6")):
+        for key, target, label in (
+            (f"P2{fam} ours(native)/nftables", 3.0, f"P2 drop new, native{tag}: ours / nftables"),
+            (f"P2{fam} ours(generic)/nftables", 3.0,
+             f"P2 drop new, generic{tag}: ours / nftables"),
+            (f"P3{fam} ours(native)/nftables", 1.4,
+             f"P3 established, native{tag}: ours / nftables"),
+            (f"P3{fam} ours(generic)/nftables", 1.4,
+             f"P3 established, generic{tag}: ours / nftables"),
+        ):
+            r = ratios.get(key)
+            if not r:
+                continue
+            med, lo, hi = r["median_paired_ratio"], r["paired_min"], r["paired_max"]
+            # rounds on both sides of the target: not a firm verdict on this machine
+            edge = " (borderline)" if lo < target <= hi else ""
+            out.append([label, f"{med:.2f}x (rounds {lo:.2f}-{hi:.2f})",
+                        f">= {target}x", verdict(med >= target) + edge])
+    # one row per case: the IPv4 rate, and the IPv6 twin's beside it
+    results = d.get("results", {})
+    for name, r in results.items():
         mpps = r.get("median_mpps") if isinstance(r, dict) else None
-        if mpps is not None:
-            out.append([f"rate {name}", f"{mpps:.2f} Mpps", "", ""])
+        if mpps is None or r.get("family", "ipv4") != "ipv4":
+            continue
+        value = f"{mpps:.2f} Mpps"
+        twin = results.get(f"{name}, IPv6")
+        if twin:
+            rel = ratios.get(f"{name.replace('/', ' ', 1).replace(' (', '(')} IPv6/IPv4")
+            value = f"IPv4 {value}; IPv6 {twin['median_mpps']:.2f} Mpps"
+            if rel and rel.get("ratio_of_medians") is not None:
+                value += f" ({rel['ratio_of_medians']:.2f}x IPv4)"
+        out.append([f"rate {name}", value, "", ""])
+    for name, r in results.items():  # IPv6 cases without an IPv4 twin
+        if r.get("family") == "ipv6" and name[: -len(", IPv6")] not in results:
+            out.append([f"rate {name}", f"{r['median_mpps']:.2f} Mpps", "", ""])
     return out
 
 
@@ -78,9 +128,26 @@ def rows_flood(d: dict[str, Any]) -> list[list[str]]:
 
 
 def rows_migrate(d: dict[str, Any]) -> list[list[str]]:
+    """migrate_speed.py's own rows; a mix with IPv6 also gets its time over the
+    all-IPv4 one at the same size (the two ran in the same run)."""
+    rel: dict[str, float] = {}
+    mixes = d.get("ours_mixes", {})
+    for mix, by_n in mixes.items():
+        if mix == "ipv4":
+            continue
+        for n, o in by_n.items():
+            base = mixes.get("ipv4", {}).get(n)
+            if base and base.get("end_to_end_s"):
+                share = o.get("ipv6_share", 0)
+                label = "half IPv6" if share == 0.5 else f"{share:.0%} IPv6"
+                rel[f"P4 full copy of one VM, {int(n):,} sessions ({label}), through the agent"] = (
+                    o["end_to_end_s"] / base["end_to_end_s"])
     out = []
     for row in d.get("summary_rows", []):
-        out.append([str(x) for x in row])
+        row = [str(x) for x in row]
+        if row[0] in rel:
+            row[1] += f" ({rel[row[0]]:.2f}x the all-IPv4 time)"
+        out.append(row)
     return out
 
 
@@ -101,8 +168,18 @@ def rows_survival(d: dict[str, Any]) -> list[list[str]]:
 
 
 def main() -> int:
+    global RESULTS
+    if len(sys.argv) > 1:  # another results directory (default bench/results)
+        RESULTS = Path(sys.argv[1])
     rows: list[list[str]] = []
     meta = None
+    when: dict[str, tuple[str, str]] = {}  # result file -> (date, kernel)
+
+    def seen(name: str, d: dict[str, Any]) -> None:
+        env = d.get("environment", {}) if isinstance(d.get("environment"), dict) else {}
+        when[name] = (str(d.get("date") or env.get("date") or "?")[:16],
+                      str(d.get("kernel") or env.get("kernel") or "?"))
+
     for name, fn in (("prog_cost", rows_p1), ("veth_rates", rows_veth),
                      ("flood_goodput", rows_flood), ("migrate_speed", rows_migrate)):
         d = load(name)
@@ -110,18 +187,23 @@ def main() -> int:
             rows.append([name, "not run", "", ""])
             continue
         meta = meta or d
+        seen(name, d)
         rows.extend(fn(d))
     surv = load("survival_1000") or load("survival_200")
     if surv:
+        seen("survival", surv)
         rows.extend(rows_survival(surv))
     acl = load("acl_cost")
     if acl:
+        seen("acl_cost", acl)
         for k, v in acl["results"].items():
             rows.append([f"ACL {k.replace('_', ' ')} ({v['rules_loaded']} rules loaded)",
                          f"{v['ns_per_packet']:.1f} ns/pkt", "", ""])
     if meta:
         print(f"Measured {meta.get('date', '?')}, kernel {meta.get('kernel', '?')}, "
-              f"{meta.get('cpu', '?')} ({meta.get('cpus', '?')} CPUs)\n")
+              f"{meta.get('cpu', '?')} ({meta.get('cpus', '?')} CPUs)")
+        # the files may come from different runs: say when each was written
+        print("(" + "; ".join(f"{k} {d} on {kern}" for k, (d, kern) in when.items()) + ")\n")
     print("| figure | value | target | |")
     print("| --- | --- | --- | --- |")
     for r in rows:
