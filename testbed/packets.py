@@ -101,12 +101,19 @@ class TcpFlow:
         (src, sport), (dst, dport) = self.ends[frm], self.ends[to]
         s = self.snd_nxt[frm] if seq is None else seq
         k = (self.rcv_nxt[frm] if flags & ACK else 0) if ack is None else ack
-        seg = tcp_seg(sport, dport, flags, payload, seq=s, ack=k,
-                      win=self.win if win is None else win, options=options)
+        seg = self.segment(src, sport, dst, dport, flags, payload, seq=s, ack=k,
+                           win=self.win if win is None else win, options=options)
         if advance and seq is None:
             used = len(payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
             self.snd_nxt[frm] = (s + used) & 0xFFFFFFFF
             self.rcv_nxt[to] = self.snd_nxt[frm]
+        return self.packet(src, dst, seg)
+
+    def segment(self, src: str, sport: int, dst: str, dport: int, flags: int,
+                payload: bytes, **kw: Any) -> bytes:
+        return tcp_seg(sport, dport, flags, payload, **kw)
+
+    def packet(self, src: str, dst: str, seg: bytes) -> bytes:
         return eth(ipv4(src, dst, 6, seg), vlans=self.vlans)
 
     def syn(self, **kw: Any) -> bytes:
@@ -350,17 +357,9 @@ def ndp(src: str, dst: str, icmp_type: int = 135, target: str = "::", hlim: int 
 class Tcp6Flow(TcpFlow):
     """TcpFlow over IPv6."""
 
-    def frame(self, frm: str, flags: int, payload: bytes = b"", *, seq: int | None = None,
-              ack: int | None = None, win: int | None = None, options: bytes = b"",
-              advance: bool = True) -> bytes:
-        to = "b" if frm == "a" else "a"
-        (src, sport), (dst, dport) = self.ends[frm], self.ends[to]
-        s = self.snd_nxt[frm] if seq is None else seq
-        k = (self.rcv_nxt[frm] if flags & ACK else 0) if ack is None else ack
-        seg = tcp6_seg(src, sport, dst, dport, flags, payload, seq=s, ack=k,
-                       win=self.win if win is None else win, options=options)
-        if advance and seq is None:
-            used = len(payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
-            self.snd_nxt[frm] = (s + used) & 0xFFFFFFFF
-            self.rcv_nxt[to] = self.snd_nxt[frm]
+    def segment(self, src: str, sport: int, dst: str, dport: int, flags: int,
+                payload: bytes, **kw: Any) -> bytes:
+        return tcp6_seg(src, sport, dst, dport, flags, payload, **kw)
+
+    def packet(self, src: str, dst: str, seg: bytes) -> bytes:
         return eth(ipv6(src, dst, 6, seg), ethertype=ETH_P_IPV6, vlans=self.vlans)
