@@ -1,8 +1,9 @@
-/* sami-xdp: stateful IPv4/IPv6 firewall in XDP.
+/* sami-xdp: stateful IPv4/IPv6 firewall in XDP (and, for virtual devices,
+ * the same datapath as a TC ingress program: see "the program context").
  *
  * parse -> anti-spoofing -> direction -> blacklist -> session lookup/update
  * (TCP state and window) -> SYN accounting -> ACL -> verdict. Every verdict
- * leaves through xdp_firewall()'s single exit, which counts it per reason.
+ * leaves through finish(), the single exit, which counts it per reason.
  * Compiled by bcc; the loader passes the map capacities as -D constants and
  * pins every map. See ../shared/DESIGN.md.
  */
@@ -14,6 +15,7 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 #include <uapi/linux/icmp.h>
+#include <uapi/linux/pkt_cls.h>
 
 #include "session_map.h"
 #include "lib/parse.h"
@@ -74,7 +76,81 @@ BPF_PERCPU_ARRAY(verdicts, struct verdict_counter, SAMIXDP_N_REASONS);
  * calls, so the verifier checks each alone (inlined together they exceed its
  * budget); the parsed packet travels in a per-CPU scratch slot. */
 BPF_PROG_ARRAY(stages, SAMIXDP_N_STAGES);
+BPF_PROG_ARRAY(tc_stages, SAMIXDP_N_STAGES); /* the same stages as TC programs */
 BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
+
+/* ---- the program context ---------------------------------------------------
+ * The datapath runs as an XDP program (native or generic, for NIC drivers) and
+ * as a TC ingress classifier (for virtual devices such as veth, where XDP costs
+ * the TCP stack its GSO/TSO). The functions below take the context as `void *`
+ * and the kind as a constant, so each entry point compiles only its own branch;
+ * everything else (maps, sessions, ACL) is shared: both kinds are one firewall. */
+#define KIND_XDP 0
+#define KIND_TC 1
+
+static __always_inline void *ctx_data(void *ctx, int kind)
+{
+    if (kind == KIND_TC)
+        return (void *)(long)((struct __sk_buff *)ctx)->data;
+    return (void *)(long)((struct xdp_md *)ctx)->data;
+}
+
+/* XDP: the end of the frame; TC: of the linear part, where the headers are */
+static __always_inline void *ctx_end(void *ctx, int kind)
+{
+    if (kind == KIND_TC)
+        return (void *)(long)((struct __sk_buff *)ctx)->data_end;
+    return (void *)(long)((struct xdp_md *)ctx)->data_end;
+}
+
+/* the length on the wire (TC: a GSO packet counts whole) */
+static __always_inline __u64 ctx_len(void *ctx, int kind)
+{
+    if (kind == KIND_TC)
+        return ((struct __sk_buff *)ctx)->len;
+    return (__u64)(ctx_end(ctx, kind) - ctx_data(ctx, kind));
+}
+
+static __always_inline __u32 ctx_ifindex(void *ctx, int kind)
+{
+    if (kind == KIND_TC)
+        return ((struct __sk_buff *)ctx)->ingress_ifindex;
+    return ((struct xdp_md *)ctx)->ingress_ifindex;
+}
+
+static __always_inline int verdict_code(int kind, int pass)
+{
+    if (kind == KIND_TC)
+        return pass ? TC_ACT_OK : TC_ACT_SHOT;
+    return pass ? XDP_PASS : XDP_DROP;
+}
+
+/* Each kind's stages sit in a program array of their own. */
+static __always_inline void tail_call(void *ctx, int kind, __u32 stage)
+{
+    if (kind == KIND_TC)
+        tc_stages.call(ctx, stage);
+    else
+        stages.call(ctx, stage);
+}
+
+/* The headers the parser may read: Ethernet, two tags, IPv6 with extension
+ * headers, TCP with options. GSO packets keep them in the linear part, so the
+ * pull (a copy) happens only for frames built otherwise. */
+#define TC_HEADERS_MAX 256
+static __always_inline void tc_pull_headers(struct __sk_buff *skb)
+{
+    __u32 want = skb->len < TC_HEADERS_MAX ? skb->len : TC_HEADERS_MAX;
+    if ((long)skb->data_end - (long)skb->data < (long)want)
+        bpf_skb_pull_data(skb, want);
+}
+
+/* The kernel takes the outer 802.1Q tag off the frame before TC sees it. */
+static __always_inline void tc_vlan(struct __sk_buff *skb, struct pkt *p)
+{
+    if (!p->vlan && skb->vlan_present)
+        p->vlan = skb->vlan_tci & 0x0FFF;
+}
 
 /* slow_path() result meaning "inbound, no session: ask the ACL" */
 #define REASON_NEED_ACL 255
@@ -171,7 +247,7 @@ static __always_inline int is_protected(const struct ip_addr *addr)
 /* Strict reverse path for a protected source: it may only arrive on an
  * interface through which this host reaches it (the route to it leaves by
  * that interface), unless the operator gave the interface a role. */
-static __always_inline int source_allowed(struct xdp_md *ctx, struct pkt *p, __u32 ifindex)
+static __always_inline int source_allowed(void *ctx, int kind, struct pkt *p, __u32 ifindex)
 {
     u32 *role = iface_roles.lookup(&ifindex);
     if (role)
@@ -191,7 +267,9 @@ static __always_inline int source_allowed(struct xdp_md *ctx, struct pkt *p, __u
     }
     fib.ifindex = ifindex;
     int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-    return (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) &&
+    /* FRAG_NEEDED (TC: the packet exceeds that interface's MTU) still found the route */
+    return (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+            rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) &&
            fib.ifindex == ifindex;
 }
 
@@ -443,9 +521,10 @@ static __always_inline __u32 handle_fragment(struct fw_config *cfg, struct pkt *
     return REASON_PASS_FRAGMENT;
 }
 
+
 /* The verdict leaves here, whichever stage decided it: an accepted first
  * fragment is remembered for its followers, the verdict counted per reason. */
-static __always_inline int finish(struct xdp_md *ctx, struct pkt *p, __u32 reason)
+static __always_inline int finish(void *ctx, int kind, struct pkt *p, __u32 reason)
 {
     if (p->frag == 1 && reason < SAMIXDP_FIRST_DROP && reason != REASON_PASS_TRANSIT &&
         reason != REASON_PASS_IPV6_UNPROTECTED) {
@@ -457,20 +536,20 @@ static __always_inline int finish(struct xdp_md *ctx, struct pkt *p, __u32 reaso
     struct verdict_counter *c = verdicts.lookup(&reason);
     if (c) {
         c->packets += 1;
-        c->bytes += (__u64)(ctx->data_end - ctx->data);
+        c->bytes += ctx_len(ctx, kind);
     }
-    return reason < SAMIXDP_FIRST_DROP ? XDP_PASS : XDP_DROP;
+    return verdict_code(kind, reason < SAMIXDP_FIRST_DROP);
 }
 
 /* Hands the packet to the next stage; returns only if the tail call failed. */
-static __always_inline void next_stage(struct xdp_md *ctx, struct pkt *p, __u32 stage)
+static __always_inline void next_stage(void *ctx, int kind, struct pkt *p, __u32 stage)
 {
     __u32 zero = 0;
     struct pkt *sp = scratch.lookup(&zero);
     if (!sp)
         return;
     *sp = *p;
-    stages.call(ctx, stage);
+    tail_call(ctx, kind, stage);
 }
 
 /* Stage 0, the fast path: a live assured session. Its flags say which ends
@@ -479,9 +558,14 @@ static __always_inline void next_stage(struct xdp_md *ctx, struct pkt *p, __u32 
  * packets towards a VM still meet the blacklist first. REASON_NEED_SLOW when
  * the packet needs the slow path. */
 #define REASON_NEED_SLOW 254
-static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
+#define REASON_NEED_SLOW 254
+static __always_inline __u32 fast_path(void *ctx, int kind, struct pkt *p)
 {
-    int rc = parse_packet(ctx, p);
+    if (kind == KIND_TC)
+        tc_pull_headers(ctx);
+    int rc = parse_packet(ctx_data(ctx, kind), ctx_end(ctx, kind), ctx_len(ctx, kind), p);
+    if (kind == KIND_TC)
+        tc_vlan(ctx, p);
     if (rc == PARSE_NON_IP)
         return REASON_PASS_NON_IP;
     if (rc == PARSE_NDP)
@@ -498,7 +582,7 @@ static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
     if (!cfg)
         return REASON_DROP_MALFORMED; /* unreachable: arrays always hold index 0 */
     __u64 now = NOW();
-    __u32 ifindex = ctx->ingress_ifindex;
+    __u32 ifindex = ctx_ifindex(ctx, kind);
     struct session_key k = {};
     __u8 side = make_key(&k, &p->saddr, &p->daddr, p->sport, p->dport, p->proto);
     struct session_value *v = sessions.lookup(&k);
@@ -511,7 +595,7 @@ static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
     __u8 receiver_vm = side == SIDE_LO ? SESS_F_VM_HI : SESS_F_VM_LO;
     int d = side == v->initiator ? 0 : 1;
     if ((v->flags & sender_vm) && v->ifindex[d] != ifindex &&
-        !source_allowed(ctx, p, ifindex))
+        !source_allowed(ctx, kind, p, ifindex))
         return REASON_DROP_SPOOFED;
     if ((v->flags & receiver_vm) && banned(p, now))
         return REASON_DROP_BLACKLIST;
@@ -521,20 +605,20 @@ static __always_inline __u32 fast_path(struct xdp_md *ctx, struct pkt *p)
 }
 
 /* Stage 1, the slow path: anything the fast path could not decide. */
-static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
+static __always_inline __u32 slow_path(void *ctx, int kind, struct pkt *p)
 {
     __u32 zero = 0;
     struct fw_config *cfg = config.lookup(&zero);
     if (!cfg)
         return REASON_DROP_MALFORMED;
     __u64 now = NOW();
-    __u32 ifindex = ctx->ingress_ifindex;
+    __u32 ifindex = ctx_ifindex(ctx, kind);
     int tcp = p->proto == PROTO_TCP && p->frag != 2;
     __u8 syn_only = tcp && (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
 
     if (is_ndp(p)) {
         /* link-scoped and stateless, but a protected source is checked as ever */
-        if (is_protected(&p->saddr) && !source_allowed(ctx, p, ifindex))
+        if (is_protected(&p->saddr) && !source_allowed(ctx, kind, p, ifindex))
             return REASON_DROP_SPOOFED;
         return REASON_PASS_NDP;
     }
@@ -543,7 +627,7 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
         return p->ipv6 ? REASON_PASS_IPV6_UNPROTECTED : REASON_PASS_TRANSIT;
     /* anti-spoofing comes before anything that could create or change state */
     if ((dir == DIR_OUTBOUND || is_protected(&p->saddr)) &&
-        !source_allowed(ctx, p, ifindex))
+        !source_allowed(ctx, kind, p, ifindex))
         return REASON_DROP_SPOOFED;
 
     if (dir == DIR_INBOUND && banned(p, now))
@@ -555,7 +639,7 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
     if (tcp && !tcp_flags_valid(p->tcp_flags))
         return REASON_DROP_INVALID; /* SYN|FIN, NULL, XMAS...: never a session's packet */
     if (tcp && (p->tcp_flags & TCPF_SYN))
-        parse_syn_options(ctx, p); /* window scale and SACK: only SYNs carry them */
+        parse_syn_options(ctx_data(ctx, kind), ctx_end(ctx, kind), p); /* window scale and SACK: only SYNs carry them */
 
     struct session_key k = {};
     __u8 side = make_key(&k, &p->saddr, &p->daddr, p->sport, p->dport, p->proto);
@@ -569,8 +653,9 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
             sessions.delete(&k);
         v = 0;
     }
-    if (v)
-        return advance_session(cfg, &k, v, p, side, in_unassured, now, ifindex);
+    if (v) {
+            return advance_session(cfg, &k, v, p, side, in_unassured, now, ifindex);
+    }
 
     if (tcp && !syn_only) {
         /* strict: no session starts mid-flow, except for a VM just migrated here */
@@ -599,13 +684,13 @@ static __always_inline __u32 slow_path(struct xdp_md *ctx, struct pkt *p)
 
 /* Stage 2: an inbound packet with no session; the ACL decides, and an allowed
  * flow gets a session. */
-static __always_inline __u32 acl_stage(struct xdp_md *ctx, struct pkt *p)
+static __always_inline __u32 acl_stage(void *ctx, int kind, struct pkt *p)
 {
     __u32 zero = 0;
     struct fw_config *cfg = config.lookup(&zero);
     if (!cfg)
         return REASON_DROP_MALFORMED;
-    __u32 ifindex = ctx->ingress_ifindex;
+    __u32 ifindex = ctx_ifindex(ctx, kind);
     __u32 r = acl_verdict(cfg, p, ifindex);
     if (r != REASON_PASS_ACL)
         return r;
@@ -620,36 +705,67 @@ static __always_inline __u32 acl_stage(struct xdp_md *ctx, struct pkt *p)
 }
 
 /* The entry point: parse and the fast path; the rest by tail call. */
-int xdp_firewall(struct xdp_md *ctx)
+static __always_inline int entry_main(void *ctx, int kind)
 {
     struct pkt p = {};
-    __u32 reason = fast_path(ctx, &p);
+    __u32 reason = fast_path(ctx, kind, &p);
     if (reason == REASON_NEED_SLOW) {
-        next_stage(ctx, &p, STAGE_SLOW);
+        next_stage(ctx, kind, &p, STAGE_SLOW);
         reason = REASON_DROP_MALFORMED; /* no stage to hand over to: fail closed */
     }
-    return finish(ctx, &p, reason);
+    return finish(ctx, kind, &p, reason);
+}
+
+static __always_inline int entry_slow(void *ctx, int kind)
+{
+    __u32 zero = 0;
+    struct pkt *p = scratch.lookup(&zero);
+    if (!p)
+        return verdict_code(kind, 0); /* unreachable: arrays always hold index 0 */
+    __u32 reason = slow_path(ctx, kind, p);
+    if (reason == REASON_NEED_ACL) {
+        tail_call(ctx, kind, STAGE_ACL);
+        reason = REASON_DROP_ACL_DEFAULT; /* no ACL stage: nothing allows it */
+    }
+    return finish(ctx, kind, p, reason);
+}
+
+static __always_inline int entry_acl(void *ctx, int kind)
+{
+    __u32 zero = 0;
+    struct pkt *p = scratch.lookup(&zero);
+    if (!p)
+        return verdict_code(kind, 0);
+    return finish(ctx, kind, p, acl_stage(ctx, kind, p));
+}
+/* ---- the programs: the XDP kind, then the TC kind ---------------------------- */
+
+int xdp_firewall(struct xdp_md *ctx)
+{
+    return entry_main(ctx, KIND_XDP);
 }
 
 int xdp_slow(struct xdp_md *ctx)
 {
-    __u32 zero = 0;
-    struct pkt *p = scratch.lookup(&zero);
-    if (!p)
-        return XDP_DROP; /* unreachable: arrays always hold index 0 */
-    __u32 reason = slow_path(ctx, p);
-    if (reason == REASON_NEED_ACL) {
-        stages.call(ctx, STAGE_ACL);
-        reason = REASON_DROP_ACL_DEFAULT; /* no ACL stage: nothing allows it */
-    }
-    return finish(ctx, p, reason);
+    return entry_slow(ctx, KIND_XDP);
 }
 
 int xdp_acl(struct xdp_md *ctx)
 {
-    __u32 zero = 0;
-    struct pkt *p = scratch.lookup(&zero);
-    if (!p)
-        return XDP_DROP;
-    return finish(ctx, p, acl_stage(ctx, p));
+    return entry_acl(ctx, KIND_XDP);
+}
+
+int tc_firewall(struct __sk_buff *ctx)
+{
+    return entry_main(ctx, KIND_TC);
+}
+
+int tc_slow(struct __sk_buff *ctx)
+{
+    return entry_slow(ctx, KIND_TC);
+}
+
+int tc_acl(struct __sk_buff *ctx)
+{
+    return entry_acl(ctx, KIND_TC);
 }

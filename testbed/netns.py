@@ -123,6 +123,18 @@ class Netns:
         prog = xdp.get("prog") or {}
         return int(prog.get("id", 0))
 
+    def tc_prog_ids(self, link: str) -> list[int]:
+        """The programs of the TC ingress filters on `link`, as `tc` reports them."""
+        res = self.run("tc", "-j", "filter", "show", "dev", link, "ingress", check=False)
+        if res.returncode != 0 or not res.stdout.strip():
+            return []
+        return [int(f["options"]["prog"]["id"]) for f in json.loads(res.stdout)
+                if "prog" in f.get("options", {})]
+
+    def datapath_prog_id(self, link: str) -> int:
+        """The firewall program on `link`, XDP or TC (0 when none)."""
+        return self.xdp_prog_id(link) or next(iter(self.tc_prog_ids(link)), 0)
+
 
 class LineReader:
     """Reads lines from a child's stdout with a deadline (no blocking forever)."""

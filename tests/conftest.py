@@ -6,6 +6,7 @@ CI is set they fail instead of skipping, so a broken runner cannot pass.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -147,7 +148,32 @@ def fw(firewall: Firewall) -> Firewall:
     return firewall
 
 
+# The datapath's two program kinds: test modules that judge packets take their
+# `fw` from fresh_firewall(firewall, kind) with these as params, so every verdict
+# is asserted for the XDP program and for the TC one (the same maps behind both).
+PROGRAM_KINDS = ("xdp", "tc")
+VERDICT_NAMES = {"xdp": {1: "DROP", 2: "PASS"}, "tc": {0: "PASS", 2: "DROP"}}
+
+
+def fresh_firewall(firewall: Firewall, kind: str) -> Firewall:
+    """The emptied session firewall whose `prog_fd` is the program of `kind`."""
+    reset_firewall(firewall)
+    if kind == "tc":
+        return dataclasses.replace(firewall, prog_fd=firewall.tc_prog_fd)
+    return firewall
+
+
+def program_kind(fw: Firewall) -> str:
+    return "tc" if fw.prog_fd == fw.tc_prog_fd else "xdp"
+
+
+def run_program(fw: Firewall, frame: bytes, ifindex: int = 0) -> tuple[str, bpfsys.TestRunResult]:
+    """One PROG_TEST_RUN of `fw`'s program: ("PASS" | "DROP", the raw result)."""
+    kind = program_kind(fw)
+    res = bpfsys.prog_test_run(fw.prog_fd, frame, ingress_ifindex=ifindex, skb=kind == "tc")
+    return VERDICT_NAMES[kind].get(res.retval, f"retval={res.retval}"), res
+
+
 def run_frame(fw: Firewall, frame: bytes, ifindex: int = 0) -> str:
     """Feeds one frame to the real program; returns "PASS" or "DROP"."""
-    res = bpfsys.prog_test_run(fw.prog_fd, frame, ingress_ifindex=ifindex)
-    return {1: "DROP", 2: "PASS"}.get(res.retval, str(res.retval))
+    return run_program(fw, frame, ifindex)[0]

@@ -22,11 +22,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import unavailable
+from conftest import PROGRAM_KINDS, fresh_firewall, program_kind, run_program, unavailable
 
 from sami_xdp.base.layout import load_layout
 from sami_xdp.base.netutil import addrs_to_ips, ip_to_addr, ipv4_addr_array, port_be
-from sami_xdp.loader import bpfsys
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.policy import protect, sessions, stats
 from sami_xdp.policy.roles import set_role
@@ -54,7 +53,7 @@ NS = 1_000_000_000
 def run(fw: Firewall, frame: bytes, ifindex: int = 0) -> str:
     """One PROG_TEST_RUN; returns the verdict reason name (e.g. "pass-session")."""
     before = stats.read_verdicts(fw)
-    res = bpfsys.prog_test_run(fw.prog_fd, frame, ingress_ifindex=ifindex)
+    verdict, res = run_program(fw, frame, ifindex)
     after = stats.read_verdicts(fw)
     moved = {
         name: (after[name]["packets"] - before[name]["packets"],
@@ -65,8 +64,9 @@ def run(fw: Firewall, frame: bytes, ifindex: int = 0) -> str:
     assert len(moved) == 1, f"expected one verdict counter to move, got {moved}"
     ((reason, (pkts, nbytes)),) = moved.items()
     assert (pkts, nbytes) == (1, len(frame)), (reason, pkts, nbytes)
-    action = {1: "drop", 2: "pass"}.get(res.retval, f"retval={res.retval}")
-    assert reason.startswith(action + "-"), f"XDP action {action} but reason {reason}"
+    action = verdict.lower()
+    kind = program_kind(fw)
+    assert reason.startswith(action + "-"), f"{kind} action {action} but reason {reason}"
     assert res.data_out == frame, "the firewall must never rewrite a frame"
     return reason
 
@@ -140,6 +140,12 @@ def age(fw: Firewall, map_name: str, key: np.ndarray, seconds: float) -> None:
 def set_timeout(fw: Firewall, state: str, seconds: int) -> None:
     fw.set_config(ST[state], seconds)
 
+
+
+@pytest.fixture(params=PROGRAM_KINDS)
+def fw(request: pytest.FixtureRequest, firewall: Firewall) -> Firewall:
+    """Every test here runs against the XDP program and against the TC one."""
+    return fresh_firewall(firewall, request.param)
 
 @pytest.fixture
 def pfw(fw: Firewall) -> Firewall:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import unavailable
+from conftest import PROGRAM_KINDS, fresh_firewall, unavailable
 from test_datapath import CLIENT, NET, NS, ST, TCP, UDP, VM, VM2, find, key_of, run, state_of
 
 from sami_xdp.loader.pinned import Firewall
@@ -33,6 +33,12 @@ pytestmark = pytest.mark.needs_root
 
 ATTACKER = "203.0.113.66"
 
+
+
+@pytest.fixture(params=PROGRAM_KINDS)
+def fw(request: pytest.FixtureRequest, firewall: Firewall) -> Firewall:
+    """Every test here runs against the XDP program and against the TC one."""
+    return fresh_firewall(firewall, request.param)
 
 @pytest.fixture
 def pfw(fw: Firewall) -> Firewall:

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import PROGRAM_KINDS, fresh_firewall, program_kind
 from test_datapath import run
 from test_datapath_security import link  # noqa: F401  (fixture)
 
@@ -41,6 +42,12 @@ TCP, UDP, ICMPV6 = 6, 17, 58
 ST = {name: value for value, name in load_layout().names("ST_").items()}
 NS = 1_000_000_000
 
+
+
+@pytest.fixture(params=PROGRAM_KINDS)
+def fw(request: pytest.FixtureRequest, firewall: Firewall) -> Firewall:
+    """Every test here runs against the XDP program and against the TC one."""
+    return fresh_firewall(firewall, request.param)
 
 @pytest.fixture
 def pfw(fw: Firewall) -> Firewall:
@@ -186,6 +193,9 @@ def test_an_ipv6_packet_cannot_reach_ipv4_state_through_a_mapped_address(pfw):
     P.eth(P.ipv6(CLIENT6, VM6, 6, b"")[:30], ethertype=P.ETH_P_IPV6),
 ], ids=["multicast-source", "truncated", "version-4", "short-tcp", "short-udp", "cut-header"])
 def test_malformed_ipv6_is_dropped(pfw, frame):
+    if program_kind(pfw) == "tc" and len(frame) < 14 + 40:
+        pytest.skip("PROG_TEST_RUN builds no skb around a cut IPv6 header (EINVAL); the "
+                    "TC program shares the parser that drops it")
     assert run(pfw, frame) == "drop-malformed"
 
 

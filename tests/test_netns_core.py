@@ -63,7 +63,7 @@ def attached(served: CoreTopology) -> CoreTopology:
         res = t.samixdp("attach", link, "--protect", VM_NET, "--mode", "auto")
         assert res.returncode == 0, f"attach {link}: {res.stderr}"
         assert f"attached to {link} in " in res.stdout
-        assert t.fw.xdp_prog_id(link) > 0
+        assert t.fw.datapath_prog_id(link) > 0
     return t
 
 
@@ -78,10 +78,14 @@ def test_status_lists_both_links(attached: CoreTopology) -> None:
     assert isinstance(st, dict)
     modes = {i["ifname"]: i["mode"] for i in st["interfaces"]}
     assert set(modes) == set(attached.fw_links)
-    assert all(m in ("native", "generic") for m in modes.values()), modes
+    # auto on veth: TC, so the VM's TCP keeps GSO/TSO (native XDP would take it away)
+    assert all(m == "tc" for m in modes.values()), modes
     assert st["protected"] == [VM_NET]
-    prog_ids = {attached.fw.xdp_prog_id(link) for link in attached.fw_links}
-    assert prog_ids == {st["program_id"]}, "both links must run the one pinned program"
+    prog_ids = {attached.fw.datapath_prog_id(link) for link in attached.fw_links}
+    assert prog_ids == {st["tc_program_id"]}, "both links must run the one pinned program"
+    assert not any(attached.fw.xdp_prog_id(link) for link in attached.fw_links)
+    tso = attached.vm.run("ethtool", "-k", "sxv-fw").stdout
+    assert "tcp-segmentation-offload: on" in tso, tso
 
 
 def test_outbound_tcp_passes_and_is_established(attached: CoreTopology) -> None:
@@ -119,6 +123,25 @@ def test_unsolicited_inbound_is_dropped_and_counted(attached: CoreTopology) -> N
     assert not [r for r in rows if r["src"] == CLIENT_IP], rows
 
 
+def test_native_mode_is_still_xdp(attached: CoreTopology) -> None:
+    """--mode native keeps the XDP program (for NIC drivers); auto and tc share its maps."""
+    t = attached
+    link = t.fw_links[1]
+    assert t.samixdp("detach", link).returncode == 0
+    res = t.samixdp("attach", link, "--mode", "native")
+    assert res.returncode == 0 and f"attached to {link} in native mode" in res.stdout, res
+    st = t.samixdp_json("status")
+    assert isinstance(st, dict)
+    assert {i["ifname"]: i["mode"] for i in st["interfaces"]}[link] == "native"
+    assert t.fw.xdp_prog_id(link) == st["program_id"] and t.fw.tc_prog_ids(link) == []
+    again = t.samixdp("attach", link, "--mode", "tc")
+    assert again.returncode != 0 and "already runs sami-xdp in native mode" in again.stderr
+    conn = t.lab.held_connection(t.vm, CLIENT_IP, OUT_PORT)
+    assert conn.established(), f"VM -> client through native XDP: {conn.reader.seen}"
+    assert conn.release()[0] == 0
+    assert t.samixdp("detach", link).returncode == 0
+
+
 def test_detach_restores_plain_forwarding(attached: CoreTopology) -> None:
     t = attached
     ok, out = tcp_connect(t.client, VM_IP, IN_PORT, timeout=1.5)
@@ -127,7 +150,8 @@ def test_detach_restores_plain_forwarding(attached: CoreTopology) -> None:
         res = t.samixdp("detach", link)
         assert res.returncode == 0, res.stderr
         assert res.stdout.strip() == f"detached from {link}"
-        assert t.fw.xdp_prog_id(link) == 0
+        assert t.fw.datapath_prog_id(link) == 0
+        assert t.fw.tc_prog_ids(link) == []
     st = t.samixdp_json("status")
     assert isinstance(st, dict) and st["interfaces"] == []
     ok, out = tcp_connect(t.client, VM_IP, IN_PORT, timeout=1.5)

@@ -75,10 +75,8 @@ struct vlan_hdr_s {
  * Unrolled over the 40 possible option bytes with constant offsets only (a
  * loop with a moving pointer costs the verifier far more); `next` is where the
  * next option starts, a malformed list ends the walk. */
-static __always_inline void parse_syn_options(struct xdp_md *ctx, struct pkt *p)
+static __always_inline void parse_syn_options(void *data, void *data_end, struct pkt *p)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
     __u32 len = p->opt_len;
     __u8 *opt = data + (p->opt_off & 0x3fff); /* the headers before the options fit in 16 KiB */
     __u32 next = 0;
@@ -258,8 +256,10 @@ static __always_inline int parse_l4(struct pkt *p, __u8 *l4, __u32 l4_len, void 
     return PARSE_OK;
 }
 
+/* `room`: bytes of the frame from the IP header on (the wire length, which a TC
+ * program's data_end may fall short of: a GSO packet's payload is not linear). */
 static __always_inline int parse_ipv4(struct pkt *p, struct iphdr *iph, void *data,
-                                      void *data_end)
+                                      void *data_end, __u32 room)
 {
     if ((void *)(iph + 1) > data_end)
         return PARSE_MALFORMED;
@@ -270,7 +270,7 @@ static __always_inline int parse_ipv4(struct pkt *p, struct iphdr *iph, void *da
     if (tot_len < ihl_bytes)
         return PARSE_MALFORMED;
     /* a truncated datagram must not pass, nor count its claimed length */
-    if ((void *)iph + tot_len > data_end)
+    if (tot_len > room)
         return PARSE_MALFORMED;
     addr_from_v4(&p->saddr, iph->saddr);
     addr_from_v4(&p->daddr, iph->daddr);
@@ -293,16 +293,16 @@ static __always_inline int parse_ipv4(struct pkt *p, struct iphdr *iph, void *da
  * (hop-by-hop first only, routing type 0 refused, fragment header as IPv4's
  * fragment fields) up to the transport header. */
 static __always_inline int parse_ipv6(struct pkt *p, struct ipv6hdr *ip6, void *data,
-                                      void *data_end)
+                                      void *data_end, __u32 room)
 {
     if ((void *)(ip6 + 1) > data_end)
         return PARSE_MALFORMED;
     if (ip6->version != 6)
         return PARSE_MALFORMED;
     __u32 plen = bpf_ntohs(ip6->payload_len);
-    __u8 *end = (__u8 *)(ip6 + 1) + plen;
-    if ((void *)end > data_end)
+    if (sizeof(*ip6) + plen > room)
         return PARSE_MALFORMED; /* truncated (or a jumbogram, which no link here carries) */
+    __u8 *end = (__u8 *)(ip6 + 1) + plen;
     if (ip6->saddr.in6_u.u6_addr8[0] == 0xff)
         return PARSE_MALFORMED; /* a multicast source */
     if (addr_is_v4_mapped(&ip6->saddr) || addr_is_v4_mapped(&ip6->daddr))
@@ -358,10 +358,12 @@ static __always_inline int parse_ipv6(struct pkt *p, struct ipv6hdr *ip6, void *
     return parse_l4(p, hdr, end - hdr, data, data_end, hop_limit);
 }
 
-static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
+/* `data`..`data_end`: the frame from its Ethernet header as far as it can be
+ * read (XDP: the whole frame; TC: the linear part, where the headers are);
+ * `wire_len`: the frame's length. */
+static __always_inline int parse_packet(void *data, void *data_end, __u32 wire_len,
+                                        struct pkt *p)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
         return PARSE_MALFORMED;
@@ -381,10 +383,13 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
     }
     if (proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE)
         return PARSE_MALFORMED; /* more tags than we parse: never pass it unfiltered */
+    __u32 l3_off = (__u32)(cur - data);
+    if (l3_off > wire_len)
+        return PARSE_MALFORMED;
     if (proto == ETH_P_IP_BE)
-        return parse_ipv4(p, cur, data, data_end);
+        return parse_ipv4(p, cur, data, data_end, wire_len - l3_off);
     if (proto == ETH_P_IPV6_BE)
-        return parse_ipv6(p, cur, data, data_end);
+        return parse_ipv6(p, cur, data, data_end, wire_len - l3_off);
     return PARSE_NON_IP;
 }
 

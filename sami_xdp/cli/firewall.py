@@ -61,7 +61,11 @@ def attach_cmd(
             "--protect", help="VM prefix behind this host, IPv4 or IPv6 (repeatable)."
         ),
     ] = None,
-    mode: Annotated[str, typer.Option(help="auto|native|generic")] = "auto",
+    mode: Annotated[
+        str,
+        typer.Option(help="auto (TC on virtual devices such as veth, native XDP on NIC drivers)"
+                     "|native|generic|tc"),
+    ] = "auto",
     role: Annotated[
         str,
         typer.Option(
@@ -98,7 +102,7 @@ def attach_cmd(
             fw.set_config(fw.const("CFG_SYN_RATE"), rate)
         if ban is not None:
             fw.set_config(fw.const("CFG_BAN_S"), ban)
-        state = xdp.attach(iface, fw.prog_fd, fw.prog_id(), mode)
+        state = xdp.attach(iface, fw.programs(), mode)
         roles.set_role(fw, state.ifindex, role)
         typer.echo(f"attached to {iface} in {state.mode} mode (program id {state.prog_id})")
 
@@ -108,7 +112,7 @@ def detach_cmd(ctx: typer.Context, iface: str) -> None:
     bpffs.require_root()
     xdp.query(iface)
     with root_opts(ctx).change() as fw:
-        state = xdp.detach(iface, fw.prog_fd, fw.prog_id())
+        state = xdp.detach(iface, fw.programs())
         roles.set_role(fw, state.ifindex, "auto")
     typer.echo(f"detached from {iface}")
 
@@ -125,7 +129,7 @@ def reset_cmd(
     if Firewall.exists(c.bpffs):
         try:
             with c.change() as fw:
-                still = xdp.list_attached(fw.prog_id())
+                still = xdp.list_attached(fw.programs())
         except SamiError:
             still = []  # an unreadable (old layout) state may always be removed
         if still:
@@ -143,7 +147,7 @@ def _status(fw: Firewall) -> dict[str, object]:
             "mode": s.mode,
             "role": roles.role_of(fw, s.ifindex),
         }
-        for s in xdp.list_attached(fw.prog_id())
+        for s in xdp.list_attached(fw.programs())
     ]
     maps = {
         name: {
@@ -152,13 +156,14 @@ def _status(fw: Firewall) -> dict[str, object]:
             "entries": m.count(),
         }
         for name, m in fw.maps.items()
-        if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "scratch")
+        if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "tc_stages", "scratch")
     }
     slots = fw.read_config()
     return {
         "bpffs": str(fw.path),
         "layout_version": int(fw.meta()["layout_version"]),
         "program_id": fw.prog_id(),
+        "tc_program_id": fw.tc_prog_id(),
         "interfaces": ifaces,
         "protected": [str(n) for n in protect.list_protected(fw)],
         "maps": maps,

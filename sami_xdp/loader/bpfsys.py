@@ -62,8 +62,14 @@ struct xdp_md_ctx {
     uint32_t data; uint32_t data_end; uint32_t data_meta;
     uint32_t ingress_ifindex; uint32_t rx_queue_index; uint32_t egress_ifindex;
 };
+struct skb_ctx_head {
+    uint32_t len; uint32_t pkt_type; uint32_t mark; uint32_t queue_mapping;
+    uint32_t protocol; uint32_t vlan_present; uint32_t vlan_tci; uint32_t vlan_proto;
+    uint32_t priority; uint32_t ingress_ifindex;
+};
 """
 
+LOOPBACK_IFINDEX = 1  # every network namespace's `lo`
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -302,11 +308,14 @@ class TestRunResult:
 
 
 def prog_test_run(
-    prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: int = 0
+    prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: int = 0, skb: bool = False
 ) -> TestRunResult:
-    """Runs an XDP program on one frame with BPF_PROG_TEST_RUN.
+    """Runs an XDP program (`skb`: a TC classifier) on one frame with
+    BPF_PROG_TEST_RUN.
 
-    `duration_ns` is the kernel's mean time per run over `repeat` runs."""
+    `duration_ns` is the kernel's mean time per run over `repeat` runs. A TC
+    program gets loopback's ifindex as its ingress unless told otherwise (what
+    the kernel reports to an XDP program run without a context)."""
     f = ffi()
     data_in = f.new("uint8_t[]", data)
     out = f.new("uint8_t[]", len(data) + 512)
@@ -318,7 +327,12 @@ def prog_test_run(
     attr.data_out = addr_of(out)
     attr.repeat = repeat
     ctx = None
-    if ingress_ifindex:
+    if skb:
+        ctx = f.new("struct skb_ctx_head *")
+        ctx.ingress_ifindex = ingress_ifindex or LOOPBACK_IFINDEX
+        attr.ctx_in = addr_of(ctx)
+        attr.ctx_size_in = f.sizeof("struct skb_ctx_head")
+    elif ingress_ifindex:
         ctx = f.new("struct xdp_md_ctx *")
         ctx.data_end = len(data)
         ctx.ingress_ifindex = ingress_ifindex

@@ -21,11 +21,28 @@ from ..base.errors import CompileError
 from ..base.layout import load_layout
 from ..base.paths import bpf_dir, program_path
 
-PROG_NAME = "xdp_firewall"
 PROG_PIN = "prog"
-# the programs the entry point reaches by tail call, by their slot in `stages`
-# (STAGE_* of the header)
-STAGE_PROGS = (("STAGE_SLOW", "xdp_slow"), ("STAGE_ACL", "xdp_acl"))
+TC_PROG_PIN = "prog_tc"
+
+
+@dataclass(frozen=True)
+class ProgramKind:
+    """The datapath as one kind of program: its entry point, the program array
+    its stages sit in (by STAGE_* slot), and where the entry point is pinned."""
+
+    pin: str
+    bcc_type: int
+    entry: str
+    stages_map: str
+    stages: tuple[tuple[str, str], ...]
+
+
+PROGRAM_KINDS = (
+    ProgramKind(PROG_PIN, BPF.XDP, "xdp_firewall", "stages",
+                (("STAGE_SLOW", "xdp_slow"), ("STAGE_ACL", "xdp_acl"))),
+    ProgramKind(TC_PROG_PIN, BPF.SCHED_CLS, "tc_firewall", "tc_stages",
+                (("STAGE_SLOW", "tc_slow"), ("STAGE_ACL", "tc_acl"))),
+)
 
 MAP_NAMES = (
     "sessions",
@@ -40,6 +57,7 @@ MAP_NAMES = (
     "fragments",
     "iface_roles",
     "stages",
+    "tc_stages",
     "scratch",
     "config",
     "meta",
@@ -93,8 +111,11 @@ def _first_error(log: str) -> str:
     return lines[-1].strip() if lines else "no details"
 
 
-def compile_program(limits: Limits, extra_cflags: tuple[str, ...] = ()) -> tuple[object, int]:
-    """Returns (bcc.BPF object, program fd). The BPF object owns the map fds."""
+def compile_program(
+    limits: Limits, extra_cflags: tuple[str, ...] = ()
+) -> tuple[object, dict[str, int]]:
+    """Returns (bcc.BPF object, entry program fd by pin name: the XDP and the TC
+    program). The BPF object owns the map and program fds."""
     if not (_headers_dir() / "include").exists() and not (_headers_dir()).exists():
         raise CompileError(
             f"no kernel headers at {_headers_dir()}: run `sudo make setup` (installs "
@@ -105,12 +126,14 @@ def compile_program(limits: Limits, extra_cflags: tuple[str, ...] = ()) -> tuple
     with _captured_stderr() as log_path:
         try:
             bpf = BPF(src_file=str(program_path()).encode(), cflags=cflags)
-            fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
             consts = load_layout().consts
-            stages = bpf[b"stages"]
-            for slot, name in STAGE_PROGS:
-                stage_fn = bpf.load_func(name.encode(), BPF.XDP)
-                stages[ctypes.c_int(consts[slot])] = ctypes.c_int(stage_fn.fd)
+            entries = {}
+            for kind in PROGRAM_KINDS:
+                entries[kind.pin] = int(bpf.load_func(kind.entry.encode(), kind.bcc_type).fd)
+                stages = bpf[kind.stages_map.encode()]
+                for slot, name in kind.stages:
+                    stage_fn = bpf.load_func(name.encode(), kind.bcc_type)
+                    stages[ctypes.c_int(consts[slot])] = ctypes.c_int(stage_fn.fd)
         except Exception as exc:  # bcc raises bare Exception
             log = log_path.read_text(errors="replace")
             log_path.unlink(missing_ok=True)
@@ -121,7 +144,7 @@ def compile_program(limits: Limits, extra_cflags: tuple[str, ...] = ()) -> tuple
                 ) from exc
             raise CompileError(f"cannot build the XDP program: {_first_error(log)}") from exc
     log_path.unlink(missing_ok=True)
-    return bpf, int(fn.fd)
+    return bpf, entries
 
 
 def map_fds(bpf: object) -> dict[str, int]:

@@ -19,7 +19,8 @@ from ..base.errors import BpffsError, LayoutMismatchError, SamiError
 from ..base.layout import Layout, load_layout
 from . import batch, bpfsys
 from . import bpffs as bpffs_mod
-from .compile import MAP_NAMES, PROG_PIN, Limits, compile_program, map_fds
+from .attach import Programs
+from .compile import MAP_NAMES, PROG_PIN, TC_PROG_PIN, Limits, compile_program, map_fds
 
 # key / value struct of each map (None: a plain integer type)
 MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
@@ -35,6 +36,7 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "fragments": ("frag_key", "frag_value"),
     "iface_roles": (None, None),
     "stages": (None, None),
+    "tc_stages": (None, None),
     "scratch": (None, "pkt"),
     "config": (None, "fw_config"),
     "meta": (None, "samixdp_meta"),
@@ -182,9 +184,10 @@ class Firewall:
     """Handles on one host's pinned firewall (program + maps)."""
 
     path: Path
-    prog_fd: int
+    prog_fd: int  # the XDP entry program
     maps: dict[str, PinnedMap]
     layout: Layout = field(default_factory=load_layout)
+    tc_prog_fd: int = -1  # the same datapath as a TC ingress program
 
     # ---- construction ----------------------------------------------------
 
@@ -209,6 +212,13 @@ class Firewall:
                 "run `samixdp reset` and attach again"
             )
         fw = cls(path=path, prog_fd=bpfsys.obj_get(str(path / PROG_PIN)), maps={}, layout=layout)
+        if not (path / TC_PROG_PIN).exists():
+            fw.close()
+            raise LayoutMismatchError(
+                f"pinned state at {path} has no TC program (an older release): "
+                "detach, run `samixdp reset`, and attach again (state will be lost)"
+            )
+        fw.tc_prog_fd = bpfsys.obj_get(str(path / TC_PROG_PIN))
         fw.maps["meta"] = PinnedMap("meta", meta_fd, meta_info, *_dtypes(layout, "meta", meta_info))
         want = layout.consts["SAMIXDP_LAYOUT_VERSION"]
         got = int(fw.meta()["layout_version"])
@@ -237,7 +247,7 @@ class Firewall:
         bpffs_mod.ensure(path)
         if cls.exists(path):
             return cls.open(path)
-        bpf, prog_fd = compile_program(limits)
+        bpf, progs = compile_program(limits)
         layout = load_layout()
         fds = map_fds(bpf)
         pinned: list[Path] = []
@@ -246,12 +256,20 @@ class Firewall:
             for name, fd in fds.items():
                 info = bpfsys.map_info(fd)
                 maps[name] = PinnedMap(name, os.dup(fd), info, *_dtypes(layout, name, info))
-            fw = cls(path=path, prog_fd=os.dup(prog_fd), maps=maps, layout=layout)
+            fw = cls(
+                path=path,
+                prog_fd=os.dup(progs[PROG_PIN]),
+                maps=maps,
+                layout=layout,
+                tc_prog_fd=os.dup(progs[TC_PROG_PIN]),
+            )
             fw._init_maps(limits, config_slots)
             for name, fd in fds.items():
                 bpfsys.obj_pin(fd, str(path / name))
                 pinned.append(path / name)
-            bpfsys.obj_pin(prog_fd, str(path / PROG_PIN))  # last: marks the set complete
+            bpfsys.obj_pin(progs[TC_PROG_PIN], str(path / TC_PROG_PIN))
+            pinned.append(path / TC_PROG_PIN)
+            bpfsys.obj_pin(progs[PROG_PIN], str(path / PROG_PIN))  # last: marks the set complete
             pinned.append(path / PROG_PIN)
         except Exception:
             for pin in pinned:
@@ -277,9 +295,10 @@ class Firewall:
         for m in self.maps.values():
             os.close(m.fd)
         self.maps.clear()
-        if self.prog_fd >= 0:
-            os.close(self.prog_fd)
-            self.prog_fd = -1
+        for fd in (self.prog_fd, self.tc_prog_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.prog_fd = self.tc_prog_fd = -1
 
     def __enter__(self) -> Firewall:
         return self
@@ -326,11 +345,17 @@ class Firewall:
     def prog_id(self) -> int:
         return bpfsys.prog_info(self.prog_fd).id
 
+    def tc_prog_id(self) -> int:
+        return bpfsys.prog_info(self.tc_prog_fd).id
+
+    def programs(self) -> Programs:
+        return Programs(self.prog_fd, self.prog_id(), self.tc_prog_fd, self.tc_prog_id())
+
 
 def unpin_all(path: Path) -> int:
     """Removes every pin of a firewall (its state goes with it)."""
     removed = 0
-    for name in (*MAP_NAMES, PROG_PIN):
+    for name in (*MAP_NAMES, TC_PROG_PIN, PROG_PIN):
         pin = path / name
         if pin.exists():
             pin.unlink()
