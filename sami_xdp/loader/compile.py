@@ -44,6 +44,7 @@ MAP_NAMES = (
     "config",
     "meta",
     "verdicts",
+    "clock_cache",
 )
 
 
