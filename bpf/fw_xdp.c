@@ -37,8 +37,8 @@
 /* The coarse clock (CLOCK_MONOTONIC_COARSE, one tick resolution) is a
  * fraction of the cost of bpf_ktime_get_ns() and plenty for timeouts of
  * seconds; it shares CLOCK_MONOTONIC's base, so userspace compares with
- * time.monotonic_ns(). */
-#define NOW() bpf_ktime_get_coarse_ns()
+ * time.monotonic_ns(). Read through a per-CPU cache (now_ns()). */
+#define NOW() now_ns()
 
 #define NS_PER_S 1000000000ULL
 #define NS_PER_MS 1000000ULL
@@ -78,6 +78,11 @@ BPF_PERCPU_ARRAY(verdicts, struct verdict_counter, SAMIXDP_N_REASONS);
 BPF_PROG_ARRAY(stages, SAMIXDP_N_STAGES);
 BPF_PROG_ARRAY(tc_stages, SAMIXDP_N_STAGES); /* the same stages as TC programs */
 BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
+/* The coarse clock cached per CPU: [0] the jiffy it was read in, [1] its
+ * value. The coarse clock moves once per tick, when jiffies does, but its
+ * helper costs as much as a session lookup (~20 ns), while bpf_jiffies64()
+ * is one load (inlined by the verifier); so it is read once per tick and CPU. */
+BPF_PERCPU_ARRAY(clock_cache, u64, 2);
 
 /* ---- the program context ---------------------------------------------------
  * The datapath runs as an XDP program (native or generic, for NIC drivers) and
@@ -158,6 +163,26 @@ static __always_inline void tc_vlan(struct __sk_buff *skb, struct pkt *p)
 #define DIR_TRANSIT 0
 #define DIR_INBOUND 1
 #define DIR_OUTBOUND 2
+
+/* CLOCK_MONOTONIC_COARSE, read at most once per tick on each CPU. Jiffies
+ * advance just before the coarse clock does: a read that still sees the old
+ * value leaves the jiffy untagged, so the next packet reads it again. */
+static __always_inline __u64 now_ns(void)
+{
+    __u32 k_tag = 0, k_ns = 1;
+    u64 *tag = clock_cache.lookup(&k_tag);
+    u64 *ns = clock_cache.lookup(&k_ns);
+    if (!tag || !ns)
+        return bpf_ktime_get_coarse_ns(); /* unreachable: arrays always hold 0 and 1 */
+    __u64 j = bpf_jiffies64();
+    if (*tag != j) {
+        __u64 t = bpf_ktime_get_coarse_ns();
+        if (t != *ns)
+            *tag = j;
+        *ns = t;
+    }
+    return *ns;
+}
 
 static __always_inline int is_icmp(__u8 proto)
 {

@@ -156,7 +156,8 @@ def _status(fw: Firewall) -> dict[str, object]:
             "entries": m.count(),
         }
         for name, m in fw.maps.items()
-        if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "tc_stages", "scratch")
+        if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "tc_stages",
+                        "scratch", "clock_cache")
     }
     slots = fw.read_config()
     return {

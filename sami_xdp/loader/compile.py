@@ -62,6 +62,7 @@ MAP_NAMES = (
     "config",
     "meta",
     "verdicts",
+    "clock_cache",
 )
 
 

@@ -41,6 +41,7 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "config": (None, "fw_config"),
     "meta": (None, "samixdp_meta"),
     "verdicts": (None, "verdict_counter"),
+    "clock_cache": (None, None),
 }
 
 PERCPU_TYPES = {5, 6}
