@@ -591,6 +591,9 @@ def main() -> None:
                 runs.append(rnd)
         except BenchError as exc:
             raise SystemExit(f"goodput: {exc}") from exc
+        except KeyboardInterrupt:
+            print("goodput: interrupted, removing the topology", file=sys.stderr)
+            raise SystemExit(130) from None
         finally:
             t.stop()
 
