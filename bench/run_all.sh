@@ -4,7 +4,8 @@
 # Each writes bench/results/<name>.json (and PNGs); bench/summary.py then prints the
 # table that README.md quotes. Bounded: each step has its own packet/second limits
 # and a timeout here. On a 2-core VM: P1 under a minute, P2/P3 about 6 minutes, P4/P5
-# about 5 minutes, the flood goodput, P6 and agent abuse steps a few minutes more.
+# about 5 minutes, TCP goodput about 8 minutes, the flood goodput, P6 and agent abuse
+# steps a few minutes more.
 # IPv4 and IPv6 run side by side within each step (P1 and P2/P3 per family, nftables
 # as one `inet` table; migration with all-IPv4 and half-IPv6 sessions).
 #   BENCH_QUICK=1  shorter runs (smaller sizes), for a smoke test
@@ -26,6 +27,9 @@ timeout 300 "$PY" bench/acl_cost.py
 
 step "P2/P3 packet rates on veth, IPv4 and IPv6 (ours vs nftables inet vs XDP_DROP / no filter)"
 timeout 900 "$PY" bench/veth_rates.py "${QUICK[@]}"
+
+step "TCP goodput through the firewall host: no filter / nftables / ours native, generic, tc, auto; 1 and 8 streams, both directions"
+timeout 1200 "$PY" bench/goodput.py "${QUICK[@]}"
 
 step "established TCP goodput during a spoofed SYN flood (ours vs nftables)"
 rounds=3

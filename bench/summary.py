@@ -127,6 +127,42 @@ def rows_flood(d: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def rows_goodput(d: dict[str, Any]) -> list[list[str]]:
+    """goodput.py: one row per configuration, case (direction x streams): the median
+    Gbit/s and the median per-round ratio to no filter; a configuration that could not
+    be attached is one n/a row; the target: auto's worst case >= 0.9x no filter."""
+    out = []
+    summary = d.get("summary", {})
+    for name, e in summary.items():
+        who = {"none": "no filter", "nftables": "nftables"}.get(name, f"ours {name}")
+        if name == "auto" and e.get("attached_mode"):
+            who += f" ({e['attached_mode']})"
+        if "error" in e:
+            out.append([f"goodput {who}", "n/a", "", ""])
+            continue
+        for case, c in e.get("cases", {}).items():
+            if c.get("gbit_s") is None:
+                out.append([f"goodput {who}, {case}", "n/a", "", ""])
+                continue
+            value = f"{c['gbit_s']:.2f} Gbit/s"
+            if name != "none" and c.get("ratio_to_none") is not None:
+                value += f" ({c['ratio_to_none']:.2f}x no filter)"
+            out.append([f"goodput {who}, {case}", value, "", ""])
+    tg = d.get("target", {})
+    if tg:
+        x = tg.get("threshold", 0.9)
+        if tg.get("met") is None:
+            value = f"n/a ({tg.get('why', 'not measured')})"
+        else:
+            value = f"{tg['worst_ratio']:.2f}x no filter ({tg['worst_case']}"
+            nft = tg.get("nftables_ratio_same_case")
+            value += f"; nftables {nft:.2f}x)" if nft is not None else ")"
+        mode = f" ({tg['attached_mode']})" if tg.get("attached_mode") else ""
+        out.append([f"goodput target, ours auto{mode}, worst case", value, f">= {x}x no filter",
+                    verdict(tg.get("met"))])
+    return out
+
+
 def rows_migrate(d: dict[str, Any]) -> list[list[str]]:
     """migrate_speed.py's own rows; a mix with IPv6 also gets its time over the
     all-IPv4 one at the same size (the two ran in the same run)."""
@@ -180,7 +216,7 @@ def main() -> int:
         when[name] = (str(d.get("date") or env.get("date") or "?")[:16],
                       str(d.get("kernel") or env.get("kernel") or "?"))
 
-    for name, fn in (("prog_cost", rows_p1), ("veth_rates", rows_veth),
+    for name, fn in (("prog_cost", rows_p1), ("veth_rates", rows_veth), ("goodput", rows_goodput),
                      ("flood_goodput", rows_flood), ("migrate_speed", rows_migrate)):
         d = load(name)
         if d is None:
