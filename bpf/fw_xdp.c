@@ -678,9 +678,8 @@ static __always_inline __u32 slow_path(void *ctx, int kind, struct pkt *p)
             sessions.delete(&k);
         v = 0;
     }
-    if (v) {
-            return advance_session(cfg, &k, v, p, side, in_unassured, now, ifindex);
-    }
+    if (v)
+        return advance_session(cfg, &k, v, p, side, in_unassured, now, ifindex);
 
     if (tcp && !syn_only) {
         /* strict: no session starts mid-flow, except for a VM just migrated here */
