@@ -67,6 +67,12 @@ BPF_TABLE("hash", struct ip_addr, u64, pickup, SAMIXDP_MAX_PROTECTED);
 BPF_TABLE("lru_hash", struct frag_key, struct frag_value, fragments, SAMIXDP_FRAG_ENTRIES);
 /* ifindex -> ROLE_VM / ROLE_UPLINK; an interface not listed is ROLE_AUTO. */
 BPF_TABLE("hash", u32, u32, iface_roles, SAMIXDP_MAX_IFACES);
+/* Dirty-state tracking of migrating VMs (session_map.h): the tracked addresses,
+ * a filter of them, and each slot's log ring with its write count. */
+BPF_TABLE("hash", struct ip_addr, struct track_value, tracking, SAMIXDP_MAX_PROTECTED);
+BPF_ARRAY(track, struct track_state, 1);
+BPF_ARRAY(dirty_head, u64, SAMIXDP_TRACK_SLOTS);
+BPF_ARRAY(dirty_log, struct dirty_entry, SAMIXDP_TRACK_SLOTS * SAMIXDP_DIRTY_LOG);
 /* [0]: settings written by userspace; [CFG_ENTRY_RUNTIME]: hints the
  * datapath writes (kept apart so a settings rewrite cannot clobber them). */
 BPF_ARRAY(config, struct fw_config, 2);
@@ -327,6 +333,80 @@ static __always_inline int banned(struct pkt *p, __u64 now)
     return 0;
 }
 
+/* ---- dirty-state tracking ------------------------------------------------------
+ * A migrating VM's sessions are logged once per round, at the first packet that
+ * touches them; everyone else pays one array read (nothing tracked) or a filter
+ * test (another VM tracked). */
+
+/* Must equal the userspace twin (migrate/dirty.py: bloom_bit). */
+static __always_inline __u32 track_hash(const struct ip_addr *a)
+{
+    return (a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3]) * 2654435761u;
+}
+
+static __always_inline struct track_value *tracked(struct track_state *ts,
+                                                   const struct ip_addr *a)
+{
+    __u32 h = track_hash(a);
+    if (!(ts->bloom[(h >> 28) & (TRACK_BLOOM_WORDS - 1)] & (1ULL << ((h >> 22) & 63))))
+        return 0;
+    return tracking.lookup(a);
+}
+
+/* The tracking entry of the session's migrating VM end, if any. */
+static __always_inline struct track_value *tracked_session(const struct session_key *k,
+                                                           __u8 flags)
+{
+    __u32 zero = 0;
+    struct track_state *ts = track.lookup(&zero);
+    if (!ts || !ts->active)
+        return 0;
+    struct track_value *t = 0;
+    if (flags & SESS_F_VM_LO)
+        t = tracked(ts, &k->addr_lo);
+    if (!t && (flags & SESS_F_VM_HI))
+        t = tracked(ts, &k->addr_hi);
+    return t;
+}
+
+static __always_inline void dirty_append(struct track_value *t, const struct session_key *k)
+{
+    __u32 slot = t->slot;
+    if (slot >= SAMIXDP_TRACK_SLOTS)
+        return;
+    u64 *head = dirty_head.lookup(&slot);
+    if (!head)
+        return;
+    __u64 n = __sync_fetch_and_add(head, 1);
+    __u32 pos = slot * SAMIXDP_DIRTY_LOG + (__u32)(n & (SAMIXDP_DIRTY_LOG - 1));
+    struct dirty_entry *e = dirty_log.lookup(&pos);
+    if (!e)
+        return;
+    e->key = *k;
+    e->round = t->round;
+    asm volatile("" ::: "memory"); /* the sequence number last: it marks the entry whole */
+    e->seq = n + 1;
+}
+
+/* Logs a session (its entry, or the local value it is about to be created
+ * from) once per round of its VM's migration. */
+static __always_inline void track_session(const struct session_key *k, struct session_value *v)
+{
+    struct track_value *t = tracked_session(k, v->flags);
+    if (!t || v->dirty_round == t->round)
+        return;
+    v->dirty_round = t->round;
+    dirty_append(t, k);
+}
+
+/* Logs a session about to be deleted (whatever the round: its entry goes). */
+static __always_inline void track_delete(const struct session_key *k, __u8 flags)
+{
+    struct track_value *t = tracked_session(k, flags);
+    if (t)
+        dirty_append(t, k);
+}
+
 /* Creates a flow's entry, unassured (an LRU insert never fails for lack of
  * room) unless `state` is assured already (a pickup). */
 static __always_inline __u32 open_session(struct session_key *k, struct pkt *p, __u8 side,
@@ -350,6 +430,7 @@ static __always_inline __u32 open_session(struct session_key *k, struct pkt *p, 
     v.tcp[1].flags = tcpd_flags;
     if (p->proto == PROTO_TCP && (p->tcp_flags & TCPF_SYN))
         tcp_dir_from_syn(&v.tcp[0], p, p->seq + p->seg_len + 1);
+    track_session(k, &v);
     if (is_assured(state) && sessions.update(k, &v) == 0)
         return pass_reason;
     unassured.update(k, &v);
@@ -626,6 +707,7 @@ static __always_inline __u32 fast_path(void *ctx, int kind, struct pkt *p)
         return REASON_DROP_BLACKLIST;
     if (p->proto == PROTO_TCP && !tcp_flags_valid(p->tcp_flags))
         return REASON_DROP_INVALID;
+    track_session(&k, v);
     return advance_session(cfg, &k, v, p, side, 0, now, ifindex);
 }
 
@@ -672,14 +754,17 @@ static __always_inline __u32 slow_path(void *ctx, int kind, struct pkt *p)
     struct session_value *v = find_session(cfg, &k, now, &in_unassured);
     if (v && syn_only && (v->state == ST_TIME_WAIT || v->state == ST_CLOSED)) {
         /* port reuse after close: a new connection, judged like any other */
+        track_delete(&k, v->flags);
         if (in_unassured)
             unassured.delete(&k);
         else
             sessions.delete(&k);
         v = 0;
     }
-    if (v)
+    if (v) {
+        track_session(&k, v);
         return advance_session(cfg, &k, v, p, side, in_unassured, now, ifindex);
+    }
 
     if (tcp && !syn_only) {
         /* strict: no session starts mid-flow, except for a VM just migrated here */

@@ -11,7 +11,7 @@
 #ifndef SAMIXDP_SESSION_MAP_H
 #define SAMIXDP_SESSION_MAP_H
 
-#define SAMIXDP_LAYOUT_VERSION 8
+#define SAMIXDP_LAYOUT_VERSION 9
 
 /* ---- verdict reasons (index into the `verdicts` per-CPU array) ----------
  * Reasons below SAMIXDP_FIRST_DROP pass the packet, the rest drop it. */
@@ -99,6 +99,16 @@
 #define SAMIXDP_ACL_MAX_SETS 16384 /* per generation; the map holds two */
 #define SAMIXDP_ACL_MAX_RULE_ID 65536
 #define SAMIXDP_FRAG_ENTRIES 8192
+
+/* ---- dirty-state tracking (a migrating VM's changes, like a dirty page log) --
+ * While a VM migrates, the datapath logs the key of each of its sessions once
+ * per round, at the first packet that touches it (creation, state, window,
+ * counters) or deletes it; delta rounds read the log instead of the tables.
+ * Each tracked VM gets a slot: a ring of SAMIXDP_DIRTY_LOG entries in
+ * `dirty_log` and its write count in `dirty_head`. */
+#define SAMIXDP_TRACK_SLOTS 8     /* migrations tracked at once */
+#define SAMIXDP_DIRTY_LOG 32768   /* entries per slot (a power of two) */
+#define TRACK_BLOOM_WORDS 16      /* 1024-bit filter of the tracked addresses */
 
 /* ---- program stages (the `stages` program array) -------------------------- */
 #define STAGE_SLOW 0            /* direction, spoofing, bans, sessions, SYN accounting */
@@ -190,7 +200,7 @@ struct session_value {
     __u8 initiator;       /* SIDE_LO or SIDE_HI */
     __u8 flags;           /* SESS_F_* */
     __u8 pad;
-    __u32 pad2;
+    __u32 dirty_round;    /* tracking round it was last logged in (dirty_log); local */
     struct tcp_dir tcp[2]; /* TCP only */
     __u64 packets[2];
     __u64 bytes[2];
@@ -333,6 +343,32 @@ struct pkt {
  * the datapath reads it with a single lookup. Slots are CFG_* / ST_*. */
 struct fw_config {
     __u64 slot[SAMIXDP_N_CONFIG];
+};
+
+/* `tracking` value, per tracked VM address: its slot and current round
+ * (userspace moves the round on at each round's cut). `owner`: the pid that
+ * tracks it, so a crashed migration's slot can be taken back. */
+struct track_value {
+    __u32 round;
+    __u32 slot;
+    __u32 owner;
+    __u32 pad;
+};
+
+/* `track` entry 0: whether anything is tracked and a Bloom filter of the
+ * tracked addresses, so an untracked VM's packet costs one array read. */
+struct track_state {
+    __u64 active;         /* number of tracked addresses */
+    __u64 bloom[TRACK_BLOOM_WORDS];
+};
+
+/* One logged change; `seq` (the write count + 1, written last) tells a
+ * complete entry from one still being written or from the previous lap. */
+struct dirty_entry {
+    struct session_key key;
+    __u32 round;
+    __u32 pad;
+    __u64 seq;
 };
 
 /* Per-reason verdict counters (per CPU). */

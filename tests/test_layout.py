@@ -240,7 +240,7 @@ def test_checker_sees_a_real_struct_drift():
     drifted.cdef("""struct tcp_dir { uint32_t end; uint32_t maxend; uint32_t maxwin;
         uint32_t maxack; uint8_t scale; uint8_t flags; uint16_t pad; };
         struct session_value { uint64_t last_seen_ns; uint32_t ifindex[2]; uint16_t state;
-        uint8_t initiator; uint8_t flags; uint32_t pad2; struct tcp_dir tcp[2];
+        uint8_t initiator; uint8_t flags; uint32_t dirty_round; struct tcp_dir tcp[2];
         uint64_t packets[2]; uint64_t bytes[2]; uint64_t created_ns; };""")
     diff = layout_diff(real, flat_cffi(drifted, drifted.typeof("struct session_value")))
     # same total size (the pad byte went), yet every moved or vanished field is reported
@@ -295,7 +295,7 @@ def test_every_declared_map_is_pinned_and_typed():
 
 @pytest.fixture(scope="module")
 def compiled():
-    bpf, _prog_fd = compile_program(SMALL)
+    bpf, _progs = compile_program(SMALL)
     try:
         fds = map_fds(bpf)
         infos = {name: bpfsys.map_info(fd) for name, fd in fds.items()}
@@ -359,6 +359,7 @@ LAYOUT_DIGESTS = {
     6: "1a3d5ed0ff90111d2924d43590e36a727f120bce543c9a111dfd85bb0640eda9",
     7: "ef36b0f5f780b16e5e8728b9e3ad90408046c4ae407d1fbd6ab8dc8640f5e992",
     8: "940d072b678cfd8dea986a38202d44ca04b2e4a4a16d4578788d38e35975550f",
+    9: "66898d238c3e8bc0b7d79e37bdd543d200334684c5e25540e720dc59f01c7372",
 }
 
 

@@ -44,6 +44,9 @@ STRUCTS = (
     "pkt",
     "fw_config",
     "verdict_counter",
+    "track_value",
+    "track_state",
+    "dirty_entry",
 )
 
 

@@ -136,3 +136,11 @@ class KeyIndex:
 
     def contains(self, want: np.ndarray) -> np.ndarray:
         return self.find(want)[0]
+
+
+def unique_rows(a: np.ndarray) -> np.ndarray:
+    """The distinct rows of a structured array (byte-wise), in no particular order."""
+    if len(a) < 2:
+        return copy_rows(a)
+    v = np.unique(as_void(np.ascontiguousarray(a)))
+    return v.view(a.dtype).reshape(len(v))

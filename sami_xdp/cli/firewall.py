@@ -157,7 +157,7 @@ def _status(fw: Firewall) -> dict[str, object]:
         }
         for name, m in fw.maps.items()
         if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "tc_stages",
-                        "scratch", "clock_cache")
+                        "scratch", "clock_cache", "track", "dirty_head", "dirty_log")
     }
     slots = fw.read_config()
     return {

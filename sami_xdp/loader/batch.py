@@ -314,3 +314,43 @@ def _result(parts: list[list[_Call]], key_dtype: np.dtype, value_dtype: np.dtype
         concat_rows([c.values for c in calls], value_dtype),
         sum(len(c.raw_keys) for c in calls),
     )
+
+
+def read_array_range(fd: int, value_dtype: np.dtype, start: int, n: int) -> np.ndarray:
+    """Entries start..start+n-1 of an array map, in one batch call (the batch
+    token of an array is the index before the first one read)."""
+    values = np.zeros(n, dtype=value_dtype)
+    if n == 0:
+        return values
+    f = bpfsys.ffi()
+    keys = np.zeros(n, dtype=np.uint32)
+    token_in = f.new("uint32_t *", max(start - 1, 0))
+    token_out = f.new("uint32_t *")
+    got, _ = bpfsys.batch_call(
+        BPF_MAP_LOOKUP_BATCH,
+        fd,
+        count=n,
+        keys=np_addr(keys),
+        values=np_addr(values),
+        in_batch=bpfsys.addr_of(token_in) if start else 0,
+        out_batch=bpfsys.addr_of(token_out),
+        ok_errnos=(errno.ENOENT,),
+        what="array batch lookup",
+    )
+    if got != n or (n and int(keys[0]) != start):
+        raise BpfError(errno.EIO, f"array batch lookup: read {got} of {n} entries from {start}")
+    return values
+
+
+def lookup_keys(fd: int, keys: np.ndarray, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(found mask, values) of `keys` in a hash map: one lookup each, for a few
+    thousand keys (a batch read would walk the whole map)."""
+    n = len(keys)
+    values = np.zeros(n, dtype=value_dtype)
+    found = np.zeros(n, bool)
+    keys = np.ascontiguousarray(keys)
+    base_k, base_v = np_addr(keys), np_addr(values)
+    ks, vs = keys.dtype.itemsize, value_dtype.itemsize
+    for i in range(n):
+        found[i] = bpfsys.lookup_at(fd, base_k + i * ks, base_v + i * vs)
+    return found, values

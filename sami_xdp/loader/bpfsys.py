@@ -241,6 +241,21 @@ def lookup(fd: int, key: object, value: object) -> bool:
     return rc >= 0
 
 
+def lookup_at(fd: int, key_addr: int, value_addr: int) -> bool:
+    """lookup() on raw addresses (NumPy rows), reusing one attribute buffer."""
+    attr = _lookup_attr()
+    attr.map_fd = fd
+    attr.key = key_addr
+    attr.value = value_addr
+    attr.flags = 0
+    return _bpf(BPF_MAP_LOOKUP_ELEM, attr, "map lookup", (errno.ENOENT,)) >= 0
+
+
+@cache
+def _lookup_attr() -> Any:
+    return ffi().new("struct attr_elem *")
+
+
 def update(fd: int, key: object, value: object, flags: int = BPF_ANY) -> None:
     _bpf(BPF_MAP_UPDATE_ELEM, _elem_attr(fd, key, value, flags), "map update")
 

@@ -63,6 +63,10 @@ MAP_NAMES = (
     "meta",
     "verdicts",
     "clock_cache",
+    "tracking",
+    "track",
+    "dirty_head",
+    "dirty_log",
 )
 
 

@@ -42,6 +42,10 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "meta": (None, "samixdp_meta"),
     "verdicts": (None, "verdict_counter"),
     "clock_cache": (None, None),
+    "tracking": ("ip_addr", "track_value"),
+    "track": (None, "track_state"),
+    "dirty_head": (None, None),
+    "dirty_log": (None, "dirty_entry"),
 }
 
 PERCPU_TYPES = {5, 6}
@@ -149,6 +153,14 @@ class PinnedMap:
             self.value_dtype,
             keep=keep,
         )
+
+    def lookup_keys(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, values) of a few thousand keys, one lookup each."""
+        return batch.lookup_keys(self.fd, _contiguous(keys, self.key_dtype), self.value_dtype)
+
+    def read_range(self, start: int, n: int) -> np.ndarray:
+        """Array maps: the values at indexes start..start+n-1, in one call."""
+        return batch.read_array_range(self.fd, self.value_dtype, start, n)
 
     def update_many(self, keys: np.ndarray, values: np.ndarray, flags: int = 0) -> int:
         """Batch writes; several threads for large batches."""

@@ -12,8 +12,9 @@ from ..base.netutil import in_networks
 from ..loader.pinned import Firewall
 from ..policy.protect import list_protected
 from .bundle import DEFAULT_VALIDITY_S, FLAG_DELTA, FLAG_FINAL, encode_bundle
+from .dirty import DirtyLog
 from .keys import HostIdentity, validate_host_id
-from .select import ExportState, VmState, delta_since, export_vm_state
+from .select import ExportState, VmState, delta_since, dirty_state, export_vm_state
 from .vmset import VmAddrs
 
 Kind = Literal["full", "delta", "final"]
@@ -52,6 +53,7 @@ def build_bundle(
     compression: str = "none",
     include_acl: bool = True,
     timings: dict[str, float] | None = None,
+    dirty: DirtyLog | None = None,
 ) -> bytes:
     """Selects the VM's state from `fw` and returns a signed bundle for `audience`.
     `vms`: the VM's address, or all of them (one bundle holds them all).
@@ -59,21 +61,29 @@ def build_bundle(
     kind "full": every live entry. "delta": what changed since `since_state`
     (which must hold a previous round). "final": the cutover round, a delta
     if `since_state` holds a previous round, else a full snapshot. When given,
-    `since_state` is advanced in place to this round."""
+    `since_state` is advanced in place to this round. `dirty`: the VM's dirty
+    log (started before the full round): a delta reads only the sessions it
+    names, unless the log overflowed (then the tables are scanned)."""
     if kind not in KINDS:
         raise ValueError("kind must be full, delta or final")
     validate_host_id(audience)
     vm = require_protected(fw, vms)
     t0 = time.perf_counter()
-    full = export_vm_state(fw, vm, include_acl=include_acl)
     has_prev = since_state is not None and since_state.rounds > 0
-    flags = 0
-    state: VmState = full
     if kind == "delta" and not has_prev:
         raise ValueError("a delta needs since_state from a previous round")
-    if kind == "delta" or (kind == "final" and has_prev):
+    is_delta = kind == "delta" or (kind == "final" and has_prev)
+    changed = dirty.cut() if dirty is not None and is_delta else None
+    gone = None
+    if changed is not None:
+        full, gone = dirty_state(fw, vm, changed, include_acl=include_acl)
+    else:
+        full = export_vm_state(fw, vm, include_acl=include_acl)
+    flags = 0
+    state: VmState = full
+    if is_delta:
         assert since_state is not None
-        state = delta_since(since_state, full)
+        state = delta_since(since_state, full, dirty_gone=gone)
         flags |= FLAG_DELTA
     if kind == "final":
         flags |= FLAG_FINAL
@@ -96,7 +106,7 @@ def build_bundle(
         timings=tm,
     )
     if since_state is not None:
-        since_state.advance(state, full)
+        since_state.advance(state, full, sessions_whole=gone is None)
     if timings is not None:
         timings.update(full.timings)
         timings["delta_s"] = t1 - t0 - sum(full.timings.values())

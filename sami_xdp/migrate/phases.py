@@ -27,6 +27,7 @@ from ..policy.acl import delete_vm_rules
 from ..policy.sessions import SESSION_MAPS
 from .bundle import new_migration_id, parse_bundle
 from .control import bundle_digest, nonce_of, sign_control, verify_control
+from .dirty import DirtyLog
 from .errors import ControlError, MigrateError, MigrationRefused, TransportError
 from .export import Kind, build_bundle
 from .fields import FieldError, want_bool, want_counts
@@ -170,6 +171,7 @@ class Migration:
         self.progress = progress or (lambda _msg: None)
         self.conn: Connection | None = None
         self.cutover = False
+        self.dirty: DirtyLog | None = None
 
     # ---- phases ------------------------------------------------------------------
 
@@ -216,6 +218,7 @@ class Migration:
             since_state=self.state,
             identity=self.identity,
             compression=self.opts.compression,
+            dirty=self.dirty,
         )
         exported = parse_bundle(data).counts()
         body = _ack(self._connect(), self.identity, self.trust, self.peer, MSG_BUNDLE, data)
@@ -243,6 +246,8 @@ class Migration:
     def run(self) -> MigrationReport:
         try:
             self.preflight()
+            # the dirty log starts before the full copy is read: nothing falls between
+            self.dirty = DirtyLog.start(self.fw, self.vms)
             self.send_round("full")
             if self.opts.until_cutover:
                 self.progress("syncing deltas until cutover (SIGUSR1 or `migrate --final`)")
@@ -262,6 +267,9 @@ class Migration:
             self._try_abort()
             raise
         finally:
+            if self.dirty is not None:
+                self.dirty.stop()
+                self.dirty = None
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None

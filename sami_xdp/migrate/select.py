@@ -142,8 +142,6 @@ def export_vm_state(
     watermark = time.monotonic_ns() - WATERMARK_MARGIN_NS
     # only the VM's rows are kept, chunk by chunk, while the maps are read
     keys, values, source = vm_sessions(fw, vms)
-    syn_k, syn_v = fw.maps["syn_counters"].dump()
-    bl_k, bl_v = fw.maps["blacklist"].dump()
     t1 = time.perf_counter()
     now = now_ns if now_ns is not None else time.monotonic_ns()
 
@@ -161,14 +159,30 @@ def export_vm_state(
             drop[half] = KeyIndex(keys[~half][dup]).contains(keys[half])
             keys, values = keys[~drop], values[~drop]
 
+    state = _with_policy(fw, vms, now, watermark, keys, values, include_acl)
+    state.timings = {"dump_s": t1 - t0, "select_s": time.perf_counter() - t1}
+    return state
+
+
+def _with_policy(
+    fw: Firewall,
+    vms: VmAddrs,
+    now: int,
+    watermark: int,
+    keys: np.ndarray,
+    values: np.ndarray,
+    include_acl: bool,
+) -> VmState:
+    """The VM's state: these sessions with its SYN counters, bans and ACL (small
+    maps, read whole)."""
+    syn_k, syn_v = fw.maps["syn_counters"].dump()
+    bl_k, bl_v = fw.maps["blacklist"].dump()
     syn_mine = vms.contains(syn_k["dst"])
     bl_mine = vms.contains(bl_v["vm"]) & (bl_v["expires_ns"] > np.uint64(now))
-
     acl_recs: np.ndarray | None = None
     digest = b"\0" * 16
     if include_acl:
         acl_recs, digest = _acl_section(fw, vms)
-    t2 = time.perf_counter()
     return VmState(
         vms=vms,
         now_ns=now,
@@ -181,8 +195,31 @@ def export_vm_state(
         bl_values=bl_v[bl_mine],
         acl=acl_recs,
         acl_digest=digest,
-        timings={"dump_s": t1 - t0, "select_s": t2 - t1},
     )
+
+
+def dirty_state(
+    fw: Firewall, vms: VmAddrs, keys: np.ndarray, include_acl: bool = True
+) -> tuple[VmState, np.ndarray]:
+    """The current entries of the sessions the dirty log named (`keys`), read one by
+    one from both maps, and the keys among them that are gone (deleted or expired);
+    with the VM's SYN counters, bans and ACL. O(changes), not O(table)."""
+    t0 = time.perf_counter()
+    watermark = time.monotonic_ns() - WATERMARK_MARGIN_NS
+    found_s, vals_s = fw.maps["sessions"].lookup_keys(keys)
+    rest = take_rows(keys, ~found_s)
+    found_u, vals_u = fw.maps["unassured"].lookup_keys(rest)
+    now = time.monotonic_ns()
+    sk = concat_rows([take_rows(keys, found_s), take_rows(rest, found_u)], keys.dtype)
+    sv = concat_rows([vals_s[found_s], vals_u[found_u]], vals_s.dtype)
+    live = ~expired_mask(fw, sv, now)
+    gone = concat_rows([take_rows(rest, ~found_u), take_rows(sk, ~live)], keys.dtype)
+    t1 = time.perf_counter()
+    state = _with_policy(
+        fw, vms, now, watermark, take_rows(sk, live), take_rows(sv, live), include_acl
+    )
+    state.timings = {"dump_s": t1 - t0, "select_s": time.perf_counter() - t1}
+    return state, gone
 
 
 @dataclass
@@ -202,13 +239,18 @@ class ExportState:
     bl_values: np.ndarray | None = None
     acl_digest: bytes | None = None
 
-    def advance(self, state: VmState, full: VmState | None = None) -> None:
-        """Remember `full` (the complete current state the delta was cut from)."""
+    def advance(
+        self, state: VmState, full: VmState | None = None, sessions_whole: bool = True
+    ) -> None:
+        """Remember `full` (the complete current state the delta was cut from).
+        `sessions_whole` False (a round from the dirty log, whose sessions are only
+        the changed ones): the session keys of the last whole round are kept."""
         cur = full or state
         self.rounds += 1
         self.vms = cur.vms.ips
         self.watermark_ns = cur.watermark_ns
-        self.sess_keys = copy_rows(cur.sess_keys)
+        if sessions_whole or self.sess_keys is None:
+            self.sess_keys = copy_rows(cur.sess_keys)
         self.syn_keys, self.syn_values = cur.syn_keys.copy(), cur.syn_values.copy()
         self.bl_keys, self.bl_values = cur.bl_keys.copy(), cur.bl_values.copy()
         self.acl_digest = cur.acl_digest
@@ -232,8 +274,10 @@ def _changed_rows(
     return ~same, gone
 
 
-def delta_since(prev: ExportState, cur: VmState) -> VmState:
-    """The part of `cur` that changed since `prev`, plus the delete lists."""
+def delta_since(prev: ExportState, cur: VmState, dirty_gone: np.ndarray | None = None) -> VmState:
+    """The part of `cur` that changed since `prev`, plus the delete lists.
+    `dirty_gone` given: `cur` holds only the sessions the dirty log named (all
+    of them re-sent) and these are the ones to delete."""
     if prev.sess_keys is None:
         raise ValueError("no previous round to cut a delta from: send a full bundle first")
     if prev.vms != cur.vms.ips:
@@ -241,16 +285,20 @@ def delta_since(prev: ExportState, cur: VmState) -> VmState:
             f"the previous rounds were of another VM ({','.join(prev.vms)}), not {cur.vms.label}"
         )
     # sessions: new keys, or heard from since the previous watermark
-    if len(prev.sess_keys):
+    if dirty_gone is not None:
+        known = np.zeros(len(cur.sess_keys), bool)
+    elif len(prev.sess_keys):
         prev_idx = KeyIndex(prev.sess_keys)
         known = prev_idx.contains(cur.sess_keys)
     else:
         known = np.zeros(len(cur.sess_keys), bool)
     changed = ~known | (cur.sess_values["last_seen_ns"] >= np.uint64(prev.watermark_ns))
-    if len(cur.sess_keys):
-        gone = ~KeyIndex(cur.sess_keys).contains(prev.sess_keys)
+    if dirty_gone is not None:
+        del_sess = dirty_gone
+    elif len(cur.sess_keys):
+        del_sess = prev.sess_keys[~KeyIndex(cur.sess_keys).contains(prev.sess_keys)]
     else:
-        gone = np.ones(len(prev.sess_keys), bool)
+        del_sess = prev.sess_keys
 
     assert prev.syn_keys is not None and prev.syn_values is not None
     assert prev.bl_keys is not None and prev.bl_values is not None
@@ -273,7 +321,7 @@ def delta_since(prev: ExportState, cur: VmState) -> VmState:
         bl_values=cur.bl_values[bl_chg],
         acl=None if acl_same else cur.acl,
         acl_digest=cur.acl_digest,
-        del_sess_keys=prev.sess_keys[gone],
+        del_sess_keys=del_sess,
         del_syn_keys=prev.syn_keys[syn_gone],
         del_bl=del_bl,
         is_delta=True,
