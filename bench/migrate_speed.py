@@ -490,7 +490,7 @@ def run_ours(n: int, repeat: int, profile: bool, tmp: Path, share: float = 0.0
                         fa, ida, trust_a, peer, vms, phases_mod.MigrateOptions(compression="none")
                     )
                     t = time.perf_counter()
-                    mig.preflight()
+                    mig.preflight(n)
                     preflight.append(time.perf_counter() - t)
                     with Capture() as cap_:
                         phase = mig.send_round("full")

@@ -39,6 +39,9 @@ timeout 600 "$PY" bench/flood_goodput.py --rounds "$rounds"
 step "P4/P5 migration speed and bundle size (all IPv4, half IPv6), map memory"
 timeout 900 "$PY" bench/migrate_speed.py "${QUICK[@]}"
 
+step "migration phases with the dirty-state log: 0% and 1% changed, the CLI's wall time"
+timeout 900 "$PY" bench/migrate_phases.py "${QUICK[@]}"
+
 step "P6 survival at scale: the demo with 1,000 connections"
 conns=1000
 [[ ${BENCH_QUICK:-0} == 1 ]] && conns=200

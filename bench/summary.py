@@ -187,6 +187,33 @@ def rows_migrate(d: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def rows_phases(d: dict[str, Any]) -> list[list[str]]:
+    """migrate_phases.py: per size and churn, the phases through the agent; the CLI's
+    wall time; the three targets at the largest size."""
+    out = []
+    for r in d["runs"]:
+        n = r["sessions"]
+        for churn, c in r["churn"].items():
+            p = c["phases_s"]
+            ms = {k: v * 1e3 for k, v in p.items()}
+            out.append([f"P4 phases, {n:,} sessions (+{n:,} others each side), {churn} changed",
+                        f"preflight {ms['preflight']:.1f} ms, full {ms['full copy']:.0f} ms, "
+                        f"delta {ms['delta 1']:.1f} ms, final {ms['final delta']:.1f} ms "
+                        f"({c['records']['final']} records)", "", ""])
+        out.append([f"samixdp migrate (the CLI), {n:,} sessions",
+                     f"{r['cli']['wall_s']:.2f} s wall", "", ""])
+    t = d["targets"]
+    n = f"{t['at_sessions']:,}"
+    out.append([f"final delta target, {n} sessions, 1% changed",
+                f"{t['final_delta_1pct_s'] * 1e3:.1f} ms", "<= 50 ms",
+                verdict(t["final_delta_ok"])])
+    out.append([f"preflight target, {n} sessions", f"{t['preflight_s'] * 1e3:.1f} ms", "<= 50 ms",
+                verdict(t["preflight_ok"])])
+    out.append([f"samixdp migrate wall time target, {n} sessions", f"{t['cli_wall_s']:.2f} s",
+                "<= 1.5 s", verdict(t["cli_wall_ok"])])
+    return out
+
+
 def rows_survival(d: dict[str, Any]) -> list[list[str]]:
     out = []
     for r in d["runs"]:
@@ -217,7 +244,8 @@ def main() -> int:
                       str(d.get("kernel") or env.get("kernel") or "?"))
 
     for name, fn in (("prog_cost", rows_p1), ("veth_rates", rows_veth), ("goodput", rows_goodput),
-                     ("flood_goodput", rows_flood), ("migrate_speed", rows_migrate)):
+                     ("flood_goodput", rows_flood), ("migrate_speed", rows_migrate),
+                     ("migrate_phases", rows_phases)):
         d = load(name)
         if d is None:
             rows.append([name, "not run", "", ""])

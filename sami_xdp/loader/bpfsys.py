@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -38,6 +39,11 @@ struct attr_test_run {        /* PROG_TEST_RUN */
     uint64_t data_in; uint64_t data_out; uint32_t repeat; uint32_t duration;
     uint32_t ctx_size_in; uint32_t ctx_size_out; uint64_t ctx_in; uint64_t ctx_out;
     uint32_t flags; uint32_t cpu; uint32_t batch_size; uint32_t pad;
+};
+struct attr_prog_load {      /* PROG_LOAD */
+    uint32_t prog_type; uint32_t insn_cnt; uint64_t insns; uint64_t license;
+    uint32_t log_level; uint32_t log_size; uint64_t log_buf; uint32_t kern_version;
+    uint32_t prog_flags; uint8_t rest[80];
 };
 struct attr_info {            /* OBJ_GET_INFO_BY_FD */
     uint32_t bpf_fd; uint32_t info_len; uint64_t info;
@@ -76,7 +82,9 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_TYPE_XDP = 6
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
@@ -241,19 +249,30 @@ def lookup(fd: int, key: object, value: object) -> bool:
     return rc >= 0
 
 
-def lookup_at(fd: int, key_addr: int, value_addr: int) -> bool:
-    """lookup() on raw addresses (NumPy rows), reusing one attribute buffer."""
-    attr = _lookup_attr()
+def lookup_loop(fd: int) -> Callable[[int, int], bool]:
+    """A lookup in map `fd` on raw addresses (NumPy rows), with everything but the
+    two addresses prepared once: for loops over thousands of keys."""
+    f, lib = _ffi()
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfError(errno.ENOSYS, f"unsupported architecture {platform.machine()}")
+    attr = f.new("struct attr_elem *")
     attr.map_fd = fd
-    attr.key = key_addr
-    attr.value = value_addr
-    attr.flags = 0
-    return _bpf(BPF_MAP_LOOKUP_ELEM, attr, "map lookup", (errno.ENOENT,)) >= 0
+    args = (f.cast("long", nr), f.cast("int", BPF_MAP_LOOKUP_ELEM), attr,
+            f.cast("unsigned int", f.sizeof("struct attr_elem")))
+    syscall = lib.syscall
 
+    def lookup(key_addr: int, value_addr: int) -> bool:
+        attr.key = key_addr
+        attr.value = value_addr
+        if syscall(*args) >= 0:
+            return True
+        err = f.errno
+        if err != errno.ENOENT:
+            raise BpfError(err, f"map lookup: {os.strerror(err)}")
+        return False
 
-@cache
-def _lookup_attr() -> Any:
-    return ffi().new("struct attr_elem *")
+    return lookup
 
 
 def update(fd: int, key: object, value: object, flags: int = BPF_ANY) -> None:
@@ -273,6 +292,28 @@ def next_key(fd: int, key: object | None, next_out: object) -> bool:
     attr.value = addr_of(next_out)
     rc = _bpf(BPF_MAP_GET_NEXT_KEY, attr, "map next key", (errno.ENOENT,))
     return rc >= 0
+
+
+def prog_load(prog_type: int, insns: bytes, what: str) -> int:
+    """Loads hand-assembled instructions (GPL); returns the program fd. The first
+    line of the verifier's log comes with a refusal."""
+    f = ffi()
+    code = f.new("uint8_t[]", insns)
+    lic = f.new("char[]", b"GPL")
+    log = f.new("char[]", 4096)
+    attr = f.new("struct attr_prog_load *")
+    attr.prog_type = prog_type
+    attr.insn_cnt = len(insns) // 8
+    attr.insns = addr_of(code)
+    attr.license = addr_of(lic)
+    attr.log_level = 1
+    attr.log_size = 4096
+    attr.log_buf = addr_of(log)
+    try:
+        return _bpf(BPF_PROG_LOAD, attr, what)
+    except BpfError as exc:
+        first = f.string(log).decode(errors="replace").strip().splitlines()[:1]
+        raise BpfError(exc.errno, f"{exc.strerror}: {' '.join(first)}") from exc
 
 
 # ---- batches ---------------------------------------------------------------

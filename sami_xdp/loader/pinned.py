@@ -21,6 +21,7 @@ from . import batch, bpfsys
 from . import bpffs as bpffs_mod
 from .attach import Programs
 from .compile import MAP_NAMES, PROG_PIN, TC_PROG_PIN, Limits, compile_program, map_fds
+from .elemcount import elem_count
 
 # key / value struct of each map (None: a plain integer type)
 MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
@@ -170,11 +171,13 @@ class PinnedMap:
         return batch.delete_all(self.fd, keys)
 
     def count(self) -> int:
+        """Entries held: hash maps from the kernel's own counter (O(1)), else counted."""
         if self.info.type_name in ("array", "percpu_array"):
             return self.info.max_entries
         if self.info.type_name == "lpm_trie":
             return len(self.keys())
-        return len(self.dump()[0])
+        kept = elem_count(self.fd)
+        return kept if kept is not None else len(self.dump()[0])
 
 
 def _dtypes(layout: Layout, name: str, info: bpfsys.MapInfo) -> tuple[np.dtype, np.dtype]:

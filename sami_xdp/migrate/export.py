@@ -54,6 +54,7 @@ def build_bundle(
     include_acl: bool = True,
     timings: dict[str, float] | None = None,
     dirty: DirtyLog | None = None,
+    selected: VmState | None = None,
 ) -> bytes:
     """Selects the VM's state from `fw` and returns a signed bundle for `audience`.
     `vms`: the VM's address, or all of them (one bundle holds them all).
@@ -63,7 +64,8 @@ def build_bundle(
     if `since_state` holds a previous round, else a full snapshot. When given,
     `since_state` is advanced in place to this round. `dirty`: the VM's dirty
     log (started before the full round): a delta reads only the sessions it
-    names, unless the log overflowed (then the tables are scanned)."""
+    names, unless the log overflowed (then the tables are scanned). `selected`: a
+    full round's state read already."""
     if kind not in KINDS:
         raise ValueError("kind must be full, delta or final")
     validate_host_id(audience)
@@ -77,6 +79,8 @@ def build_bundle(
     gone = None
     if changed is not None:
         full, gone = dirty_state(fw, vm, changed, include_acl=include_acl)
+    elif selected is not None and kind == "full":
+        full = selected
     else:
         full = export_vm_state(fw, vm, include_acl=include_acl)
     flags = 0

@@ -79,7 +79,15 @@ from .errors import (
 )
 from .journal import ImportRecords, import_lock
 from .peers import TrustStore
-from .plan import MapPlan, SessionSnapshot, check_capacity, plan_map, record_limits, vm_filter
+from .plan import (
+    MapPlan,
+    SessionSnapshot,
+    check_capacity,
+    plan_map,
+    record_limits,
+    small_round,
+    vm_filter,
+)
 from .recovery import recover_locked, undo_migration
 from .replay import ReplayCache
 from .undo import apply_undo, undo_record
@@ -170,7 +178,8 @@ def _session_plans(
         dsess = take_rows(dsess, ~dforeign)
     # the session maps' snapshot is read while the records are converted
     only = vm_filter(vb.vms, srec, dsess)
-    snap = SessionSnapshot(fw, only) if only is not None and (len(srec) or len(dsess)) else None
+    big = not small_round(srec, dsess)  # a small round looks its keys up instead
+    snap = SessionSnapshot(fw, only) if only is not None and big else None
     try:
         half = np.isin(srec["state"], unassured_states(fw.layout))
         skeys = wire.wire_to_session_keys(srec, sm.key_dtype)

@@ -33,7 +33,7 @@ from .export import Kind, build_bundle
 from .fields import FieldError, want_bool, want_counts
 from .keys import HostIdentity
 from .peers import Peer, TrustStore
-from .select import ExportState, involves_any, vm_sessions
+from .select import ExportState, VmState, export_vm_state, involves_any, vm_sessions
 from .transport import (
     MSG_ABORT,
     MSG_ACK,
@@ -144,10 +144,6 @@ def _ack(
     return body
 
 
-def vm_session_count(fw: Firewall, vms: VmAddrs) -> int:
-    return len(vm_sessions(fw, vms)[0])
-
-
 class Migration:
     """One migration of one VM (all its addresses, one bundle a round) from this host
     to `peer`."""
@@ -183,7 +179,9 @@ class Migration:
             self.conn = Connection(self.peer, self.identity, plaintext=self.opts.plaintext)
         return self.conn
 
-    def preflight(self) -> None:
+    def preflight(self, sessions: int) -> None:
+        """Asks the peer whether it takes the VM (`sessions` of them: the full copy's
+        count, so the tables are read once for both)."""
         t0 = time.perf_counter()
         self.progress(f"preflight: contacting {self.peer.name} at {self.peer.address}")
         conn = self._connect()
@@ -195,7 +193,7 @@ class Migration:
                 "vms": list(self.vms.ips),
                 "migration_id": self.mid.hex(),
                 "layout_version": self.fw.const("SAMIXDP_LAYOUT_VERSION"),
-                "sessions": vm_session_count(self.fw, self.vms),
+                "sessions": sessions,
             },
         )
         body = _ack(conn, self.identity, self.trust, self.peer, MSG_PREFLIGHT, payload)
@@ -205,9 +203,13 @@ class Migration:
             phase.refused = str(body.get("reason"))
             raise MigrationRefused(f"preflight refused by {self.peer.name}: {body.get('reason')}")
 
-    def send_round(self, kind: Kind) -> PhaseReport:
+    def send_round(
+        self, kind: Kind, selected: VmState | None = None, selected_s: float = 0.0
+    ) -> PhaseReport:
+        """One round; `selected`: the full copy's state read already (`selected_s`
+        seconds, counted in this phase)."""
         self.seq += 1
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - selected_s
         data = build_bundle(
             self.fw,
             self.vms,
@@ -219,6 +221,7 @@ class Migration:
             identity=self.identity,
             compression=self.opts.compression,
             dirty=self.dirty,
+            selected=selected,
         )
         exported = parse_bundle(data).counts()
         body = _ack(self._connect(), self.identity, self.trust, self.peer, MSG_BUNDLE, data)
@@ -245,10 +248,13 @@ class Migration:
 
     def run(self) -> MigrationReport:
         try:
-            self.preflight()
             # the dirty log starts before the full copy is read: nothing falls between
             self.dirty = DirtyLog.start(self.fw, self.vms)
-            self.send_round("full")
+            t0 = time.perf_counter()
+            first = export_vm_state(self.fw, self.vms)
+            selected_s = time.perf_counter() - t0
+            self.preflight(len(first.sess_keys))
+            self.send_round("full", first, selected_s)
             if self.opts.until_cutover:
                 self.progress("syncing deltas until cutover (SIGUSR1 or `migrate --final`)")
                 while not self.cutover:

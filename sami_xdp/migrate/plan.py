@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..base.rows import KeyIndex, take_rows
+from ..base.rows import KeyIndex, take_rows, unique_rows
 from ..loader.batch import KeepFn, ScanResult
 from ..loader.pinned import Firewall, PinnedMap, possible_cpus
 from ..policy.sessions import SESSION_MAPS
@@ -20,6 +20,9 @@ from .verify import RecordLimits
 from .vmset import VmAddrs
 
 LRU_HEADROOM_PER_CPU = 128  # LRU maps may evict before they are full (per-CPU free lists)
+# a round touching at most this many keys of a map looks each one up instead of
+# reading the map whole: a delta costs O(its records), not O(the table)
+LOOKUP_MAX = 1 << 15
 
 
 @dataclass
@@ -62,6 +65,8 @@ def plan_map(
         e = _empty(m.key_dtype)
         v = _empty(m.value_dtype)
         return MapPlan(m.name, e, v, e, e, e, v, 0)
+    if scan is None and small_round(write_keys, delete_keys):
+        return _plan_by_lookups(m, write_keys, write_values, delete_keys, keep_delete)
     if scan is None:
         dk, dv = m.dump()
         fill = len(dk)
@@ -95,6 +100,41 @@ def plan_map(
         old_keys=np.concatenate([write_keys[wf], del_keys]),
         old_values=np.concatenate([dv[wpos[wf]], del_old]),
         fill_after=fill - len(del_keys) + len(created),
+    )
+
+
+def small_round(write_keys: np.ndarray, delete_keys: np.ndarray) -> bool:
+    return len(write_keys) + len(delete_keys) <= LOOKUP_MAX
+
+
+def _plan_by_lookups(
+    m: PinnedMap,
+    write_keys: np.ndarray,
+    write_values: np.ndarray,
+    delete_keys: np.ndarray,
+    keep_delete: Callable[[np.ndarray], np.ndarray] | None,
+) -> MapPlan:
+    """plan_map for a small round: each key looked up, the fill level from the
+    kernel's count."""
+    wf, wold = m.lookup_keys(write_keys)
+    dkeys = unique_rows(delete_keys)
+    if len(dkeys) and len(write_keys):
+        dkeys = take_rows(dkeys, ~KeyIndex(write_keys).contains(dkeys))
+    df, dold = m.lookup_keys(dkeys)
+    del_keys, del_old = take_rows(dkeys, df), dold[df]
+    if keep_delete is not None and len(del_keys):
+        ok = keep_delete(del_old)
+        del_keys, del_old = take_rows(del_keys, ok), del_old[ok]
+    created = take_rows(write_keys, ~wf)
+    return MapPlan(
+        name=m.name,
+        write_keys=write_keys,
+        write_values=write_values,
+        delete_keys=del_keys,
+        created_keys=created,
+        old_keys=np.concatenate([take_rows(write_keys, wf), del_keys]),
+        old_values=np.concatenate([wold[wf], del_old]),
+        fill_after=m.count() - len(del_keys) + len(created),
     )
 
 
