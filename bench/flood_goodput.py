@@ -12,8 +12,8 @@ the middle `--seconds` (bounded by `timeout -s INT`, its packet count read from 
 own statistics). Goodput is taken from iperf3's one-second intervals inside the flood
 window only, the same window in the runs without flood.
 
-sami-xdp runs in native and in generic mode (`--mode auto` picks native on veth in
-this release). Native XDP on veth queues each frame in the receiving veth's ring before
+sami-xdp runs in native and in generic mode (`--mode auto` picks tc on veth since
+the goodput work; tc is not measured here yet). Native XDP on veth queues each frame in the receiving veth's ring before
 the program runs; the flood fills that ring and the flow's own segments are dropped
 there (`veth_tx_dropped` in the results), before any firewall logic sees them.
 
@@ -191,7 +191,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="flood length (and window)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="native,generic",
-                    help="sami-xdp attach modes, comma-separated (auto picks native on veth)")
+                    help="sami-xdp attach modes, comma-separated (auto picks tc on veth)")
     ap.add_argument("--no-filter", action="store_true", help="also measure with no firewall")
     ap.add_argument("--flood-port", type=int, default=FLOOD_PORT)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "flood_goodput.json")

@@ -847,6 +847,38 @@ static __always_inline int entry_acl(void *ctx, int kind)
         return verdict_code(kind, 0);
     return finish(ctx, kind, p, acl_stage(ctx, kind, p));
 }
+/* ---- bulk lookups for userspace ------------------------------------------------
+ * Never attached: userspace runs them with PROG_TEST_RUN on a frame of lookup
+ * slots (session_map.h) to read a delta round's sessions by key, a frame's worth
+ * per syscall instead of one syscall per key. */
+static __always_inline int lookup_slots(struct xdp_md *ctx, int in_unassured)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+#pragma unroll
+    for (int i = 0; i < LOOKUP_SLOTS; i++) {
+        struct lookup_slot *s = data + i * sizeof(struct lookup_slot);
+        if ((void *)(s + 1) > end)
+            break;
+        struct session_key k = s->key;
+        struct session_value *v = in_unassured ? unassured.lookup(&k) : sessions.lookup(&k);
+        s->found = v != 0;
+        if (v)
+            __builtin_memcpy(&s->value, v, sizeof(*v));
+    }
+    return XDP_PASS;
+}
+
+int lookup_sessions(struct xdp_md *ctx)
+{
+    return lookup_slots(ctx, 0);
+}
+
+int lookup_unassured(struct xdp_md *ctx)
+{
+    return lookup_slots(ctx, 1);
+}
+
 /* ---- the programs: the XDP kind, then the TC kind ---------------------------- */
 
 int xdp_firewall(struct xdp_md *ctx)

@@ -371,6 +371,17 @@ struct dirty_entry {
     __u64 seq;
 };
 
+/* Bulk lookups for userspace: a frame of LOOKUP_SLOTS slots run through the
+ * `lookup_*` programs with PROG_TEST_RUN comes back with each key's entry, a
+ * frame's worth of lookups for one syscall (delta rounds read thousands). */
+#define LOOKUP_SLOTS 13         /* 13 x 256 bytes: the most a test run frame holds */
+struct lookup_slot {
+    struct session_key key;
+    __u32 found;
+    __u32 pad;
+    struct session_value value;
+};
+
 /* Per-reason verdict counters (per CPU). */
 struct verdict_counter {
     __u64 packets;

@@ -47,6 +47,7 @@ STRUCTS = (
     "track_value",
     "track_state",
     "dirty_entry",
+    "lookup_slot",
 )
 
 

@@ -368,3 +368,20 @@ def lookup_keys(fd: int, keys: np.ndarray, value_dtype: np.dtype) -> tuple[np.nd
     else:
         run_parallel(workers, run)
     return found, values
+
+
+def lookup_by_program(
+    prog_fd: int, keys: np.ndarray, slot_dtype: np.dtype, per: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(found mask, values) of `keys` through a lookup program: frames of `per`
+    slots (key in; found flag and value out) run with PROG_TEST_RUN, a frame's
+    worth of keys per syscall."""
+    n = len(keys)
+    slots = np.zeros(n, dtype=slot_dtype)
+    slots["key"] = keys
+    size = slot_dtype.itemsize
+    run = bpfsys.test_run_in_place(prog_fd)
+    base = np_addr(slots)
+    for start in range(0, n, per):
+        run(base + start * size, min(per, n - start) * size)
+    return slots["found"] != 0, slots["value"].copy()

@@ -249,6 +249,30 @@ def lookup(fd: int, key: object, value: object) -> bool:
     return rc >= 0
 
 
+def test_run_in_place(prog_fd: int) -> Callable[[int, int], None]:
+    """PROG_TEST_RUN of `prog_fd` on a frame at a raw address, its output written
+    back over it, with everything else prepared once: for loops over many frames."""
+    f, lib = _ffi()
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfError(errno.ENOSYS, f"unsupported architecture {platform.machine()}")
+    attr = f.new("struct attr_test_run *")
+    args = (f.cast("long", nr), f.cast("int", BPF_PROG_TEST_RUN), attr,
+            f.cast("unsigned int", f.sizeof("struct attr_test_run")))
+    syscall = lib.syscall
+
+    def run(addr: int, size: int) -> None:
+        attr.prog_fd = prog_fd
+        attr.data_in = attr.data_out = addr
+        attr.data_size_in = attr.data_size_out = size
+        attr.repeat = 1
+        if syscall(*args) < 0:
+            err = f.errno
+            raise BpfError(err, f"program test run: {os.strerror(err)}")
+
+    return run
+
+
 def lookup_loop(fd: int) -> Callable[[int, int], bool]:
     """A lookup in map `fd` on raw addresses (NumPy rows), with everything but the
     two addresses prepared once: for loops over thousands of keys."""

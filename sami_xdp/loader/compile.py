@@ -37,6 +37,9 @@ class ProgramKind:
     stages: tuple[tuple[str, str], ...]
 
 
+# userspace's bulk lookup programs (never attached), by the map they read
+LOOKUP_PROGS = {"sessions": "lookup_sessions", "unassured": "lookup_unassured"}
+
 PROGRAM_KINDS = (
     ProgramKind(PROG_PIN, BPF.XDP, "xdp_firewall", "stages",
                 (("STAGE_SLOW", "xdp_slow"), ("STAGE_ACL", "xdp_acl"))),
@@ -119,8 +122,8 @@ def _first_error(log: str) -> str:
 def compile_program(
     limits: Limits, extra_cflags: tuple[str, ...] = ()
 ) -> tuple[object, dict[str, int]]:
-    """Returns (bcc.BPF object, entry program fd by pin name: the XDP and the TC
-    program). The BPF object owns the map and program fds."""
+    """Returns (bcc.BPF object, program fd by pin name: the XDP and the TC entry
+    programs, the lookup programs). The BPF object owns the map and program fds."""
     if not (_headers_dir() / "include").exists() and not (_headers_dir()).exists():
         raise CompileError(
             f"no kernel headers at {_headers_dir()}: run `sudo make setup` (installs "
@@ -139,6 +142,8 @@ def compile_program(
                 for slot, name in kind.stages:
                     stage_fn = bpf.load_func(name.encode(), kind.bcc_type)
                     stages[ctypes.c_int(consts[slot])] = ctypes.c_int(stage_fn.fd)
+            for name in LOOKUP_PROGS.values():
+                entries[name] = int(bpf.load_func(name.encode(), BPF.XDP).fd)
         except Exception as exc:  # bcc raises bare Exception
             log = log_path.read_text(errors="replace")
             log_path.unlink(missing_ok=True)

@@ -60,8 +60,9 @@ def _insn(code: int, dst: int, src: int, off: int, imm: int) -> bytes:
     return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
 
 
-def elem_count(map_fd: int) -> int | None:
-    """Entries in the hash map `map_fd` now, or None when the kernel cannot say."""
+def count_program(map_fd: int) -> int | None:
+    """A program that returns the entry count of the hash map `map_fd` (its fd), or
+    None when the kernel cannot say."""
     btf_id = kfunc_btf_id()
     if btf_id is None:
         return None
@@ -71,10 +72,22 @@ def elem_count(map_fd: int) -> int | None:
         + _insn(0x95, 0, 0, 0, 0)  # exit: the count is the run's return value
     )
     try:
-        fd = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP, prog, "element count program")
+        return bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP, prog, "element count program")
     except bpfsys.BpfError:
         return None
+
+
+def run_count(prog_fd: int) -> int:
+    return bpfsys.prog_test_run(prog_fd, b"\0" * 64).retval
+
+
+def elem_count(map_fd: int) -> int | None:
+    """Entries in the hash map `map_fd` now, or None when the kernel cannot say
+    (loads the program each time: PinnedMap.count() keeps it)."""
+    fd = count_program(map_fd)
+    if fd is None:
+        return None
     try:
-        return bpfsys.prog_test_run(fd, b"\0" * 64).retval
+        return run_count(fd)
     finally:
         os.close(fd)

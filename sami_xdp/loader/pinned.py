@@ -20,8 +20,16 @@ from ..base.layout import Layout, load_layout
 from . import batch, bpfsys
 from . import bpffs as bpffs_mod
 from .attach import Programs
-from .compile import MAP_NAMES, PROG_PIN, TC_PROG_PIN, Limits, compile_program, map_fds
-from .elemcount import elem_count
+from .compile import (
+    LOOKUP_PROGS,
+    MAP_NAMES,
+    PROG_PIN,
+    TC_PROG_PIN,
+    Limits,
+    compile_program,
+    map_fds,
+)
+from .elemcount import count_program, run_count
 
 # key / value struct of each map (None: a plain integer type)
 MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
@@ -83,6 +91,10 @@ class PinnedMap:
     info: bpfsys.MapInfo
     key_dtype: np.dtype
     value_dtype: np.dtype
+    lookup_prog_fd: int = -1  # the session maps' bulk lookup program (compile.LOOKUP_PROGS)
+    slot_dtype: np.dtype | None = None  # its frame's slots (struct lookup_slot)
+    slots_per_frame: int = 0  # LOOKUP_SLOTS
+    count_prog_fd: int = -1  # hash maps: the element count program, once loaded (-2: none)
 
     @property
     def percpu(self) -> bool:
@@ -156,8 +168,14 @@ class PinnedMap:
         )
 
     def lookup_keys(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(found mask, values) of a few thousand keys, one lookup each."""
-        return batch.lookup_keys(self.fd, _contiguous(keys, self.key_dtype), self.value_dtype)
+        """(found mask, values) of a few thousand keys: a frame of them per syscall
+        through the map's lookup program, else one syscall each."""
+        keys = _contiguous(keys, self.key_dtype)
+        if self.lookup_prog_fd >= 0 and self.slot_dtype is not None:
+            return batch.lookup_by_program(
+                self.lookup_prog_fd, keys, self.slot_dtype, self.slots_per_frame
+            )
+        return batch.lookup_keys(self.fd, keys, self.value_dtype)
 
     def read_range(self, start: int, n: int) -> np.ndarray:
         """Array maps: the values at indexes start..start+n-1, in one call."""
@@ -176,8 +194,12 @@ class PinnedMap:
             return self.info.max_entries
         if self.info.type_name == "lpm_trie":
             return len(self.keys())
-        kept = elem_count(self.fd)
-        return kept if kept is not None else len(self.dump()[0])
+        if self.count_prog_fd == -1:
+            fd = count_program(self.fd)
+            self.count_prog_fd = -2 if fd is None else fd
+        if self.count_prog_fd >= 0:
+            return run_count(self.count_prog_fd)
+        return len(self.dump()[0])
 
 
 def _dtypes(layout: Layout, name: str, info: bpfsys.MapInfo) -> tuple[np.dtype, np.dtype]:
@@ -254,7 +276,17 @@ class Firewall:
             fd = bpfsys.obj_get(str(pin))
             info = bpfsys.map_info(fd)
             fw.maps[name] = PinnedMap(name, fd, info, *_dtypes(layout, name, info))
+        for name, prog in LOOKUP_PROGS.items():
+            if not (path / prog).exists():
+                fw.close()
+                raise LayoutMismatchError(f"pinned state at {path} lacks program {prog}")
+            fw._set_lookup(name, bpfsys.obj_get(str(path / prog)))
         return fw
+
+    def _set_lookup(self, name: str, prog_fd: int) -> None:
+        m = self.maps[name]
+        m.lookup_prog_fd, m.slot_dtype = prog_fd, self.layout.dtype("lookup_slot")
+        m.slots_per_frame = self.const("LOOKUP_SLOTS")
 
     @classmethod
     def create(cls, path: Path, limits: Limits, config_slots: list[int]) -> Firewall:
@@ -279,10 +311,15 @@ class Firewall:
                 layout=layout,
                 tc_prog_fd=os.dup(progs[TC_PROG_PIN]),
             )
+            for name, prog in LOOKUP_PROGS.items():
+                fw._set_lookup(name, os.dup(progs[prog]))
             fw._init_maps(limits, config_slots)
             for name, fd in fds.items():
                 bpfsys.obj_pin(fd, str(path / name))
                 pinned.append(path / name)
+            for prog in LOOKUP_PROGS.values():
+                bpfsys.obj_pin(progs[prog], str(path / prog))
+                pinned.append(path / prog)
             bpfsys.obj_pin(progs[TC_PROG_PIN], str(path / TC_PROG_PIN))
             pinned.append(path / TC_PROG_PIN)
             bpfsys.obj_pin(progs[PROG_PIN], str(path / PROG_PIN))  # last: marks the set complete
@@ -310,6 +347,9 @@ class Firewall:
     def close(self) -> None:
         for m in self.maps.values():
             os.close(m.fd)
+            for fd in (m.lookup_prog_fd, m.count_prog_fd):
+                if fd >= 0:
+                    os.close(fd)
         self.maps.clear()
         for fd in (self.prog_fd, self.tc_prog_fd):
             if fd >= 0:
@@ -371,7 +411,7 @@ class Firewall:
 def unpin_all(path: Path) -> int:
     """Removes every pin of a firewall (its state goes with it)."""
     removed = 0
-    for name in (*MAP_NAMES, TC_PROG_PIN, PROG_PIN):
+    for name in (*MAP_NAMES, *LOOKUP_PROGS.values(), TC_PROG_PIN, PROG_PIN):
         pin = path / name
         if pin.exists():
             pin.unlink()

@@ -37,7 +37,7 @@ from ..loader.pinned import Firewall
 from .errors import MigrateError
 from .vmset import VmAddrs
 
-SETTLE_S = 0.002  # a program that read the old round is done by then
+SETTLE_S = 0.001  # a program that read the old round is done by then (they run for us)
 GOLDEN = np.uint32(2654435761)  # the datapath's track_hash() multiplier
 
 
