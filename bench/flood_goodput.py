@@ -12,9 +12,9 @@ the middle `--seconds` (bounded by `timeout -s INT`, its packet count read from 
 own statistics). Goodput is taken from iperf3's one-second intervals inside the flood
 window only, the same window in the runs without flood.
 
-sami-xdp runs in native and in generic mode (`--mode auto` picks tc on veth since
-the goodput work; tc is not measured here yet). Native XDP on veth queues each frame in the receiving veth's ring before
-the program runs; the flood fills that ring and the flow's own segments are dropped
+sami-xdp runs in native and in generic mode (`--mode auto` now picks tc on veth; tc
+is not measured here yet). Native XDP on veth queues each frame in the receiving veth's
+ring before the program runs; the flood fills that ring and the flow's own segments are dropped
 there (`veth_tx_dropped` in the results), before any firewall logic sees them.
 
 Each round measures, for each firewall (the order alternating between rounds): no

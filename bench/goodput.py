@@ -67,6 +67,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lib_env
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPO = ROOT / "scripts" / "veth_topology.sh"
 CONFIGS = ("none", "nftables", "native", "generic", "tc", "auto")
@@ -508,16 +510,6 @@ def terminated_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
-def _git(*args: str) -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else ""
 
 
 def main() -> None:
@@ -604,13 +596,13 @@ def main() -> None:
     doc = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "kernel": platform.release(),
-        "cpu": _cpu_model(),
+        "cpu": lib_env.cpu_model(),
         "cpus": os.cpu_count(),
         "command": " ".join([".venv/bin/python", "bench/goodput.py", *sys.argv[1:]]),
         "datapath": {
-            "head": _git("rev-parse", "--short", "HEAD"),
-            "bpf_last_commit": _git("log", "-1", "--format=%h", "--", "bpf"),
-            "dirty": bool(_git("status", "--porcelain", "--", "bpf", "sami_xdp")),
+            "head": lib_env.git("rev-parse", "--short", "HEAD"),
+            "bpf_last_commit": lib_env.git("log", "-1", "--format=%h", "--", "bpf"),
+            "dirty": bool(lib_env.git("status", "--porcelain", "--", "bpf", "sami_xdp")),
         },
         "settings": {
             "rounds": rounds,

@@ -65,6 +65,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lib_env
 import lib_live as L
 import numpy as np
 
@@ -619,7 +620,7 @@ def main() -> None:
         "format": 2,  # results per family (format 1: one flat dict of IPv4 cases)
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "kernel": platform.release(),
-        "cpu": _cpu_model(),
+        "cpu": lib_env.cpu_model(),
         "cpus": os.cpu_count(),
         "repeat_per_run": args.repeat,
         "runs": args.runs,
@@ -648,12 +649,6 @@ def _datapath_version() -> dict:
             "bpf_last_commit": git("log", "-1", "--format=%h", "--", "bpf"),
             "bpf_dirty": bool(git("status", "--porcelain", "--", "bpf"))}
 
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 if __name__ == "__main__":

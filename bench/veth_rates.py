@@ -108,6 +108,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lib_env
 import lib_live as L
 import numpy as np
 
@@ -1038,16 +1039,6 @@ def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
-def _git(*args: str) -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else ""
 
 
 def main() -> None:
@@ -1165,15 +1156,15 @@ def main() -> None:
     doc = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "kernel": platform.release(),
-        "cpu": _cpu_model(),
+        "cpu": lib_env.cpu_model(),
         "cpus": os.cpu_count(),
         "pinned_cpu": args.cpu,
         "sampler_cpu": args.sampler_cpu,
         "command": " ".join([".venv/bin/python", "bench/veth_rates.py", *sys.argv[1:]]),
         "datapath": {
-            "head": _git("rev-parse", "--short", "HEAD"),
-            "bpf_last_commit": _git("log", "-1", "--format=%h", "--", "bpf"),
-            "bpf_dirty": bool(_git("status", "--porcelain", "--", "bpf")),
+            "head": lib_env.git("rev-parse", "--short", "HEAD"),
+            "bpf_last_commit": lib_env.git("log", "-1", "--format=%h", "--", "bpf"),
+            "bpf_dirty": bool(lib_env.git("status", "--porcelain", "--", "bpf")),
         },
         "settings": {
             "rounds": args.runs,
@@ -1212,7 +1203,7 @@ def main() -> None:
         results,
         ratios,
         args.png,
-        f"sami-xdp veth rates, 1 CPU ({_cpu_model()}), kernel "
+        f"sami-xdp veth rates, 1 CPU ({lib_env.cpu_model()}), kernel "
         f"{platform.release()}, {doc['date'][:10]}, median of {args.runs}",
     )
     print(f"wrote {args.out} and {args.png} ({total_s:.0f} s)")

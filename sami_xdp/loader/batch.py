@@ -342,31 +342,19 @@ def read_array_range(fd: int, value_dtype: np.dtype, start: int, n: int) -> np.n
     return values
 
 
-LOOKUP_PARALLEL_MIN = 2048  # key lookups at least this many use a thread per CPU
-
-
 def lookup_keys(fd: int, keys: np.ndarray, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(found mask, values) of `keys` in a hash map: one lookup each, for a few
-    thousand keys (a batch read would walk the whole map). Each thread loops over
-    its share with one prepared syscall per key (the GIL is released in it)."""
+    """(found mask, values) of `keys` in a hash map, one prepared syscall per key
+    (~3 us from Python; the session maps use their lookup programs instead, and
+    threads do not help: the loop, not the syscall, holds the time)."""
     n = len(keys)
     values = np.zeros(n, dtype=value_dtype)
     found = np.zeros(n, bool)
     keys = np.ascontiguousarray(keys)
+    call = bpfsys.lookup_loop(fd)
     base_k, base_v = np_addr(keys), np_addr(values)
     ks, vs = keys.dtype.itemsize, value_dtype.itemsize
-    workers = min(os.cpu_count() or 1, 8) if n >= LOOKUP_PARALLEL_MIN else 1
-    bounds = np.linspace(0, n, workers + 1).astype(int)
-
-    def run(w: int) -> None:
-        call = bpfsys.lookup_loop(fd)
-        for i in range(int(bounds[w]), int(bounds[w + 1])):
-            found[i] = call(base_k + i * ks, base_v + i * vs)
-
-    if workers == 1:
-        run(0)
-    else:
-        run_parallel(workers, run)
+    for i in range(n):
+        found[i] = call(base_k + i * ks, base_v + i * vs)
     return found, values
 
 

@@ -152,7 +152,10 @@ class PinnedMap:
         return np.concatenate(out)
 
     def dump(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every (key, value) with batch lookups; hash and LRU maps only."""
+        """Every (key, value) with batch lookups; hash and LRU maps only. An empty
+        map is known by its kernel count, without walking its buckets."""
+        if self._kernel_count() == 0:
+            return np.zeros(0, self.key_dtype), np.zeros(0, self.value_dtype)
         return batch.lookup_all(self.fd, self.key_dtype, self.value_dtype, self.info.max_entries)
 
     def scan(self, keep: batch.KeepFn | None = None) -> batch.ScanResult:
@@ -194,12 +197,17 @@ class PinnedMap:
             return self.info.max_entries
         if self.info.type_name == "lpm_trie":
             return len(self.keys())
+        kept = self._kernel_count()
+        return kept if kept is not None else len(self.dump()[0])
+
+    def _kernel_count(self) -> int | None:
+        """Hash maps: the kernel's element count (its program loaded once), if any."""
+        if self.info.type_name not in ("hash", "lru_hash"):
+            return None
         if self.count_prog_fd == -1:
             fd = count_program(self.fd)
             self.count_prog_fd = -2 if fd is None else fd
-        if self.count_prog_fd >= 0:
-            return run_count(self.count_prog_fd)
-        return len(self.dump()[0])
+        return run_count(self.count_prog_fd) if self.count_prog_fd >= 0 else None
 
 
 def _dtypes(layout: Layout, name: str, info: bpfsys.MapInfo) -> tuple[np.dtype, np.dtype]:

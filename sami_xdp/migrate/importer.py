@@ -195,10 +195,12 @@ def _session_plans(
     finally:
         if snap is not None:
             snap.join()
-    return [
-        plan_map(sm, est_k, est_v, concat_rows([dkeys, half_k]), scan=scans.get("sessions")),
-        plan_map(um, half_k, half_v, concat_rows([dkeys, est_k]), scan=scans.get("unassured")),
-    ]
+    sp = plan_map(sm, est_k, est_v, concat_rows([dkeys, half_k]), scan=scans.get("sessions"))
+    # a key already in `sessions` is in no other table (each round leaves it in one):
+    # only the keys new there may have to leave `unassured`
+    moved = est_k if big else sp.created_keys
+    return [sp, plan_map(um, half_k, half_v, concat_rows([dkeys, moved]),
+                         scan=scans.get("unassured"))]
 
 
 def _syn_plan(fw: Firewall, vb: VerifiedBundle, base: int) -> MapPlan:

@@ -85,20 +85,36 @@ def plan_map(
     del_pos = np.unique(dpos[df])
     if wf.any() and len(del_pos):
         del_pos = del_pos[~np.isin(del_pos, wpos[wf])]
-    del_keys, del_old = dk[del_pos], dv[del_pos]
+    return _plan(m, write_keys, write_values, wf, dv[wpos[wf]], dk[del_pos], dv[del_pos],
+                 keep_delete, fill)
+
+
+def _plan(
+    m: PinnedMap,
+    write_keys: np.ndarray,
+    write_values: np.ndarray,
+    found: np.ndarray,
+    found_old: np.ndarray,
+    del_keys: np.ndarray,
+    del_old: np.ndarray,
+    keep_delete: Callable[[np.ndarray], np.ndarray] | None,
+    fill: int,
+) -> MapPlan:
+    """The plan from what the map holds: `found` (mask of write keys present, with
+    their values `found_old`) and the present keys to delete with theirs."""
     if keep_delete is not None and len(del_keys):
         ok = keep_delete(del_old)
-        del_keys, del_old = del_keys[ok], del_old[ok]
+        del_keys, del_old = take_rows(del_keys, ok), del_old[ok]
     # duplicate keys in a bundle only make the fill estimate pessimistic
-    created = take_rows(write_keys, ~wf) if wf.any() else write_keys
+    created = take_rows(write_keys, ~found) if found.any() else write_keys
     return MapPlan(
         name=m.name,
         write_keys=write_keys,
         write_values=write_values,
         delete_keys=del_keys,
         created_keys=created,
-        old_keys=np.concatenate([write_keys[wf], del_keys]),
-        old_values=np.concatenate([dv[wpos[wf]], del_old]),
+        old_keys=np.concatenate([take_rows(write_keys, found), del_keys]),
+        old_values=np.concatenate([found_old, del_old]),
         fill_after=fill - len(del_keys) + len(created),
     )
 
@@ -121,21 +137,8 @@ def _plan_by_lookups(
     if len(dkeys) and len(write_keys):
         dkeys = take_rows(dkeys, ~KeyIndex(write_keys).contains(dkeys))
     df, dold = m.lookup_keys(dkeys)
-    del_keys, del_old = take_rows(dkeys, df), dold[df]
-    if keep_delete is not None and len(del_keys):
-        ok = keep_delete(del_old)
-        del_keys, del_old = take_rows(del_keys, ok), del_old[ok]
-    created = take_rows(write_keys, ~wf)
-    return MapPlan(
-        name=m.name,
-        write_keys=write_keys,
-        write_values=write_values,
-        delete_keys=del_keys,
-        created_keys=created,
-        old_keys=np.concatenate([take_rows(write_keys, wf), del_keys]),
-        old_values=np.concatenate([wold[wf], del_old]),
-        fill_after=m.count() - len(del_keys) + len(created),
-    )
+    return _plan(m, write_keys, write_values, wf, wold[wf], take_rows(dkeys, df), dold[df],
+                 keep_delete, m.count())
 
 
 def capacity(m: PinnedMap) -> int:
