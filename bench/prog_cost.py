@@ -28,6 +28,11 @@ Compares, in one run on one machine, each case for both address families:
   ACL 1/64 rules    ours, a packet that walks all of its VM's rules and is
                     denied by the last (denied packets make no session, so
                     every repetition walks the ACL again).
+  dirty log         (IPv4, 100k) est-hit with nothing tracked, with another VM
+                    migrating (a filter test), with the packet's own VM migrating
+                    and its session logged already this round (a compare); and
+                    the log append: a session's first packet in a round against
+                    its second (single-packet runs right after a cut).
 
 The 256 flows per family are opened through the program itself (real
 handshakes), the rest of the table is loaded with batch updates. Each
@@ -74,6 +79,8 @@ from sami_xdp.base.netutil import addr_dtype, ip_to_addr, ipv4_addr_array, is_ip
 from sami_xdp.loader import batch, bpfsys
 from sami_xdp.loader.compile import Limits
 from sami_xdp.loader.pinned import Firewall, unpin_all
+from sami_xdp.migrate.dirty import DirtyLog
+from sami_xdp.migrate.vmset import VmAddrs
 from sami_xdp.policy import acl, blacklist, protect, stats
 from sami_xdp.policy.config import create_firewall
 from sami_xdp.policy.roles import set_role
@@ -507,6 +514,8 @@ def run_ours(args: argparse.Namespace, fw: Firewall, conns: dict[str, list[P.Tcp
         finally:
             ref.cleanup()  # type: ignore[attr-defined]
         record(got, sessions=n)
+        if n == N_SESSIONS:
+            results["tracking"] = tracking_cost(fw, frames["ipv4"], args)
         for f in FAMILIES:
             results[f][est_name]["reference"] = ref_name
         if f"{est_name}, {EXT_TAG}" in results["ipv6"]:
@@ -552,6 +561,59 @@ def run_ours(args: argparse.Namespace, fw: Firewall, conns: dict[str, list[P.Tcp
                        args.repeat, args.runs))
 
 
+def tracking_cost(fw: Firewall, frames: list[bytes], args: argparse.Namespace) -> dict:
+    """What the dirty-state log costs an established hit (IPv4, 100k sessions, the
+    flows of 32 VMs): with
+    nothing tracked, with another VM tracked (a filter test), with the packet's own VM
+    tracked and its session logged already this round (a compare), in rotated order per
+    round; and the first packet of a session in a round (the log append) against a
+    second one, each frame once right after a cut."""
+    # the flows of 32 VMs (a VM has at most 32 addresses: one tracked VM holds them)
+    mine = [i for i in range(N_FLOWS) if i % 200 < 32]
+    own = VmAddrs.parse(sorted({vm(i) for i in mine}))
+    frames = [frames[i] for i in mine]
+    states = {"nothing tracked": None, "another VM migrating": VmAddrs.parse(["10.1.255.254"]),
+              "its VM migrating, logged already this round": own}
+    reps = max(1, args.repeat // len(frames))
+    runs: dict[str, list[float]] = {k: [] for k in states}
+    keys = list(states)
+    for rnd in range(args.runs):
+        j = rnd % len(keys)
+        for name in keys[j:] + keys[:j]:
+            log = DirtyLog.start(fw, states[name]) if states[name] is not None else None
+            try:
+                one_run(fw.prog_fd, frames, 1)  # logs each session once (its VM tracked)
+                runs[name].append(one_run(fw.prog_fd, frames, reps))
+            finally:
+                if log is not None:
+                    log.stop()
+    first, again = [], []
+    log = DirtyLog.start(fw, own)
+    try:
+        for _ in range(args.runs):
+            log.cut()
+            first.append(one_run(fw.prog_fd, frames, 1))
+            again.append(one_run(fw.prog_fd, frames, 1))
+        last = log.cut()
+        logged = -1 if last is None else len(last)
+    finally:
+        log.stop()
+    out: dict = {name: {"ns_per_packet": round(statistics.median(r), 2),
+                        "runs_ns": [round(x, 2) for x in r]} for name, r in runs.items()}
+    base = out["nothing tracked"]["ns_per_packet"]
+    for r in out.values():
+        r["over_untracked_ns"] = round(r["ns_per_packet"] - base, 2)
+    out["log append"] = {
+        "first_packet_ns": round(statistics.median(first), 2),
+        "second_packet_ns": round(statistics.median(again), 2),
+        "append_ns": round(statistics.median(a - b for a, b in zip(first, again, strict=True)), 2),
+        "sessions_logged_last_round": logged,
+        "note": "single-packet test runs (repeat 1): absolute figures carry the harness "
+                "overhead, the difference is the append",
+    }
+    return out
+
+
 def add_ratios(results: dict[str, dict[str, dict]]) -> dict[str, float | None]:
     """ratio_to_bare / ratio_to_reference within each family; returns v6/v4 per case."""
     for res in results.values():
@@ -593,6 +655,7 @@ def main() -> None:
     t0 = time.monotonic()
     with Lab(tag="b") as lab:
         results = run(args, lab)
+    tracking = results.pop("tracking", None)  # not a family: the dirty log's cost
     v6_over_v4 = add_ratios(results)
     paired = paired_v6_over_v4(results)
     print(f"PROG_TEST_RUN, {args.repeat} packets per run over {N_FLOWS} frames per family, "
@@ -615,6 +678,14 @@ def main() -> None:
     for fam in FAMILIES:
         for name, r in results[fam].items():
             print(f"  {fam} {name}: runs " + " ".join(f"{x:.1f}" for x in r["runs_ns"]))
+    if tracking:
+        print("dirty-state log, IPv4 est-hit at 100k sessions (ns/pkt, + over nothing tracked):")
+        for name, r in tracking.items():
+            if "ns_per_packet" in r:
+                print(f"  {name:48} {r['ns_per_packet']:7.1f} {r['over_untracked_ns']:+6.1f}")
+        la = tracking["log append"]
+        print(f"  log append (first packet of a session in a round): {la['append_ns']:+.1f} ns "
+              f"({la['sessions_logged_last_round']} sessions logged in the last round)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "format": 2,  # results per family (format 1: one flat dict of IPv4 cases)
@@ -634,6 +705,7 @@ def main() -> None:
         "table": "est-hit/reference: the 2 x 256 measured flows plus filler sessions, half "
                  "IPv4 and half IPv6",
         "results": results,
+        "tracking": tracking,
         "v6_over_v4": v6_over_v4,
         "v6_over_v4_paired": paired,
     }, indent=2) + "\n")

@@ -62,6 +62,16 @@ def rows_p1_families(d: dict[str, Any]) -> list[list[str]]:
         if name in ratio:
             parts.append(f"IPv6/IPv4 {ratio[name]:.2f}")
         out.append([f"P1 {name}", "; ".join(parts), "", ""])
+    tr = d.get("tracking") or {}
+    for name, r in tr.items():
+        if "ns_per_packet" in r:
+            out.append([f"P1 dirty log: est-hit (IPv4, 100k), {name}",
+                        f"{r['ns_per_packet']:.1f} ns/pkt ({r['over_untracked_ns']:+.1f} ns)",
+                        "" if name == "nothing tracked" else "others: ~0", ""])
+    if "log append" in tr:
+        la = tr["log append"]
+        out.append(["P1 dirty log: a session's first packet in a round (the append)",
+                     f"{la['append_ns']:+.1f} ns", "<= 10 ns", verdict(la["append_ns"] <= 10)])
     for fam, res in (("IPv4", v4), ("IPv6", v6)):
         for name, r in res.items():
             if name.startswith("est-hit") and "extension" not in name:
