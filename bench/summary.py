@@ -67,7 +67,8 @@ def rows_p1_families(d: dict[str, Any]) -> list[list[str]]:
         if "ns_per_packet" in r:
             out.append([f"P1 dirty log: est-hit (IPv4, 100k), {name}",
                         f"{r['ns_per_packet']:.1f} ns/pkt ({r['over_untracked_ns']:+.1f} ns)",
-                        "" if name == "nothing tracked" else "others: ~0", ""])
+                        "~0 (zero cost for others)" if name == "another VM migrating" else "",
+                        ""])
     if "log append" in tr:
         la = tr["log append"]
         out.append(["P1 dirty log: a session's first packet in a round (the append)",
