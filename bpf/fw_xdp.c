@@ -65,6 +65,8 @@ BPF_TABLE("hash", u32, struct acl_entry, acl_rules, SAMIXDP_ACL_MAX_RULE_ID);
 /* VM address -> end of its migration pickup window (bpf_ktime_get_ns). */
 BPF_TABLE("hash", struct ip_addr, u64, pickup, SAMIXDP_MAX_PROTECTED);
 BPF_TABLE("lru_hash", struct frag_key, struct frag_value, fragments, SAMIXDP_FRAG_ENTRIES);
+/* VM address -> its cutover watch while its migration to this host is open */
+BPF_TABLE("hash", struct ip_addr, struct arrival_value, arrivals, SAMIXDP_MAX_PROTECTED);
 /* ifindex -> ROLE_VM / ROLE_UPLINK; an interface not listed is ROLE_AUTO. */
 BPF_TABLE("hash", u32, u32, iface_roles, SAMIXDP_MAX_IFACES);
 /* Dirty-state tracking of migrating VMs (session_map.h): the tracked addresses,
@@ -589,6 +591,24 @@ static __always_inline int in_pickup_window(struct ip_addr *vm, __u64 now)
     return deadline && now < *deadline;
 }
 
+/* A frame from `vm` that passed the anti-spoofing check: if the VM's migration
+ * to this host is being watched, the VM has arrived; its pickup window opens at
+ * once (covering the time until the final delta is loaded). Only the first frame
+ * writes. */
+static __always_inline void note_arrival(struct ip_addr *vm, __u32 ifindex, __u64 now, __u32 how)
+{
+    struct arrival_value *a = arrivals.lookup(vm);
+    if (!a || a->seen_ns)
+        return;
+    a->ifindex = ifindex;
+    a->how = how;
+    a->seen_ns = now;
+    if (a->pickup_ns) {
+        u64 until = now + a->pickup_ns;
+        pickup.update(vm, &until);
+    }
+}
+
 /* An ICMP error passes only when it quotes a live session and travels to the
  * sender of the quoted packet (as conntrack's RELATED). */
 static __always_inline __u32 handle_icmp_error(struct fw_config *cfg, struct pkt *p, __u64 now,
@@ -674,8 +694,8 @@ static __always_inline __u32 fast_path(void *ctx, int kind, struct pkt *p)
         tc_vlan(ctx, p);
     if (rc == PARSE_NON_IP)
         return REASON_PASS_NON_IP;
-    if (rc == PARSE_NDP)
-        return REASON_NEED_SLOW; /* rare: its anti-spoofing check waits for the slow path */
+    if (rc == PARSE_NDP || rc == PARSE_ARP)
+        return REASON_NEED_SLOW; /* rare: anti-spoofing and arrivals wait for the slow path */
     if (rc == PARSE_RH0)
         return REASON_DROP_INVALID;
     if (rc != PARSE_OK)
@@ -700,9 +720,12 @@ static __always_inline __u32 fast_path(void *ctx, int kind, struct pkt *p)
     __u8 sender_vm = side == SIDE_LO ? SESS_F_VM_LO : SESS_F_VM_HI;
     __u8 receiver_vm = side == SIDE_LO ? SESS_F_VM_HI : SESS_F_VM_LO;
     int d = side == v->initiator ? 0 : 1;
-    if ((v->flags & sender_vm) && v->ifindex[d] != ifindex &&
-        !source_allowed(ctx, kind, p, ifindex))
-        return REASON_DROP_SPOOFED;
+    if ((v->flags & sender_vm) && v->ifindex[d] != ifindex) {
+        /* a VM's packet on a new interface: it may be spoofed, or the VM moved here */
+        if (!source_allowed(ctx, kind, p, ifindex))
+            return REASON_DROP_SPOOFED;
+        note_arrival(&p->saddr, ifindex, now, ARRIVAL_IP);
+    }
     if ((v->flags & receiver_vm) && banned(p, now))
         return REASON_DROP_BLACKLIST;
     if (p->proto == PROTO_TCP && !tcp_flags_valid(p->tcp_flags))
@@ -723,19 +746,31 @@ static __always_inline __u32 slow_path(void *ctx, int kind, struct pkt *p)
     int tcp = p->proto == PROTO_TCP && p->frag != 2;
     __u8 syn_only = tcp && (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
 
+    if (p->arp) {
+        /* ARP passes as ever; a protected sender on an interface that leads to it
+         * may be a VM announcing its arrival */
+        if (is_protected(&p->saddr) && source_allowed(ctx, kind, p, ifindex))
+            note_arrival(&p->saddr, ifindex, now, ARRIVAL_ARP);
+        return REASON_PASS_NON_IP;
+    }
     if (is_ndp(p)) {
         /* link-scoped and stateless, but a protected source is checked as ever */
-        if (is_protected(&p->saddr) && !source_allowed(ctx, kind, p, ifindex))
-            return REASON_DROP_SPOOFED;
+        if (is_protected(&p->saddr)) {
+            if (!source_allowed(ctx, kind, p, ifindex))
+                return REASON_DROP_SPOOFED;
+            note_arrival(&p->saddr, ifindex, now, ARRIVAL_NDP);
+        }
         return REASON_PASS_NDP;
     }
     int dir = direction(p);
     if (dir == DIR_TRANSIT)
         return p->ipv6 ? REASON_PASS_IPV6_UNPROTECTED : REASON_PASS_TRANSIT;
     /* anti-spoofing comes before anything that could create or change state */
-    if ((dir == DIR_OUTBOUND || is_protected(&p->saddr)) &&
-        !source_allowed(ctx, kind, p, ifindex))
-        return REASON_DROP_SPOOFED;
+    if (dir == DIR_OUTBOUND || is_protected(&p->saddr)) {
+        if (!source_allowed(ctx, kind, p, ifindex))
+            return REASON_DROP_SPOOFED;
+        note_arrival(&p->saddr, ifindex, now, ARRIVAL_IP);
+    }
 
     if (dir == DIR_INBOUND && banned(p, now))
         return REASON_DROP_BLACKLIST;

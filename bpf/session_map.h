@@ -11,7 +11,7 @@
 #ifndef SAMIXDP_SESSION_MAP_H
 #define SAMIXDP_SESSION_MAP_H
 
-#define SAMIXDP_LAYOUT_VERSION 9
+#define SAMIXDP_LAYOUT_VERSION 10
 
 /* ---- verdict reasons (index into the `verdicts` per-CPU array) ----------
  * Reasons below SAMIXDP_FIRST_DROP pass the packet, the rest drop it. */
@@ -336,7 +336,9 @@ struct pkt {
     __u8 is_icmp_err;
     __u8 frag_proto;      /* what fragments are tracked by: IPv4's protocol, IPv6's
                            * fragment header next header (first and later alike) */
-    __u8 pad[5];          /* a per-CPU value: bcc wants a multiple of 8 bytes */
+    __u8 arp;             /* an Ethernet/IPv4 ARP frame: saddr/daddr hold its sender
+                           * and target protocol addresses, nothing else is set */
+    __u8 pad[4];          /* a per-CPU value: bcc wants a multiple of 8 bytes */
 };
 
 /* The whole runtime configuration, one entry of the `config` array, so
@@ -360,6 +362,24 @@ struct track_value {
 struct track_state {
     __u64 active;         /* number of tracked addresses */
     __u64 bloom[TRACK_BLOOM_WORDS];
+};
+
+/* ---- cutover detection (the destination of a migration) --------------------
+ * While a VM's migration to this host is open, its agent arms an `arrivals`
+ * entry per address. The first frame of the VM on an interface that leads to
+ * it (a gratuitous ARP or unsolicited neighbour advertisement as a hypervisor
+ * announces a moved VM, or any packet from its address) marks the entry seen
+ * and opens the VM's pickup window; the agent then asks the source for the
+ * final delta. */
+#define ARRIVAL_ARP 1           /* an ARP frame whose sender is the VM */
+#define ARRIVAL_NDP 2           /* neighbour discovery from the VM's address */
+#define ARRIVAL_IP 3            /* an IPv4/IPv6 packet from the VM's address */
+
+struct arrival_value {
+    __u64 pickup_ns;      /* pickup window opened when the VM is seen (0: none) */
+    __u64 seen_ns;        /* when it was first seen here; 0 = not yet */
+    __u32 ifindex;        /* where */
+    __u32 how;            /* ARRIVAL_* */
 };
 
 /* One logged change; `seq` (the write count + 1, written last) tells a

@@ -170,6 +170,13 @@ def arp() -> bytes:
     return eth(b"\x00\x01\x08\x00\x06\x04\x00\x01" + b"\0" * 20, ethertype=0x0806)
 
 
+def garp(ip: str, mac: bytes = b"\x02\0\0\0\0\x01", op: int = 1) -> bytes:
+    """A gratuitous ARP (sender = target = `ip`), as a moved VM or its hypervisor sends."""
+    addr = ipaddress.IPv4Address(ip).packed
+    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + mac + addr + b"\0" * 6 + addr
+    return eth(body, ethertype=0x0806)
+
+
 # ---- additions for the datapath / fuzz suites (raw, possibly invalid headers) ----
 
 IP_MF = 0x2000  # "more fragments" flag in the IPv4 frag_off field (offset is in 8-byte units)

@@ -33,7 +33,8 @@ TEST_LIMITS = Limits(max_sessions=262144, max_unassured=4096, max_syn_counters=4
                      max_blacklist=4096)
 # maps emptied between tests (arrays are reset by value instead)
 RESETTABLE = (
-    "sessions", "unassured", "syn_counters", "blacklist", "pickup", "fragments", "acl_rules",
+    "sessions", "unassured", "syn_counters", "blacklist", "pickup", "arrivals", "fragments",
+    "acl_rules",
     "iface_roles",
 )
 LO_IFINDEX = socket.if_nametoindex("lo")  # PROG_TEST_RUN without an interface: lo

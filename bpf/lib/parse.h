@@ -11,6 +11,7 @@
 #define ETH_P_8021AD_BE 0xA888  /* htons(0x88a8) */
 #define ETH_P_IP_BE 0x0008      /* htons(0x0800) */
 #define ETH_P_IPV6_BE 0xDD86    /* htons(0x86dd) */
+#define ETH_P_ARP_BE 0x0608     /* htons(0x0806) */
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1FFF
 #define TCPF_FIN 0x01
@@ -64,6 +65,7 @@
 #define PARSE_MALFORMED 2
 #define PARSE_NDP 3             /* neighbour discovery or MLD, valid (hop limit as required) */
 #define PARSE_RH0 4             /* IPv6 routing header type 0 (RFC 5095: deprecated, dropped) */
+#define PARSE_ARP 5             /* Ethernet/IPv4 ARP: p->saddr/daddr = sender/target address */
 
 struct vlan_hdr_s {
     __be16 tci;
@@ -358,6 +360,22 @@ static __always_inline int parse_ipv6(struct pkt *p, struct ipv6hdr *ip6, void *
     return parse_l4(p, hdr, end - hdr, data, data_end, hop_limit);
 }
 
+/* ARP for IPv4 over Ethernet (RFC 826): only its protocol addresses are read,
+ * as a moved VM's announcement; anything else is just not IP. */
+static __always_inline int parse_arp(struct pkt *p, __u8 *arp, void *data_end)
+{
+    if ((void *)(arp + 28) > data_end)
+        return PARSE_NON_IP;
+    /* htype 1 (Ethernet), ptype 0x0800, hlen 6, plen 4 */
+    if (arp[0] != 0 || arp[1] != 1 || arp[2] != 0x08 || arp[3] != 0 || arp[4] != 6 ||
+        arp[5] != 4)
+        return PARSE_NON_IP;
+    addr_from_v4(&p->saddr, *(__be32 *)(arp + 14));
+    addr_from_v4(&p->daddr, *(__be32 *)(arp + 24));
+    p->arp = 1;
+    return PARSE_ARP;
+}
+
 /* `data`..`data_end`: the frame from its Ethernet header as far as it can be
  * read (XDP: the whole frame; TC: the linear part, where the headers are);
  * `wire_len`: the frame's length. */
@@ -390,6 +408,8 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 wire_l
         return parse_ipv4(p, cur, data, data_end, wire_len - l3_off);
     if (proto == ETH_P_IPV6_BE)
         return parse_ipv6(p, cur, data, data_end, wire_len - l3_off);
+    if (proto == ETH_P_ARP_BE)
+        return parse_arp(p, cur, data_end);
     return PARSE_NON_IP;
 }
 

@@ -48,6 +48,7 @@ STRUCTS = (
     "track_state",
     "dirty_entry",
     "lookup_slot",
+    "arrival_value",
 )
 
 

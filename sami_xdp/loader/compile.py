@@ -57,6 +57,7 @@ MAP_NAMES = (
     "acl_hits",
     "acl_rules",
     "pickup",
+    "arrivals",
     "fragments",
     "iface_roles",
     "stages",

@@ -42,6 +42,7 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "acl_hits": (None, None),
     "acl_rules": (None, "acl_entry"),
     "pickup": ("ip_addr", None),
+    "arrivals": ("ip_addr", "arrival_value"),
     "fragments": ("frag_key", "frag_value"),
     "iface_roles": (None, None),
     "stages": (None, None),

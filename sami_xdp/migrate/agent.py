@@ -15,6 +15,13 @@ answer signed by this host: the counts imported, or a refusal naming the reason
 
 At start the agent recovers what a crash of an earlier agent or CLI import left
 behind (recovery.py).
+
+Cutover (cutover.py): for a migration whose source asked for it in the
+preflight (`migrate --until-cutover`), the agent arms the VM's arrival watch
+once the full copy is loaded, and a watcher thread asks the source's agent for
+the final delta when the datapath saw the VM here. As a source, the agent
+passes a destination's `cutover` request to the running `migrate` of that VM,
+if that migration goes to the asking peer.
 """
 
 from __future__ import annotations
@@ -35,16 +42,19 @@ from ..base.netutil import in_networks
 from ..loader.pinned import Firewall
 from ..policy.protect import list_protected
 from ..policy.sessions import SESSION_MAPS
+from . import cutover
 from .bundle import HEADER_SIZE, bundle_size, parse_header, parse_vms, vms_size
 from .control import bundle_digest, nonce_of, sign_control, verify_control
 from .errors import BundleRefused, MigrateError, TransportError
-from .fields import FieldError, want_int, want_mid, want_vms
+from .fields import FieldError, want_int, want_mid, want_str, want_vms
 from .importer import DEFAULT_PICKUP_S, abort_import, import_vm_state
 from .keys import HostIdentity
 from .peers import Peer, TrustStore, scope_text
+from .phases import send_cutover
 from .plan import record_limits
 from .recovery import recover
 from .replay import ReplayCache
+from .running import request_cutover
 from .tlsid import peer_key, server_context
 from .transport import (
     CONTROL_MAX_MESSAGE,
@@ -54,6 +64,7 @@ from .transport import (
     MSG_ABORT,
     MSG_ACK,
     MSG_BUNDLE,
+    MSG_CUTOVER,
     MSG_ERROR,
     MSG_HELLO,
     MSG_PREFLIGHT,
@@ -66,6 +77,10 @@ from .transport import (
     send_frame,
 )
 from .verify import check_scope, verify_bundle
+from .vmset import VmAddrs
+
+WATCH_POLL_S = 0.02  # how often armed arrival watches are read (a few lookups)
+CUTOVER_RETRY_S = 1.0  # between attempts to reach a source that did not answer
 
 
 @dataclass
@@ -120,6 +135,17 @@ class Admission:
             self.active -= 1
 
 
+@dataclass
+class Watch:
+    """An incoming migration whose source waits for the VM's arrival here."""
+
+    mid: str
+    peer: str
+    vms: VmAddrs
+    armed: bool = False
+    asking: bool = False  # a cutover request is on its way to the source
+
+
 class Refusal(Exception):  # noqa: N818 - control flow inside the agent, never escapes it
     """Answer with a signed refusal; `close` when the stream cannot go on (an
     unread payload) or the peer misbehaved."""
@@ -149,6 +175,10 @@ class Agent:
         done = recover(self.fw, cfg.state_dir, wait=True)
         if done:
             _log("recovered", what=done.describe())
+        self.watches: dict[str, Watch] = {}
+        self.watch_lock = threading.Lock()
+        if cutover.clear(self.fw):  # armed by an earlier agent: nobody waits on them now
+            _log("cutover-watches-cleared")
 
     @property
     def me(self) -> str:
@@ -273,7 +303,7 @@ class Agent:
                 deadline: Deadline) -> tuple[int, bytes, bool]:
         if msg_type == MSG_BUNDLE:
             return self.bundle_frame(sock, peer, length, deadline)
-        if msg_type not in (MSG_PREFLIGHT, MSG_ABORT):
+        if msg_type not in (MSG_PREFLIGHT, MSG_ABORT, MSG_CUTOVER):
             raise Refusal(f"unexpected message type {msg_type}", close=True)
         if length > CONTROL_MAX_MESSAGE:
             raise Refusal(f"control message of {length} bytes exceeds the limit of "
@@ -287,6 +317,8 @@ class Agent:
                                               replay=replay)
             if msg_type == MSG_PREFLIGHT:
                 return MSG_PREFLIGHT_REPLY, self.preflight(sender, body, nonce_of(raw)), False
+            if msg_type == MSG_CUTOVER:
+                return MSG_ACK, self.cutover(sender, body, nonce_of(raw)), False
             return MSG_ACK, self.abort(sender, body, nonce_of(raw)), False
         except FieldError as exc:
             return MSG_ERROR, self.refusal(peer, str(exc), exc.field, "bad-field",
@@ -303,6 +335,9 @@ class Agent:
         mid = want_mid(body)
         want_layout = want_int(body, "layout_version")
         need = want_int(body, "sessions")
+        watch = body.get("cutover", False)
+        if not isinstance(watch, bool):
+            raise FieldError("cutover", "must be true or false")
         reasons = []
         in_scope, protected = peer.covers_all(vms.addrs), in_networks(
             vms.addrs, list_protected(self.fw))
@@ -321,6 +356,9 @@ class Agent:
         if need > free["sessions"] + free["unassured"]:
             reasons.append(f"{self.me} has room for {free['sessions']} sessions, {need} needed")
         ok = not reasons
+        if ok and watch:
+            with self.watch_lock:
+                self.watches[mid.hex()] = Watch(mid.hex(), peer.name, vms)
         _log("preflight", peer=peer.name, vm=vms.label, ok=ok, reasons=reasons)
         return sign_control(
             self.identity,
@@ -342,6 +380,7 @@ class Agent:
         mid = want_mid(body)
         with self.import_lock:
             removed = abort_import(self.fw, mid, self.cfg.state_dir, source=peer.name)
+        self.end_watch(mid.hex(), peer.name, "aborted")
         _log("aborted", peer=peer.name, migration_id=mid.hex(), removed=removed)
         return sign_control(
             self.identity,
@@ -404,6 +443,7 @@ class Agent:
                  "error": type(exc).__name__, "refusal": kind},
                 digest,
             )
+        self.after_import(res.migration_id, res.kind, peer.name)
         res.timings = {"verify_s": t1 - t0, **res.timings,
                        "receive_total_s": time.perf_counter() - t0}
         _log("imported", source=res.source, vm=res.vm, seq=res.seq, kind=res.kind,
@@ -424,6 +464,81 @@ class Agent:
             "pickup_until_ns": res.pickup_until_ns,
         }
         return sign_control(self.identity, body, digest)
+
+
+    # ---- cutover ------------------------------------------------------------------------
+
+    def after_import(self, mid: str, kind: str, peer: str) -> None:
+        """Arms the watch once the VM's full copy is here; a final round ends it."""
+        if kind == "final":
+            self.end_watch(mid, peer, "final")
+            return
+        with self.watch_lock:
+            w = self.watches.get(mid)
+            if w is None or w.peer != peer or w.armed:
+                return
+            cutover.arm(self.fw, w.vms, self.cfg.pickup_s)
+            w.armed = True
+        _log("cutover-armed", peer=peer, vm=w.vms.label, migration_id=mid)
+
+    def end_watch(self, mid: str, peer: str, why: str) -> None:
+        with self.watch_lock:
+            w = self.watches.get(mid)
+            if w is None or w.peer != peer:
+                return
+            del self.watches[mid]
+            if w.armed:
+                seen = cutover.disarm(self.fw, w.vms)
+                if why != "final":  # a window the datapath opened for a migration now gone
+                    for a in seen:
+                        self.fw.maps["pickup"].delete(cutover.key_of(self.fw, a.vm))
+
+    def watch_arrivals(self, stop: threading.Event) -> None:
+        """Polls the armed watches; the first sighting of a VM sends for its final."""
+        while not stop.wait(WATCH_POLL_S):
+            with self.watch_lock:
+                armed = [w for w in self.watches.values() if w.armed and not w.asking]
+            for w in armed:
+                seen = cutover.arrivals(self.fw, w.vms)
+                if seen:
+                    w.asking = True
+                    threading.Thread(target=self.ask_final, args=(w, seen[0], stop),
+                                     daemon=True).start()
+
+    def ask_final(self, w: Watch, seen: cutover.Arrival, stop: threading.Event) -> None:
+        why = f"{self.me} saw {seen.vm} arrive ({seen.how} on ifindex {seen.ifindex})"
+        _log("cutover-seen", peer=w.peer, vm=w.vms.label, migration_id=w.mid, how=seen.how,
+             ifindex=seen.ifindex)
+        while not stop.is_set():
+            with self.watch_lock:
+                if w.mid not in self.watches:
+                    return  # the final came (or an abort) by another way
+            try:
+                peer = self.trust().get(w.peer)
+                send_cutover(self.identity, self.trust(), peer, w.mid, w.vms,
+                             {"how": seen.how, "ifindex": seen.ifindex, "text": why},
+                             plaintext=self.cfg.plaintext)
+                _log("cutover-requested", peer=w.peer, vm=w.vms.label, migration_id=w.mid)
+                return
+            except (SamiError, OSError) as exc:
+                _log("cutover-request-failed", peer=w.peer, migration_id=w.mid, reason=str(exc))
+            stop.wait(CUTOVER_RETRY_S)
+
+    def cutover(self, peer: Peer, body: dict[str, Any], nonce: str | None) -> bytes:
+        """As the source: a destination saw the VM arrive; our `migrate` finishes."""
+        if body.get("type") != "cutover":
+            raise FieldError("type", "a cutover frame must hold a cutover message")
+        mid = want_mid(body)
+        vms = want_vms(body, "vms")
+        seen = body.get("seen")
+        text = want_str(seen, "text") if isinstance(seen, dict) else "the destination"
+        request_cutover(self.cfg.state_dir, vms, mid.hex(), peer.name, text)
+        _log("cutover", peer=peer.name, vm=vms.label, migration_id=mid.hex(), why=text)
+        return sign_control(
+            self.identity,
+            {"type": "cutover-ack", "to": peer.name, "ok": True, "migration_id": mid.hex()},
+            nonce,
+        )
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -464,11 +579,14 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None) -> None:
     )
     if ready is not None:
         ready.set()
+    stop = threading.Event()
+    threading.Thread(target=agent.watch_arrivals, args=(stop,), daemon=True).start()
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
+        stop.set()
         server.server_close()
         agent.fw.close()
         print("agent stopped", file=sys.stderr)

@@ -38,6 +38,7 @@ from .transport import (
     MSG_ABORT,
     MSG_ACK,
     MSG_BUNDLE,
+    MSG_CUTOVER,
     MSG_ERROR,
     MSG_PREFLIGHT,
     MSG_PREFLIGHT_REPLY,
@@ -67,6 +68,7 @@ class MigrationReport:
     phases: list[PhaseReport] = field(default_factory=list)
     outcome: str = "running"
     cleanup: str = ""
+    cutover: str = ""  # --until-cutover: who said the VM had moved
 
     @property
     def total_bytes(self) -> int:
@@ -194,6 +196,8 @@ class Migration:
                 "migration_id": self.mid.hex(),
                 "layout_version": self.fw.const("SAMIXDP_LAYOUT_VERSION"),
                 "sessions": sessions,
+                # the destination watches for the VM's arrival and asks for the final
+                "cutover": self.opts.until_cutover,
             },
         )
         body = _ack(conn, self.identity, self.trust, self.peer, MSG_PREFLIGHT, payload)
@@ -256,7 +260,8 @@ class Migration:
             self.preflight(len(first.sess_keys))
             self.send_round("full", first, selected_s)
             if self.opts.until_cutover:
-                self.progress("syncing deltas until cutover (SIGUSR1 or `migrate --final`)")
+                self.progress("syncing deltas until cutover (the destination sees the VM "
+                              "arrive, or `migrate --final`)")
                 while not self.cutover:
                     deadline = time.monotonic() + self.opts.interval_s
                     while not self.cutover and time.monotonic() < deadline:
@@ -297,6 +302,17 @@ def send_abort(
     payload = sign_control(identity, {"type": "abort", "to": peer.name, "migration_id": mid})
     with Connection(peer, identity, plaintext=plaintext) as conn:
         return _ack(conn, identity, trust, peer, MSG_ABORT, payload)
+
+
+def send_cutover(
+    identity: HostIdentity, trust: TrustStore, peer: Peer, mid: str, vms: VmAddrs,
+    seen: dict[str, Any], plaintext: bool = False,
+) -> dict[str, Any]:
+    """The destination's word to the source's agent: the VM arrived here, finish."""
+    payload = sign_control(identity, {"type": "cutover", "to": peer.name, "migration_id": mid,
+                                      "vms": list(vms.ips), "seen": seen})
+    with Connection(peer, identity, plaintext=plaintext) as conn:
+        return _ack(conn, identity, trust, peer, MSG_CUTOVER, payload)
 
 
 # ---- the source's cleanup ------------------------------------------------------------

@@ -151,7 +151,8 @@ def run_recorded(
         "status": "running",
         "started": time.time(),
     }
-    write_record(path, record)
+    note = cutover_note_path(path)
+    note.unlink(missing_ok=True)
 
     def on_final(_sig: int, _frm: object) -> None:
         mig.cutover = True
@@ -159,8 +160,10 @@ def run_recorded(
     def on_abort(_sig: int, _frm: object) -> None:
         raise MigrationRefused("aborted by the operator")
 
+    # the handlers first: a signal that finds the record must find them too
     signal.signal(SIG_FINAL, on_final)
     signal.signal(signal.SIGTERM, on_abort)
+    write_record(path, record)
     try:
         report = mig.run()
     except BaseException as exc:
@@ -168,6 +171,12 @@ def run_recorded(
         if isinstance(exc, KeyboardInterrupt):
             raise MigrationRefused("interrupted; destination asked to drop it") from exc
         raise
+    if opts.until_cutover:
+        try:
+            report.cutover = note.read_text()[:1000]
+            note.unlink()
+        except FileNotFoundError:
+            report.cutover = "the operator (migrate --final or SIGUSR1)"
     if opts.keep_source:
         report.cleanup = "source state kept (--keep-source)"
     else:
@@ -179,6 +188,26 @@ def run_recorded(
         )
     write_record(path, {**record, "status": "completed", "report": report.as_dict()})
     return report
+
+
+def cutover_note_path(record: Path) -> Path:
+    return record.with_name(record.name.removesuffix(".json") + ".cutover")
+
+
+def request_cutover(state_dir: Path, vms: VmAddrs, mid: str, peer: str, why: str) -> None:
+    """A destination's cutover request: finishes the running migration of the VM
+    only if it is migration `mid` and goes to `peer` (who asks)."""
+    path, doc = find_record(state_dir, vms)
+    if not doc or doc.get("status") != "running" or doc.get("migration_id") != mid:
+        raise MigrateError(f"no running migration {mid[:12]} of {vms.label} on this host")
+    if doc.get("peer") != peer:
+        raise MigrateError(f"migration {mid[:12]} of {vms.label} goes to {doc.get('peer')}, "
+                           f"not {peer}")
+    try:
+        atomic_write(cutover_note_path(path), why.encode()[:1000], 0o644)
+    except OSError as exc:
+        raise StateDirError(f"cannot write {cutover_note_path(path)}: {one_line(exc)}") from exc
+    signal_running(state_dir, vms, SIG_FINAL)
 
 
 def finish_running(state_dir: Path, vms: VmAddrs) -> dict[str, Any]:
