@@ -469,8 +469,9 @@ class Agent:
     # ---- cutover ------------------------------------------------------------------------
 
     def after_import(self, mid: str, kind: str, peer: str) -> None:
-        """Arms the watch once the VM's full copy is here; a final round ends it."""
-        if kind == "final":
+        """Arms the watch once the VM's full copy is here; a final round ends it.
+        `kind`: the bundle's ("full", "delta", "delta+final"...)."""
+        if kind.endswith("final"):
             self.end_watch(mid, peer, "final")
             return
         with self.watch_lock:
