@@ -288,9 +288,12 @@ static __always_inline int source_allowed(void *ctx, int kind, struct pkt *p, __
     struct bpf_fib_lookup fib = {};
     if (p->ipv6) {
         fib.family = AF_INET6_;
+        /* a multicast destination (neighbour discovery's all-nodes, solicited-node)
+         * is no source for the route back: leave it unspecified */
+        __u32 keep = (p->daddr.w[0] & bpf_htonl(0xff000000)) == bpf_htonl(0xff000000) ? 0 : ~0U;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            fib.ipv6_src[i] = p->daddr.w[i];
+            fib.ipv6_src[i] = p->daddr.w[i] & keep;
             fib.ipv6_dst[i] = p->saddr.w[i];
         }
     } else {

@@ -6,10 +6,14 @@ dual-stack VM (10.1.1.1 and 2001:db8:1::10):
 
   control   the VM moves from host A to host B with no state migration:
             B knows none of its connections and drops them (they stall).
-  migrated  `samixdp migrate --vm 10.1.1.1 --vm 2001:db8:1::10 --peer hostb`
-            sends the VM's state (both addresses, one bundle) from A to B's
-            agent (signed bundles: full copy, delta, final), then the VM moves:
-            every connection keeps exchanging data.
+  migrated  `samixdp migrate --vm 10.1.1.1 --vm 2001:db8:1::10 --peer hostb
+            --until-cutover` sends the VM's state (both addresses, one bundle a
+            round) from A to B's agent (signed bundles: full copy, then deltas)
+            and keeps syncing; then the VM moves and announces itself (gratuitous
+            ARP, unsolicited NA) as a hypervisor does: B's datapath sees it
+            arrive, B's agent asks A's agent for the final delta, and the
+            migration ends with nobody typing `--final`. Every connection keeps
+            exchanging data.
 
 N connections (default 200) in four equal groups: IPv4 and IPv6, each half
 opened by the VM towards the client and half by the client towards the VM (an
@@ -231,12 +235,16 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
                       "--max-sessions", "65536", "--syn-rate", str(max(200, 4 * args.conns)))
         for vm in (VM_IP, VM_IP6):
             a.cli("acl", "add", "--vm", vm, "--proto", "tcp", "--dport", str(TO_VM_PORT))
+        agents = {}
         if migrate:
-            agent = topo.spawn(b.ns, SAMIXDP, "--bpffs", b.bpffs, "--config-dir", b.config_dir,
-                               "--state-dir", b.state_dir, "agent", "--listen",
-                               f"{b.uplink_ip}:{AGENT_PORT}", "--pickup", "10",
-                               lifetime=args.duration + 60)
-            wait_line(agent, '"listening"', 20)
+            # an agent on each host: B receives the state, A hears B's cutover request
+            for h in (a, b):
+                agents[h.name] = topo.spawn(
+                    h.ns, SAMIXDP, "--bpffs", h.bpffs, "--config-dir", h.config_dir,
+                    "--state-dir", h.state_dir, "agent", "--listen",
+                    f"{h.uplink_ip}:{AGENT_PORT}", "--pickup", "10",
+                    lifetime=args.duration + 60)
+                wait_line(agents[h.name], '"listening"', 20)
         lifetime = args.duration + 30
         for ns, ip, port in ((topo.env["SX_NS_CLIENT"], CLIENT_IP, TO_CLIENT_PORT),
                              (topo.env["SX_NS_VM"], VM_IP, TO_VM_PORT),
@@ -267,19 +275,30 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
         migration = None
         if migrate:
             log(f"{name}: samixdp migrate --vm {VM_IP} --vm {VM_IP6} --peer {b.name} "
-                "(on host A)")
+                "--until-cutover (on host A, in the background)")
             t0 = time.monotonic()
-            res = a.cli("migrate", "--vm", VM_IP, "--vm", VM_IP6, "--peer", b.name,
-                        "--source-grace", "5", "--json", timeout=120)
-            report = json.loads(res.stdout)
-            report["wall_s"] = round(time.monotonic() - t0, 3)
-            migration = report
-            log(f"{name}: migration {report['outcome']}: {report['total_bytes']} bytes, "
-                f"{report['total_seconds'] * 1000:.1f} ms in phases, "
-                f"{report['wall_s'] * 1000:.0f} ms wall")
-        log(f"{name}: moving the VM behind host B")
+            mig = topo.spawn(a.ns, SAMIXDP, "--bpffs", a.bpffs, "--config-dir", a.config_dir,
+                             "--state-dir", a.state_dir, "migrate", "--vm", VM_IP, "--vm",
+                             VM_IP6, "--peer", b.name, "--until-cutover",
+                             "--source-grace", "5", "--json", lifetime=args.duration + 30)
+            # B armed its watch once the full copy was loaded: pre-copy is running
+            wait_line(agents[b.name], '"cutover-armed"', 60)
+            log(f"{name}: full copy on B, deltas every 0.5 s; nobody will type --final")
+        log(f"{name}: moving the VM behind host B (it announces itself there)")
         t_move = time.monotonic()
         topo.move_to_b()
+        if migrate:
+            out, _ = mig.communicate(timeout=60)
+            if mig.returncode != 0:
+                raise RuntimeError(f"migrate failed: {out.decode(errors='replace')[-500:]}")
+            report = json.loads(out)
+            report["wall_s"] = round(time.monotonic() - t0, 3)
+            report["final_after_move_ms"] = round((time.monotonic() - t_move) * 1000, 1)
+            migration = report
+            log(f"{name}: migration {report['outcome']}: {report['total_bytes']} bytes, "
+                f"{report['total_seconds'] * 1000:.1f} ms in phases; cutover by "
+                f"{report['cutover']}; migrate returned "
+                f"{report['final_after_move_ms']:.0f} ms after the move")
         for _, (proc, _) in runs.items():
             proc.wait(timeout=args.duration + 30)
         stats = b.cli_json("stats")

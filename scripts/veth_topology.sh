@@ -21,7 +21,9 @@
 # gateway addresses 10.1.1.254 and 2001:db8:1::fe with the same MAC (an anycast gateway,
 # as in clouds), so the VM's neighbour entries stay valid when it moves. Duplicate
 # address detection is off in every namespace (no address waits 1-2 s as tentative). `move-to-b` brings sxv-b up,
-# moves the VM's routes onto it, takes sxv-a down and flips the gateway's route to B:
+# moves the VM's routes onto it, takes sxv-a down, flips the gateway's route to B and
+# announces the VM there (gratuitous ARP and unsolicited NA, scripts/announce.py, as a
+# hypervisor does after a live migration):
 # the VM keeps its address, MAC and default gateway, so its TCP connections can go on.
 #
 # Namespace names get $SX_SUFFIX appended (letters/digits, at most 8) so several
@@ -177,6 +179,8 @@ move() {
     ip -n "$NS_VM" link set "$2" down
     ip -n "$NS_GW" route replace "$VM_NET" via "$3"
     ip -n "$NS_GW" -6 route replace "$VM_NET6" via "$4"
+    # as a hypervisor announces a moved VM: a gratuitous ARP and an unsolicited NA
+    ip netns exec "$NS_VM" python3 "$(dirname "$0")/announce.py" "$1" "$VM_IP" "$VM_IP6" >/dev/null
     say "VM $VM_IP $VM_IP6 now behind $5 (uplink $1, gateway routes $VM_NET via $3, $VM_NET6 via $4)"
 }
 
