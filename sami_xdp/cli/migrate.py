@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,6 +48,7 @@ from ..migrate.select import ExportState
 from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S
 from ..migrate.verify import inspect_bundle, verify_bundle
 from ..migrate.vmset import VmAddrs
+from ..ops.systemd import ServiceNotifier
 from .common import emit_json, root_opts, table
 from .values import output_path, read_input, seconds, whole
 
@@ -382,7 +384,17 @@ def agent_cmd(
         max_bundles=max_bundles,
         plaintext=plaintext,
     )
-    serve(cfg)
+    notifier = ServiceNotifier.from_env()  # systemd Type=notify (a no-op outside systemd)
+
+    def on_term(_sig: int, _frm: object) -> None:
+        raise KeyboardInterrupt  # the same clean stop as Ctrl-C
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        serve(cfg, on_ready=lambda addr: notifier.ready(f"listening on {addr}"),
+              on_tick=notifier.tick)
+    finally:
+        notifier.stopping()
 
 
 def _print_report(report: dict, as_json: bool) -> None:

@@ -33,6 +33,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -547,9 +548,17 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], agent: Agent) -> None:
+    def __init__(self, address: tuple[str, int], agent: Agent,
+                 on_tick: Callable[[], None] | None = None) -> None:
         self.agent = agent
+        self.on_tick = on_tick
         super().__init__(address, socketserver.BaseRequestHandler)
+
+    def service_actions(self) -> None:
+        """Runs in the accept loop between polls: a watchdog petted here stops when
+        the loop hangs."""
+        if self.on_tick is not None:
+            self.on_tick()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.agent.admission.admit(str(client_address[0])):
@@ -563,12 +572,15 @@ class _Server(socketserver.ThreadingTCPServer):
         self.agent.serve_connection(request, f"{client_address[0]}:{client_address[1]}")
 
 
-def serve(cfg: AgentConfig, ready: threading.Event | None = None) -> None:
-    """Runs until interrupted."""
+def serve(cfg: AgentConfig, ready: threading.Event | None = None,
+          on_ready: Callable[[str], None] | None = None,
+          on_tick: Callable[[], None] | None = None) -> None:
+    """Runs until interrupted (SIGINT or SIGTERM). `on_ready(address)` once it
+    listens; `on_tick()` from the accept loop, a few times a second."""
     agent = Agent(cfg)
     host, port = parse_address(cfg.listen)
     try:
-        server = _Server((host, port), agent)
+        server = _Server((host, port), agent, on_tick)
     except OSError as exc:
         raise MigrateError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     _log(
@@ -580,6 +592,8 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None) -> None:
     )
     if ready is not None:
         ready.set()
+    if on_ready is not None:
+        on_ready(f"{host}:{server.server_address[1]}")
     stop = threading.Event()
     threading.Thread(target=agent.watch_arrivals, args=(stop,), daemon=True).start()
     try:
