@@ -6,6 +6,7 @@
 #   make lint         ruff, mypy, the import layers
 #   make mutate       break security rules one at a time; every break must fail a test
 #   make bench        bench/run_all.sh, once it exists
+#   make install      the samixdp command, systemd units, an example config (PREFIX, DESTDIR)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -19,15 +20,28 @@ STAMP := $(VENV)/.samixdp-installed
 KREL := $(shell uname -r)
 KDIR := /lib/modules/$(KREL)
 APT_PACKAGES := python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 python3-venv \
-	python3-dev ethtool hping3 nftables conntrack tcpdump iperf3 bpftool
+	python3-dev ethtool hping3 nftables conntrack tcpdump iperf3 bpftool systemd
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 MUTATE_ARGS ?= -j 2
 
-.PHONY: help setup apt-packages kernel-headers venv test mutate demo demo-core bench lint clean distclean
+.PHONY: help setup apt-packages kernel-headers venv test mutate demo demo-core bench lint clean \
+	distclean install
+
+# `make install`: a venv of its own under $(PREFIX)/lib/samixdp (the Debian python with
+# system site-packages, for bcc), `samixdp` in $(PREFIX)/bin, the systemd units, the
+# libvirt hook and the docs; /etc/samixdp/samixdp.toml only when there is none yet
+# (else samixdp.toml.example beside it). DESTDIR stages the files (the venv then
+# works only once moved to PREFIX).
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+DESTDIR ?=
+INSTALL_VENV = $(PREFIX)/lib/samixdp
+UNITDIR = $(PREFIX)/lib/systemd/system
+DOCDIR = $(PREFIX)/share/doc/samixdp
 
 help:
-	@echo "targets: setup test mutate demo bench lint clean distclean   (test/demo/setup need root)"
+	@echo "targets: setup test mutate demo bench lint install clean distclean   (test/demo/setup need root)"
 
 setup: apt-packages kernel-headers venv
 
@@ -116,6 +130,33 @@ lint: venv
 	$(PY) -m ruff check sami_xdp testbed bench scripts/mutate.py
 	$(PY) -m mypy sami_xdp
 	$(VENV)/bin/lint-imports
+
+install: apt-packages kernel-headers
+	@d=$(DESTDIR)
+	echo "install: $(PREFIX) (venv $(INSTALL_VENV)), config $(SYSCONFDIR)/samixdp$${d:+, staged in $$d}"
+	[[ -x $$d$(INSTALL_VENV)/bin/python ]] || $(SYS_PYTHON) -m venv --system-site-packages $$d$(INSTALL_VENV)
+	$$d$(INSTALL_VENV)/bin/python -m pip install -q --disable-pip-version-check .
+	install -d $$d$(PREFIX)/bin $$d$(UNITDIR) $$d$(DOCDIR) $$d$(PREFIX)/share/samixdp/libvirt
+	ln -sfn $(INSTALL_VENV)/bin/samixdp $$d$(PREFIX)/bin/samixdp
+	for u in contrib/systemd/*.service; do
+		sed -e 's|@BINDIR@|$(PREFIX)/bin|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+			-e 's|@DOCDIR@|$(DOCDIR)|g' "$$u" > $$d$(UNITDIR)/$$(basename "$$u")
+		chmod 0644 $$d$(UNITDIR)/$$(basename "$$u")
+	done
+	install -m 0755 contrib/libvirt/qemu $$d$(PREFIX)/share/samixdp/libvirt/qemu
+	install -m 0644 README.md $$d$(DOCDIR)/README.md
+	install -d -m 0700 $$d$(SYSCONFDIR)/samixdp
+	for f in samixdp.toml acl.yaml; do
+		if [[ -e $$d$(SYSCONFDIR)/samixdp/$$f ]]; then
+			install -m 0600 contrib/$$f $$d$(SYSCONFDIR)/samixdp/$$f.example
+			echo "install: kept $(SYSCONFDIR)/samixdp/$$f (the new one is $$f.example)"
+		else
+			install -m 0600 contrib/$$f $$d$(SYSCONFDIR)/samixdp/$$f
+		fi
+	done
+	if [[ -z $$d && -d /run/systemd/system ]]; then systemctl daemon-reload; fi
+	echo "install: done; edit $(SYSCONFDIR)/samixdp/samixdp.toml, then: samixdp apply --check;" \
+		"systemctl enable --now samixdp-apply samixdp-agent"
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build

@@ -9,7 +9,9 @@ trusted peer that is not the migration's destination cannot end it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +149,44 @@ def test_only_the_destination_may_end_the_migration(hosts, tmp_path):
     finally:
         bg.kill()
         bg.wait()
+
+
+HOOK = Path(__file__).resolve().parent.parent / "contrib" / "libvirt" / "qemu"
+DOMAIN_XML = f"""<domain type='kvm'><name>vm1</name>
+  <metadata><samixdp:vm xmlns:samixdp="urn:samixdp:vm:1">
+    <samixdp:address>{VM}</samixdp:address></samixdp:vm></metadata>
+  <devices><interface type='bridge'><mac address='52:54:00:00:00:01'/></interface></devices>
+</domain>"""
+
+
+def hook(host, *args: str, xml: str = DOMAIN_XML) -> subprocess.CompletedProcess[str]:
+    """libvirt's call of the qemu hook on `host` (its samixdp through the environment)."""
+    env = {**os.environ, "SAMIXDP": str(Path(sys.executable).parent / "samixdp"),
+           "SAMIXDP_BPFFS": str(host.fw.path), "SAMIXDP_CONFIG_DIR": str(host.config),
+           "SAMIXDP_STATE_DIR": str(host.state)}
+    return subprocess.run([sys.executable, str(HOOK), "vm1", *args], input=xml, text=True,
+                          capture_output=True, env=env, timeout=60)
+
+
+def test_libvirt_hook_pulls_the_state_and_releases_it(hosts):
+    """`migrate begin` on B pulls the VM's state from A (A's agent starts the
+    migration); the VM's arrival at B ends it; `release end` on A deletes A's copy."""
+    pair, agent_a, (vm_side, _) = hosts
+    establish(pair.a.fw, 4)
+    assert hook(pair.b, "prepare", "begin", "-").returncode == 0  # not ours: nothing
+    res = hook(pair.b, "migrate", "begin", "-")
+    assert res.returncode == 0 and "hosta: started" in res.stderr, res.stderr
+    agent_a.wait_event("pulled", peer="hostb", vm=VM)
+    pair.agent.wait_event("cutover-armed", vm=VM)
+    assert count_vm(pair.b.fw) == 4
+    run_program(pair.b.fw, P.garp(VM), ifindex=vm_side)
+    record = pair.a.state / "migrations" / f"{VM}.json"
+    wait_for("A's migration to complete",
+             lambda: json.loads(record.read_text())["status"] == "completed", timeout=30)
+    assert count_vm(pair.a.fw) == 4  # a pulled migration keeps the source until release
+    assert hook(pair.a, "release", "end", "-").returncode == 0
+    assert count_vm(pair.a.fw) == 0 and count_vm(pair.b.fw) == 4
+    # a domain without our metadata, or a peer asked about a VM it does not hold
+    assert hook(pair.b, "migrate", "begin", "-", xml="<domain/>").returncode == 0
+    again = pair.b.cli("pull", "--vm", VM)
+    assert again.returncode != 0 and "holds no state of 10.1.1.1" in again.stdout + again.stderr

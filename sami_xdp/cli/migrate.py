@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..base.errors import InvalidArgument
+from ..base.errors import InvalidArgument, SamiError
 from ..loader import bpffs
 from ..migrate import running
 from ..migrate.agent import AgentConfig, serve
@@ -41,7 +41,7 @@ from ..migrate.journal import ImportRecords
 from ..migrate.keys import HostIdentity
 from ..migrate.keys import parse_address as host_port
 from ..migrate.peers import TrustStore
-from ..migrate.phases import MigrateOptions, resolve_peer, wait_and_cleanup
+from ..migrate.phases import MigrateOptions, resolve_peer, send_pull, wait_and_cleanup
 from ..migrate.plan import record_limits
 from ..migrate.replay import REPLAY_FILE, ReplayCache
 from ..migrate.select import ExportState
@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
     app.command("import")(import_cmd)
     app.command("agent")(agent_cmd)
     app.command("migrate")(migrate_cmd)
+    app.command("pull")(pull_cmd)
     app.command("migrate-cleanup", hidden=True)(cleanup_cmd)
 
 
@@ -496,6 +497,48 @@ def migrate_cmd(
             progress=say,
         )
     _print_report(report.as_dict(), json_)
+
+
+def pull_cmd(
+    ctx: typer.Context,
+    vm: Annotated[list[str], typer.Option("--vm", help=VM_HELP)],
+    from_: Annotated[
+        list[str] | None,
+        typer.Option("--from", help="Peer NAME to ask (repeatable; default: every peer "
+                     "whose scope holds the VM)."),
+    ] = None,
+    plaintext: Annotated[bool, typer.Option("--plaintext")] = False,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The VM is about to arrive here (its hypervisor said so): ask the peer that
+    hosts it to start `migrate --until-cutover` to this host. The final delta
+    follows when this host's datapath sees the VM arrive."""
+    c = root_opts(ctx)
+    vms = VmAddrs.parse(vm)
+    identity = HostIdentity.load(c.config_dir)
+    trust = TrustStore.load(c.config_dir)
+    if from_:
+        asked = [resolve_peer(trust, name) for name in from_]
+    else:
+        asked = [p for p in trust.peers() if p.covers_all(vms.addrs).all()]
+    if not asked:
+        raise InvalidArgument(f"no peer's scope holds {vms.label}: name one with --from")
+    answers: dict[str, str] = {}
+    started = []
+    for peer in asked:
+        try:
+            body = send_pull(identity, trust, peer, vms, plaintext)
+            answers[peer.name] = f"started (pid {body.get('pid')})"
+            started.append(peer.name)
+        except (SamiError, OSError) as exc:
+            answers[peer.name] = str(exc)
+    if json_:
+        emit_json({"vms": list(vms.ips), "started": started, "answers": answers})
+    else:
+        for name, text in answers.items():
+            typer.echo(f"{name}: {text}")
+    if not started:
+        raise MigrationRefused(f"no peer started a migration of {vms.label}")
 
 
 def cleanup_cmd(

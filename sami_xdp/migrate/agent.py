@@ -47,15 +47,16 @@ from . import cutover
 from .bundle import HEADER_SIZE, bundle_size, parse_header, parse_vms, vms_size
 from .control import bundle_digest, nonce_of, sign_control, verify_control
 from .errors import BundleRefused, MigrateError, TransportError
+from .export import require_protected
 from .fields import FieldError, want_int, want_mid, want_str, want_vms
 from .importer import DEFAULT_PICKUP_S, abort_import, import_vm_state
 from .keys import HostIdentity
 from .peers import Peer, TrustStore, scope_text
-from .phases import send_cutover
+from .phases import send_cutover, spawn_migration, vm_last_seen_ns
 from .plan import record_limits
 from .recovery import recover
 from .replay import ReplayCache
-from .running import request_cutover
+from .running import find_record, record_name, request_cutover
 from .tlsid import peer_key, server_context
 from .transport import (
     CONTROL_MAX_MESSAGE,
@@ -70,6 +71,7 @@ from .transport import (
     MSG_HELLO,
     MSG_PREFLIGHT,
     MSG_PREFLIGHT_REPLY,
+    MSG_PULL,
     Deadline,
     parse_address,
     recv_frame,
@@ -304,7 +306,7 @@ class Agent:
                 deadline: Deadline) -> tuple[int, bytes, bool]:
         if msg_type == MSG_BUNDLE:
             return self.bundle_frame(sock, peer, length, deadline)
-        if msg_type not in (MSG_PREFLIGHT, MSG_ABORT, MSG_CUTOVER):
+        if msg_type not in (MSG_PREFLIGHT, MSG_ABORT, MSG_CUTOVER, MSG_PULL):
             raise Refusal(f"unexpected message type {msg_type}", close=True)
         if length > CONTROL_MAX_MESSAGE:
             raise Refusal(f"control message of {length} bytes exceeds the limit of "
@@ -320,6 +322,8 @@ class Agent:
                 return MSG_PREFLIGHT_REPLY, self.preflight(sender, body, nonce_of(raw)), False
             if msg_type == MSG_CUTOVER:
                 return MSG_ACK, self.cutover(sender, body, nonce_of(raw)), False
+            if msg_type == MSG_PULL:
+                return MSG_ACK, self.pull(sender, body, nonce_of(raw)), False
             return MSG_ACK, self.abort(sender, body, nonce_of(raw)), False
         except FieldError as exc:
             return MSG_ERROR, self.refusal(peer, str(exc), exc.field, "bad-field",
@@ -541,6 +545,29 @@ class Agent:
             {"type": "cutover-ack", "to": peer.name, "ok": True, "migration_id": mid.hex()},
             nonce,
         )
+
+
+    def pull(self, peer: Peer, body: dict[str, Any], nonce: str | None) -> bytes:
+        """As the source: `peer` says the VM is moving to it; if the VM is here (in
+        that peer's scope, protected, with state), start migrating it there."""
+        if body.get("type") != "pull":
+            raise FieldError("type", "a pull frame must hold a pull message")
+        vms = want_vms(body, "vms")
+        if not peer.covers_all(vms.addrs).all():
+            raise MigrateError(f"{vms.label} is outside the scope of {peer.name} here "
+                               f"(vms: {scope_text(peer.vms)})")
+        require_protected(self.fw, vms)
+        if not vm_last_seen_ns(self.fw, vms):
+            raise MigrateError(f"{self.me} holds no state of {vms.label}")
+        _, doc = find_record(self.cfg.state_dir, vms)
+        if doc and doc.get("status") == "running":
+            raise MigrateError(f"{vms.label} is already migrating to {doc.get('peer')}")
+        log = self.cfg.state_dir / "migrations" / f"{record_name(vms)}.log"
+        pid = spawn_migration(self.cfg.bpffs, self.cfg.config_dir, self.cfg.state_dir, vms,
+                              peer.name, log, plaintext=self.cfg.plaintext)
+        _log("pulled", peer=peer.name, vm=vms.label, pid=pid, log=str(log))
+        return sign_control(self.identity, {"type": "pull-ack", "to": peer.name, "ok": True,
+                                            "vms": list(vms.ips), "pid": pid}, nonce)
 
 
 class _Server(socketserver.ThreadingTCPServer):

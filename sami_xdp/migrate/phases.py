@@ -42,6 +42,7 @@ from .transport import (
     MSG_ERROR,
     MSG_PREFLIGHT,
     MSG_PREFLIGHT_REPLY,
+    MSG_PULL,
     Connection,
 )
 from .vmset import VmAddrs
@@ -313,6 +314,31 @@ def send_cutover(
                                       "vms": list(vms.ips), "seen": seen})
     with Connection(peer, identity, plaintext=plaintext) as conn:
         return _ack(conn, identity, trust, peer, MSG_CUTOVER, payload)
+
+
+def send_pull(identity: HostIdentity, trust: TrustStore, peer: Peer, vms: VmAddrs,
+              plaintext: bool = False) -> dict[str, Any]:
+    """Asks `peer` to start migrating the VM here (--until-cutover): the VM's
+    hypervisor is moving it to this host."""
+    payload = sign_control(identity, {"type": "pull", "to": peer.name, "vms": list(vms.ips)})
+    with Connection(peer, identity, plaintext=plaintext) as conn:
+        return _ack(conn, identity, trust, peer, MSG_PULL, payload)
+
+
+def spawn_migration(bpffs: Path, config_dir: Path, state_dir: Path, vms: VmAddrs, peer: str,
+                    log: Path, plaintext: bool = False) -> int:
+    """A detached `samixdp migrate --until-cutover --keep-source` of the VM to `peer`
+    (a pulled migration: the source's state goes when the hypervisor releases the VM
+    here, not after an idle time, since a peer asked for it)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "sami_xdp", "--bpffs", str(bpffs), "--config-dir",
+           str(config_dir), "--state-dir", str(state_dir), "migrate",
+           *[arg for ip in vms.ips for arg in ("--vm", ip)], "--peer", peer,
+           "--until-cutover", "--keep-source", "--json", *(["--plaintext"] if plaintext else [])]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc.pid
 
 
 # ---- the source's cleanup ------------------------------------------------------------

@@ -40,6 +40,7 @@ MSG_ABORT = 5
 MSG_ERROR = 6  # a signed refusal
 MSG_HELLO = 7  # plaintext mode: the signed first frame that names the sender
 MSG_CUTOVER = 8  # a migration's destination saw the VM arrive: send the final delta
+MSG_PULL = 9  # a VM is about to arrive at the sender (its hypervisor said so): send its state
 
 DEFAULT_MAX_MESSAGE = 256 << 20  # a 1M-session bundle is ~32 MiB
 CONTROL_MAX_MESSAGE = 64 << 10
