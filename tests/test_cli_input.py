@@ -267,6 +267,7 @@ def option_cases(env: Env) -> list[tuple]:
         (["peers", "set-vms", "NAME", "10.1.0.0/16"], "#2", ["", "nosuch"]),
         (["peers", "set-vms", "host-b", "PREFIXES"], "#3", ["x", "10.0.0.0/33", ",,"], "prefix"),
         (["peers", "remove", "NAME"], "#2", ["", "nosuch"]),
+        (["apply"], "--file", [d, missing, garbage]),
     ]
 
 

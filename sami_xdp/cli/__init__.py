@@ -2,7 +2,8 @@
 
 Every command reopens the pinned state under --bpffs; errors become one line
 on stderr and the exit code of their family (`common.EXIT_CODES`), caught once
-here in main(). One module per command group: firewall, policy, trust, migrate.
+here in main(). One module per command group: firewall, policy, trust, migrate,
+ops.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import typer
 from ..base.errors import SamiError
 from ..loader import bpffs
 from ..loader.bpfsys import BpfError
-from . import firewall, migrate, policy, trust
+from . import firewall, migrate, ops, policy, trust
 from .common import INTERNAL_ERROR, Ctx, exit_code
 
 app = typer.Typer(
@@ -38,7 +39,7 @@ def _root(
     ] = None,
     config_dir: Annotated[
         Path,
-        typer.Option(envvar="SAMIXDP_CONFIG_DIR", help="Host key, peers."),
+        typer.Option(envvar="SAMIXDP_CONFIG_DIR", help="Host key, peers, samixdp.toml."),
     ] = Path("/etc/samixdp"),
     state_dir: Annotated[
         Path,
@@ -52,6 +53,7 @@ firewall.register(app)
 policy.register(app)
 trust.register(app)
 migrate.register(app)
+ops.register(app)
 
 
 def main() -> None:

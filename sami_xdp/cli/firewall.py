@@ -14,13 +14,18 @@ from ..loader import bpffs
 from ..loader.compile import Limits
 from ..loader.pinned import Firewall, unpin_all
 from ..policy import blacklist, protect, roles, sessions, stats
-from ..policy.config import config_names, create_firewall, parse_config_value
+from ..policy.config import (
+    MAX_SESSIONS,
+    MAX_SETTING,
+    MAX_UNASSURED,
+    config_names,
+    create_firewall,
+    parse_config_value,
+    read_settings,
+)
+from ..policy.links import attach_link, attached_links, detach_link
 from .common import emit_json, recovered, root_opts, table
 from .values import whole
-
-MAX_SETTING = 2**32  # the largest value a numeric setting takes (config slots are u64)
-MAX_SESSIONS = 1 << 24  # 2.3 GiB of session map
-MAX_UNASSURED = 1 << 22
 
 config_app = typer.Typer(no_args_is_help=True, help="Show or change runtime settings.")
 
@@ -102,8 +107,7 @@ def attach_cmd(
             fw.set_config(fw.const("CFG_SYN_RATE"), rate)
         if ban is not None:
             fw.set_config(fw.const("CFG_BAN_S"), ban)
-        state = xdp.attach(iface, fw.programs(), mode)
-        roles.set_role(fw, state.ifindex, role)
+        state = attach_link(fw, iface, mode, role)
         typer.echo(f"attached to {iface} in {state.mode} mode (program id {state.prog_id})")
 
 
@@ -112,8 +116,7 @@ def detach_cmd(ctx: typer.Context, iface: str) -> None:
     bpffs.require_root()
     xdp.query(iface)
     with root_opts(ctx).change() as fw:
-        state = xdp.detach(iface, fw.programs())
-        roles.set_role(fw, state.ifindex, "auto")
+        detach_link(fw, iface)
     typer.echo(f"detached from {iface}")
 
 
@@ -141,13 +144,8 @@ def reset_cmd(
 
 def _status(fw: Firewall) -> dict[str, object]:
     ifaces = [
-        {
-            "ifname": s.ifname,
-            "ifindex": s.ifindex,
-            "mode": s.mode,
-            "role": roles.role_of(fw, s.ifindex),
-        }
-        for s in xdp.list_attached(fw.programs())
+        {"ifname": s.ifname, "ifindex": s.ifindex, "mode": s.mode, "role": s.role}
+        for s in attached_links(fw)
     ]
     maps = {
         name: {
@@ -159,7 +157,6 @@ def _status(fw: Firewall) -> dict[str, object]:
         if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "tc_stages",
                         "scratch", "clock_cache", "track", "dirty_head", "dirty_log")
     }
-    slots = fw.read_config()
     return {
         "bpffs": str(fw.path),
         "layout_version": int(fw.meta()["layout_version"]),
@@ -168,7 +165,7 @@ def _status(fw: Firewall) -> dict[str, object]:
         "interfaces": ifaces,
         "protected": [str(n) for n in protect.list_protected(fw)],
         "maps": maps,
-        "config": {name: slots[idx] for name, idx in config_names(fw.layout).items()},
+        "config": read_settings(fw),
     }
 
 
@@ -299,8 +296,7 @@ def protect_cmd(
 def config_show(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Current settings."""
     with root_opts(ctx).open() as fw:
-        slots = fw.read_config()
-        values = {name: slots[idx] for name, idx in config_names(fw.layout).items()}
+        values = read_settings(fw)
     if json_:
         emit_json(values)
     else:

@@ -172,6 +172,59 @@ def _set(ipr: IPRoute, idx: int, fd: int, flags: int, expected_fd: int | None = 
     ipr.link("set", index=idx, xdp={"attrs": attrs})
 
 
+def auto_modes(ifname: str) -> tuple[str, ...]:
+    """The modes `auto` may end in on the interface: tc on a virtual device; native,
+    or generic where the driver has no XDP, on a NIC."""
+    return ("tc",) if auto_mode(ifname) == "tc" else ("native", "generic")
+
+
+def _attach_xdp(ipr: IPRoute, idx: int, ifname: str, progs: Programs, mode: str) -> XdpState:
+    """XDP in `mode` (native, generic, or auto: native falling back to generic)."""
+    cur_id, _ = _xdp_of(ipr.get_links(idx)[0])
+    if cur_id:
+        raise InterfaceError(
+            f"{ifname} already has another XDP program (id {cur_id}); "
+            "remove it first, sami-xdp will not replace it"
+        )
+    tries = ("native", "generic") if mode == "auto" else (mode,)
+    last_err = ""
+    for m in tries:
+        flag = XDP_FLAGS_DRV_MODE if m == "native" else XDP_FLAGS_SKB_MODE
+        try:
+            _set(ipr, idx, progs.xdp_fd, flag | XDP_FLAGS_UPDATE_IF_NOEXIST)
+        except NetlinkError as exc:
+            last_err = f"{m}: {exc.args[1] if len(exc.args) > 1 else exc}"
+            continue
+        return _state(ipr, idx, ifname, progs)
+    raise InterfaceError(f"cannot attach XDP to {ifname} ({last_err})")
+
+
+def _attach_new(ipr: IPRoute, idx: int, ifname: str, progs: Programs, mode: str) -> XdpState:
+    """Attaches where our datapath does not run yet."""
+    want = _auto_mode(ipr, idx) if mode == "auto" else mode
+    if want == "tc":
+        try:
+            _attach_tc(ipr, idx, progs)
+        except NetlinkError as exc:
+            raise InterfaceError(f"cannot attach the TC program to {ifname} ({exc})") from exc
+        return _state(ipr, idx, ifname, progs)
+    return _attach_xdp(ipr, idx, ifname, progs, "auto" if mode == "auto" else want)
+
+
+def _remove(ipr: IPRoute, idx: int, cur: XdpState, progs: Programs) -> None:
+    """Takes our datapath off in the mode `cur` says it runs in."""
+    try:
+        if cur.mode == "tc":
+            found = _tc_of(ipr, idx, progs.tc_id)
+            if found:
+                _detach_tc(ipr, idx, *found)
+        else:
+            flag = XDP_FLAGS_DRV_MODE if cur.mode == "native" else XDP_FLAGS_SKB_MODE
+            _set(ipr, idx, -1, flag | XDP_FLAGS_REPLACE, expected_fd=progs.xdp_fd)
+    except NetlinkError as exc:
+        raise InterfaceError(f"cannot detach from {cur.ifname}: {exc}") from exc
+
+
 def attach(ifname: str, progs: Programs, mode: str = "auto") -> XdpState:
     """Attaches in `mode` (auto: see auto_mode; native falls back to generic when
     the driver has no XDP). Returns what we got."""
@@ -186,30 +239,33 @@ def attach(ifname: str, progs: Programs, mode: str = "auto") -> XdpState:
             raise InvalidArgument(
                 f"{ifname} already runs sami-xdp in {cur.mode} mode: detach it first"
             )
+        return _attach_new(ipr, idx, ifname, progs, mode)
+
+
+def reattach(ifname: str, progs: Programs, mode: str) -> XdpState:
+    """Moves our datapath on `ifname` to `mode` (attaches it if it runs nowhere there).
+
+    Between TC and XDP the new attachment is made before the old one is removed, so
+    the link is never unfiltered (for that instant a packet may meet both, which
+    judge it alike on the same maps). Between native and generic XDP the kernel
+    holds one XDP program per link: the old one goes first, and packets arriving in
+    between (the time of two netlink calls) are not filtered."""
+    if mode not in MODES:
+        raise InvalidArgument(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        cur = _state(ipr, idx, ifname, progs)
+        if cur.mode is None:
+            return _attach_new(ipr, idx, ifname, progs, mode)
         want = _auto_mode(ipr, idx) if mode == "auto" else mode
-        if want == "tc":
-            try:
-                _attach_tc(ipr, idx, progs)
-            except NetlinkError as exc:
-                raise InterfaceError(f"cannot attach the TC program to {ifname} ({exc})") from exc
+        if cur.mode == want or (mode == "auto" and want == "native" and cur.mode == "generic"):
+            return cur
+        if want == "tc" or cur.mode == "tc":
+            _attach_new(ipr, idx, ifname, progs, mode)
+            _remove(ipr, idx, cur, progs)
             return _state(ipr, idx, ifname, progs)
-        cur_id, _ = _xdp_of(ipr.get_links(idx)[0])
-        if cur_id:
-            raise InterfaceError(
-                f"{ifname} already has another XDP program (id {cur_id}); "
-                "remove it first, sami-xdp will not replace it"
-            )
-        tries = ("native", "generic") if mode == "auto" else (want,)
-        last_err = ""
-        for m in tries:
-            flag = XDP_FLAGS_DRV_MODE if m == "native" else XDP_FLAGS_SKB_MODE
-            try:
-                _set(ipr, idx, progs.xdp_fd, flag | XDP_FLAGS_UPDATE_IF_NOEXIST)
-            except NetlinkError as exc:
-                last_err = f"{m}: {exc.args[1] if len(exc.args) > 1 else exc}"
-                continue
-            return _state(ipr, idx, ifname, progs)
-        raise InterfaceError(f"cannot attach XDP to {ifname} ({last_err})")
+        _remove(ipr, idx, cur, progs)
+        return _attach_xdp(ipr, idx, ifname, progs, mode)
 
 
 def detach(ifname: str, progs: Programs) -> XdpState:
@@ -218,14 +274,5 @@ def detach(ifname: str, progs: Programs) -> XdpState:
         cur = _state(ipr, idx, ifname, progs)
         if cur.mode is None:
             raise NotAttachedError(f"sami-xdp is not attached to {ifname}")
-        try:
-            if cur.mode == "tc":
-                found = _tc_of(ipr, idx, progs.tc_id)
-                if found:
-                    _detach_tc(ipr, idx, *found)
-            else:
-                flag = XDP_FLAGS_DRV_MODE if cur.mode == "native" else XDP_FLAGS_SKB_MODE
-                _set(ipr, idx, -1, flag | XDP_FLAGS_REPLACE, expected_fd=progs.xdp_fd)
-        except NetlinkError as exc:
-            raise InterfaceError(f"cannot detach from {ifname}: {exc}") from exc
+        _remove(ipr, idx, cur, progs)
         return cur

@@ -130,7 +130,29 @@ def make_rule(
     action: str = "allow",
     priority: int | None = None,
 ) -> AclRule:
-    """Validates operator input; raises AclError with a one-line reason."""
+    """Validates operator input against this firewall's protected prefixes; raises
+    AclError with a one-line reason."""
+    return build_rule(
+        fw.layout, list_protected(fw), vm=vm, proto=proto, dport=dport, src=src, vlan=vlan,
+        iface=iface, action=action, priority=priority,
+    )
+
+
+def build_rule(
+    layout: Layout,
+    protected: list[IPNetwork],
+    *,
+    vm: str,
+    proto: str = "any",
+    dport: str | int | None = None,
+    src: str | None = None,
+    vlan: int | None = None,
+    iface: str | None = None,
+    action: str = "allow",
+    priority: int | None = None,
+) -> AclRule:
+    """Validates operator input for a firewall of `layout` that protects `protected`
+    (which need not exist yet: a host config is checked before it is applied)."""
     for name, value, types in (
         ("vm", vm, (str,)),
         ("proto", proto, (str,)),
@@ -156,12 +178,12 @@ def make_rule(
     if src_net is not None and src_net.prefixlen == 0:
         src_net = None  # every source of the VM's family: any source
     proto = proto.lower()
-    if proto not in protos(fw.layout):
+    if proto not in protos(layout):
         raise AclError(f"unknown protocol {proto!r}: use tcp, udp, icmp, icmpv6 or any")
     icmp_here = ICMP_OF_FAMILY[dst.version]
     if proto in ICMP_OF_FAMILY.values() and proto != icmp_here:
         raise AclError(f"{proto} never reaches IPv{dst.version} VM {dst}: use {icmp_here}")
-    if action not in actions(fw.layout):
+    if action not in actions(layout):
         raise AclError(f"unknown action {action!r}: use allow or deny")
     lo, hi = parse_ports(dport)
     if (lo, hi) != (0, 65535) and proto not in ("tcp", "udp"):
@@ -171,7 +193,6 @@ def make_rule(
     prio = DEFAULT_PRIORITY if priority is None else priority
     if not 0 <= prio < 2**32:
         raise AclError(f"priority {prio} out of range")
-    protected = list_protected(fw)
     if not any(subnet_of(dst, p) for p in protected):
         shown = ", ".join(map(str, protected)) or "none"
         raise AclError(f"{dst} is not inside a protected prefix (protected: {shown})")
@@ -200,9 +221,9 @@ def read_rules(fw: Firewall) -> np.ndarray:
     return values[order]
 
 
-def _to_entries(fw: Firewall, rules: list[AclRule], ids: list[int]) -> np.ndarray:
+def to_entries(layout: Layout, rules: list[AclRule], ids: list[int]) -> np.ndarray:
     """The table entries (struct acl_entry) of `rules` with ids `ids`, built column-wise."""
-    e = np.zeros(len(rules), dtype=fw.maps["acl_rules"].value_dtype)
+    e = np.zeros(len(rules), dtype=layout.dtype("acl_entry"))
     r = e["rule"]
     r["id"] = ids
     sources = [(i, rule.src) for i, rule in enumerate(rules) if rule.src is not None]
@@ -215,7 +236,7 @@ def _to_entries(fw: Firewall, rules: list[AclRule], ids: list[int]) -> np.ndarra
     r["dport_lo"] = [rule.dport_lo for rule in rules]
     r["dport_hi"] = [rule.dport_hi for rule in rules]
     r["vlan"] = [rule.vlan for rule in rules]
-    proto_nums, action_nums = protos(fw.layout), actions(fw.layout)
+    proto_nums, action_nums = protos(layout), actions(layout)
     r["proto"] = [proto_nums[rule.proto] for rule in rules]
     r["action"] = [action_nums[rule.action] for rule in rules]
     e["priority"] = [rule.priority for rule in rules]
@@ -247,16 +268,16 @@ def _mapped_ints(addrs: np.ndarray) -> list[int]:
     return [(h << 64) | low for h, low in zip(hi, lo, strict=True)]
 
 
-def _dest_net(fw: Firewall, dest: Dest) -> IPNetwork:
+def _dest_net(layout: Layout, dest: Dest) -> IPNetwork:
     addr, plen = dest
-    return network_from_mapped(addr.to_bytes(host_prefixlen(fw.layout) // 8, "big"), plen)
+    return network_from_mapped(addr.to_bytes(host_prefixlen(layout) // 8, "big"), plen)
 
 
-def _compile(fw: Firewall, entries: np.ndarray) -> dict[Dest, np.ndarray]:
-    """`compile_sets`, keyed by destination as the trie keys it."""
-    per_set = fw.const("SAMIXDP_ACL_MAX_RULES_PER_SET")
-    max_sets = fw.const("SAMIXDP_ACL_MAX_SETS")
-    bits = host_prefixlen(fw.layout)
+def _compile(layout: Layout, entries: np.ndarray) -> dict[Dest, np.ndarray]:
+    """`compile_sets`, keyed by destination as the trie keys it (AclError: too many)."""
+    per_set = layout.const("SAMIXDP_ACL_MAX_RULES_PER_SET")
+    max_sets = layout.const("SAMIXDP_ACL_MAX_SETS")
+    bits = host_prefixlen(layout)
     addrs = _mapped_ints(entries["dst_addr"])
     plens = np.asarray(entries["dst_prefixlen"], dtype=np.int64).tolist()
     groups: dict[Dest, list[int]] = {}
@@ -275,7 +296,7 @@ def _compile(fw: Firewall, entries: np.ndarray) -> dict[Dest, np.ndarray]:
             chosen.extend(groups.get((addr & mask, anc), ()))
         if len(chosen) > per_set:
             raise AclError(
-                f"{len(chosen)} rules apply to {_dest_net(fw, (addr, plen))}; "
+                f"{len(chosen)} rules apply to {_dest_net(layout, (addr, plen))}; "
                 f"at most {per_set} per VM or prefix"
             )
         chosen.sort()
@@ -290,7 +311,9 @@ def compile_sets(fw: Firewall, entries: np.ndarray) -> dict[IPNetwork, np.ndarra
     whose destination contains D (D's ancestors, at most 129 prefix lengths of
     the mapped space); the most specific D wins in the LPM trie. `entries` is in
     (priority, id) order, and index order preserves it."""
-    return {_dest_net(fw, dest): rules for dest, rules in _compile(fw, entries).items()}
+    return {
+        _dest_net(fw.layout, dest): rules for dest, rules in _compile(fw.layout, entries).items()
+    }
 
 
 def _build_inactive(fw: Firewall, compiled: dict[Dest, np.ndarray]) -> int:
@@ -338,7 +361,7 @@ def replace_rules(fw: Firewall, entries: np.ndarray) -> None:
     only then flip the live generation."""
     if len(entries):
         entries = entries[np.lexsort((entries["rule"]["id"], entries["priority"]))]
-    new_gen = _build_inactive(fw, _compile(fw, entries))
+    new_gen = _build_inactive(fw, _compile(fw.layout, entries))
     table = fw.maps["acl_rules"]
     old_keys, old_values = table.dump()
     new_ids = entries["rule"]["id"].astype(np.uint32)
@@ -361,7 +384,7 @@ def replace_rules(fw: Firewall, entries: np.ndarray) -> None:
 def add_rules(fw: Firewall, rules: list[AclRule]) -> list[int]:
     current = read_rules(fw)
     ids = _free_ids(fw, current["rule"]["id"], len(rules))
-    added = _to_entries(fw, rules, ids)
+    added = to_entries(fw.layout, rules, ids)
     replace_rules(fw, np.concatenate([current, added]))
     _zero_hits(fw, ids)
     return ids
@@ -381,9 +404,55 @@ def load_rules(fw: Firewall, rules: list[AclRule]) -> list[int]:
     ids = list(range(1, len(rules) + 1))
     if len(rules) >= fw.const("SAMIXDP_ACL_MAX_RULE_ID"):
         raise AclError("too many rules")
-    replace_rules(fw, _to_entries(fw, rules, ids))
+    replace_rules(fw, to_entries(fw.layout, rules, ids))
     _zero_hits(fw, ids)
     return ids
+
+
+def load_rules_beside(fw: Firewall, rules: list[AclRule], keep: np.ndarray) -> list[int]:
+    """Replaces every rule except `keep` (entries as `read_rules` gives them: they keep
+    their ids and hit counters) by `rules`, in their order, with the lowest ids `keep`
+    leaves free: one atomic reload. With nothing kept, ids restart at 1 as in
+    `load_rules`."""
+    ids = _free_ids(fw, keep["rule"]["id"], len(rules))
+    replace_rules(fw, np.concatenate([keep, to_entries(fw.layout, rules, ids)]))
+    _zero_hits(fw, ids)
+    return ids
+
+
+def check_rules(layout: Layout, entries: np.ndarray) -> None:
+    """Raises AclError if `entries` could not be loaded as one rule set (too many
+    rules for one VM or prefix, too many VMs and prefixes); writes nothing."""
+    if len(entries) >= layout.const("SAMIXDP_ACL_MAX_RULE_ID"):
+        raise AclError("too many rules")
+    _compile(layout, entries)
+
+
+def rule_contents(entries: np.ndarray) -> list[bytes]:
+    """What each rule is, whatever id it has: its entry's bytes with the id zeroed,
+    in the order given. Two rule lists with equal contents evaluate alike."""
+    plain = np.array(entries, copy=True)
+    plain["rule"]["id"] = 0
+    return [row.tobytes() for row in plain]
+
+
+def in_evaluation_order(rules: list[AclRule]) -> list[AclRule]:
+    """`rules` in the order the datapath would try them once loaded in this order
+    (priority, then the ids given in list order)."""
+    return sorted(rules, key=lambda r: r.priority)
+
+
+def vm_rule_mask(layout: Layout, entries: np.ndarray, vms: Iterable[str]) -> np.ndarray:
+    """Which entries are written for exactly one of `vms` (its /32 or /128)."""
+    out = np.zeros(len(entries), dtype=bool)
+    ips = list(vms)
+    if not ips or not len(entries):
+        return out
+    single = entries["dst_prefixlen"] == host_prefixlen(layout)
+    targets = addr_array(ips)
+    for target in targets:
+        out |= single & (entries["dst_addr"] == target)
+    return out
 
 
 def vm_entries(fw: Firewall, vm: str) -> np.ndarray:
@@ -453,7 +522,7 @@ def _with_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> tuple[np.ndarray
 def check_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> None:
     """Raises AclError if `rules` could not become the VM's rules (writes nothing)."""
     entries, _ = _with_vm_rules(fw, vm, rules)
-    _compile(fw, entries)
+    _compile(fw.layout, entries)
 
 
 def replace_vm_rules(fw: Firewall, vm: str, rules: np.ndarray) -> None:
@@ -544,6 +613,11 @@ def describe(fw: Firewall, entries: np.ndarray) -> list[dict[str, object]]:
 
 def parse_rule_file(fw: Firewall, path: Path) -> list[AclRule]:
     """TOML or YAML: a top-level `rules` list of tables/maps (see README)."""
+    return read_rule_file(fw.layout, list_protected(fw), path)
+
+
+def read_rule_file(layout: Layout, protected: list[IPNetwork], path: Path) -> list[AclRule]:
+    """`parse_rule_file` for a firewall of `layout` protecting `protected`."""
     try:
         if not path.is_file():
             raise AclError(f"{path} is not a readable regular file")
@@ -585,8 +659,9 @@ def parse_rule_file(fw: Firewall, path: Path) -> list[AclRule]:
                 )
         try:
             rules.append(
-                make_rule(
-                    fw,
+                build_rule(
+                    layout,
+                    protected,
                     vm=str(item["vm"]),
                     proto=item.get("proto", "any"),
                     dport=item.get("dport"),

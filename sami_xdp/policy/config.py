@@ -38,6 +38,10 @@ DEFAULT_BAN_S = 60
 
 FRAG_POLICIES = {"track": 0, "pass": 1, "drop": 2}
 
+MAX_SETTING = 2**32  # the largest value a numeric setting takes (config slots are u64)
+MAX_SESSIONS = 1 << 24  # 2.3 GiB of session map
+MAX_UNASSURED = 1 << 22
+
 
 def state_names(layout: Layout) -> dict[int, str]:
     """ST_* value -> name, e.g. 3 -> "ESTABLISHED"."""
@@ -71,6 +75,35 @@ def default_config_slots(layout: Layout) -> list[int]:
     slots[c["CFG_ACL_GEN"]] = 0
     slots[c["CFG_FRAG_POLICY"]] = FRAG_POLICIES["track"]
     return slots
+
+
+def default_settings(layout: Layout) -> dict[str, int]:
+    """Every operator-facing setting -> its value in a new firewall."""
+    slots = default_config_slots(layout)
+    return {name: slots[idx] for name, idx in config_names(layout).items()}
+
+
+def read_settings(fw: Firewall) -> dict[str, int]:
+    """Every operator-facing setting -> its live value."""
+    slots = fw.read_config()
+    return {name: slots[idx] for name, idx in config_names(fw.layout).items()}
+
+
+def write_settings(fw: Firewall, values: dict[str, int]) -> None:
+    """Sets the named settings in one write of the config word (the other slots,
+    the live ACL generation among them, are written back as they were read)."""
+    names = config_names(fw.layout)
+    slots = fw.read_config()
+    for name, value in values.items():
+        slots[names[name]] = value
+    fw.write_config(slots)
+
+
+def show_setting(name: str, value: int) -> str:
+    """A setting's value as the operator writes it (frag-policy by name)."""
+    if name == "frag-policy":
+        return next((k for k, v in FRAG_POLICIES.items() if v == value), str(value))
+    return str(value)
 
 
 def create_firewall(path: Path, limits: Limits) -> Firewall:
