@@ -26,6 +26,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from ..base.netutil import in_networks
 from ..loader.pinned import Firewall
 from ..policy.protect import list_protected
 from ..policy.sessions import SESSION_MAPS
+from .agentstats import AgentCounters, claimed_kind
 from .bundle import HEADER_SIZE, bundle_size, parse_header, parse_vms, vms_size
 from .control import bundle_digest, nonce_of, sign_control, verify_control
 from .errors import BundleRefused, MigrateError, TransportError
@@ -140,6 +142,7 @@ class Agent:
         self.import_lock = threading.Lock()
         self.bundle_slots = threading.BoundedSemaphore(cfg.max_bundles)
         self.admission = Admission(cfg.max_conns, cfg.max_pending_per_ip)
+        self.counters = AgentCounters()  # read by the metrics endpoint (ops/metrics.py)
         self.trust()  # a bad peers file stops the agent now, not at its first peer
         self.limits = record_limits(self.fw)
         self.max_bundle = min(cfg.max_message, self.limits.max_bundle_bytes())
@@ -170,6 +173,7 @@ class Agent:
     def serve_connection(self, sock: socket.socket, addr: str) -> None:
         ip = addr.rsplit(":", 1)[0]
         authenticated = False
+        peer: Peer | None = None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out at once
         try:
             try:
@@ -177,6 +181,7 @@ class Agent:
             finally:
                 self.admission.authenticated(ip)
                 authenticated = True
+            self.counters.authenticated(peer.name)
             _log("connected", peer=peer.name, address=addr)
             self.frames(sock, peer, addr)
         except (TransportError, OSError, ssl.SSLError, SamiError) as exc:
@@ -186,6 +191,8 @@ class Agent:
         finally:
             if not authenticated:
                 self.admission.authenticated(ip)
+            if peer is None:
+                self.counters.connection("unauthenticated")
             self.admission.leave()
             try:
                 sock.close()
@@ -247,11 +254,13 @@ class Agent:
                 reply = self.request(sock, peer, msg_type, length, deadline)
             except Refusal as exc:
                 reply = (MSG_ERROR, self.refusal(peer, str(exc), exc.field, exc.kind), exc.close)
+                self.counters.refusal(exc.kind)
                 _log("refused", peer=peer.name, reason=str(exc))
             except (TransportError, OSError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the connection's edge: a bug answers too
                 _log("internal-error", peer=peer.name, error=f"{type(exc).__name__}: {exc}")
+                self.counters.refusal("internal-error")
                 reply = (MSG_ERROR, self.refusal(peer, f"internal error ({type(exc).__name__})"),
                          True)
             msg, payload, close = reply
@@ -289,9 +298,11 @@ class Agent:
                 return MSG_PREFLIGHT_REPLY, self.preflight(sender, body, nonce_of(raw)), False
             return MSG_ACK, self.abort(sender, body, nonce_of(raw)), False
         except FieldError as exc:
+            self.counters.refusal("bad-field")
             return MSG_ERROR, self.refusal(peer, str(exc), exc.field, "bad-field",
                                            nonce_of(raw)), False
         except SamiError as exc:
+            self.counters.refusal(getattr(exc, "reason", type(exc).__name__))
             _log("refused", peer=peer.name, reason=str(exc))
             return MSG_ERROR, self.refusal(peer, str(exc), None, type(exc).__name__,
                                            nonce_of(raw)), False
@@ -321,6 +332,7 @@ class Agent:
         if need > free["sessions"] + free["unassured"]:
             reasons.append(f"{self.me} has room for {free['sessions']} sessions, {need} needed")
         ok = not reasons
+        self.counters.preflight(ok)
         _log("preflight", peer=peer.name, vm=vms.label, ok=ok, reasons=reasons)
         return sign_control(
             self.identity,
@@ -342,6 +354,7 @@ class Agent:
         mid = want_mid(body)
         with self.import_lock:
             removed = abort_import(self.fw, mid, self.cfg.state_dir, source=peer.name)
+        self.counters.abort()
         _log("aborted", peer=peer.name, migration_id=mid.hex(), removed=removed)
         return sign_control(
             self.identity,
@@ -398,6 +411,8 @@ class Agent:
         except SamiError as exc:
             _log("refused", peer=peer.name, bytes=len(data), reason=str(exc))
             kind = getattr(exc, "reason", type(exc).__name__)
+            self.counters.refusal(kind)
+            self.counters.bundle(claimed_kind(data), "refused", len(data))
             return sign_control(
                 self.identity,
                 {"type": "ack", "to": peer.name, "ok": False, "reason": str(exc)[:1000],
@@ -406,6 +421,7 @@ class Agent:
             )
         res.timings = {"verify_s": t1 - t0, **res.timings,
                        "receive_total_s": time.perf_counter() - t0}
+        self.counters.bundle(res.kind, "imported", len(data), res.timings)
         _log("imported", source=res.source, vm=res.vm, seq=res.seq, kind=res.kind,
              counts=res.counts, deleted=res.deleted, bytes=len(data),
              seconds=round(time.perf_counter() - t0, 4))
@@ -437,18 +453,22 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.agent.admission.admit(str(client_address[0])):
+            self.agent.counters.connection("refused")
             _log("connection-refused", address=f"{client_address[0]}:{client_address[1]}",
                  reason="too many connections")
             self.shutdown_request(request)
             return
+        self.agent.counters.connection("accepted")
         super().process_request(request, client_address)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         self.agent.serve_connection(request, f"{client_address[0]}:{client_address[1]}")
 
 
-def serve(cfg: AgentConfig, ready: threading.Event | None = None) -> None:
-    """Runs until interrupted."""
+def serve(cfg: AgentConfig, ready: threading.Event | None = None,
+          on_start: Callable[[Agent], None] | None = None) -> None:
+    """Runs until interrupted; `on_start` is handed the agent once it listens (the
+    metrics endpoint reads its counters)."""
     agent = Agent(cfg)
     host, port = parse_address(cfg.listen)
     try:
@@ -465,6 +485,8 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None) -> None:
     if ready is not None:
         ready.set()
     try:
+        if on_start is not None:
+            on_start(agent)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
