@@ -18,7 +18,7 @@ import typer
 from ..base.errors import InvalidArgument
 from ..loader import bpffs
 from ..migrate import running
-from ..migrate.agent import AgentConfig, serve
+from ..migrate.agent import Agent, AgentConfig, serve
 from ..migrate.bundle import (
     COMPRESSIONS,
     DEFAULT_VALIDITY_S,
@@ -47,6 +47,7 @@ from ..migrate.select import ExportState
 from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S
 from ..migrate.verify import inspect_bundle, verify_bundle
 from ..migrate.vmset import VmAddrs
+from ..ops.metrics import MetricsServer, parse_listen, serve_metrics
 from .common import emit_json, root_opts, table
 from .values import output_path, read_input, seconds, whole
 
@@ -351,9 +352,18 @@ def agent_cmd(
             "--plaintext", help="No TLS: a signed hello authenticates (debugging only)."
         ),
     ] = False,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="IP:PORT or [IPV6]:PORT to serve Prometheus metrics on (unauthenticated: "
+            "localhost or a management address; port 0 picks one)."
+        ),
+    ] = None,
 ) -> None:
     """Receive migration bundles from trusted peers (mutual TLS) and load them."""
     c = root_opts(ctx)
+    if metrics is not None:
+        parse_listen(metrics)
     seconds("--pickup", pickup, 0, MAX_PICKUP_S)
     whole("--max-message", max_message, 1024, 1 << 31)
     seconds("--timeout", timeout, 0, 3600, lo_open=True)
@@ -382,7 +392,20 @@ def agent_cmd(
         max_bundles=max_bundles,
         plaintext=plaintext,
     )
-    serve(cfg)
+    started: list[MetricsServer] = []
+
+    def start_metrics(agent: Agent) -> None:
+        assert metrics is not None
+        started.append(serve_metrics(metrics, c.bpffs, c.state_dir, agent))
+        line = {"ts": round(time.time(), 3), "event": "metrics",
+                "address": started[0].address, "path": "/metrics"}
+        print(json.dumps(line), flush=True)  # the agent's log: JSON lines on stdout
+
+    try:
+        serve(cfg, on_start=start_metrics if metrics is not None else None)
+    finally:
+        for srv in started:
+            srv.close()
 
 
 def _print_report(report: dict, as_json: bool) -> None:
