@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,6 +231,24 @@ def test_a_client_that_sends_nothing_is_cut_off(pfw: Firewall):
             t0 = time.monotonic()
             assert s.recv(1024) == b""
             assert 0.8 < time.monotonic() - t0 < 5
+    finally:
+        srv.close()
+
+
+def test_only_get_metrics_is_served(pfw: Firewall):
+    srv = serve_metrics("127.0.0.1:0", pfw.path)
+    try:
+        for path, method, code in (("/", "GET", 404), ("/metrics/x", "GET", 404),
+                                   ("/metrics", "POST", 405), ("/metrics", "DELETE", 405)):
+            req = urllib.request.Request(f"http://{srv.address}{path}", method=method,
+                                         data=b"x" if method == "POST" else None)
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=10)
+            assert err.value.code == code, (path, method)
+        req = urllib.request.Request(f"http://{srv.address}/metrics", method="HEAD")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200 and int(resp.headers["Content-Length"]) > 1000
+            assert resp.read() == b""
     finally:
         srv.close()
 

@@ -6,12 +6,12 @@ levels, sessions by state, bans, ACL rule hits), the agent's own counters
 (migrate/agentstats.py) and the records of outgoing migrations in the state dir
 (migrate/running.py). Each part is read on its own: one that fails is left out
 of that scrape and counted in `samixdp_scrape_errors_total{part}`, the others
-are served. Scrapes are serialised and a result younger than `min_interval_s`
-(or ten times what it took to collect, whichever is longer) is served again, so
-a client that scrapes in a loop keeps at most a tenth of a CPU busy, however big
-the tables (a collection at 1M sessions takes ~0.5 s); the HTTP server takes a
-few connections at once, each with a deadline. The endpoint is unauthenticated
-and read-only (README "Metrics")."""
+are served. Scrapes are serialised, and the text of one younger than
+`min_interval_s` (or ten times what it took to collect, whichever is longer) is
+served again, so a client that scrapes in a loop keeps at most a tenth of a CPU
+collecting, however big the tables (a collection at 1M sessions takes ~0.5 s);
+the HTTP server takes a few connections at once, each with a deadline. The
+endpoint is unauthenticated and read-only (README "Metrics")."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -54,6 +54,7 @@ MAX_BUSY_SHARE = 0.1  # of one CPU, at most, spent collecting however often it i
 MAX_CONNS = 8  # scrapes served at once; more connections are closed at once
 REQUEST_TIMEOUT_S = 10.0  # a client must send its request (and read the answer) in time
 FINISHED = ("completed", "failed", "aborted")
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 COUNTED_MAPS = ("hash", "lru_hash", "lpm_trie")  # arrays are full by construction
 
 
@@ -176,32 +177,21 @@ def _histogram(name: str, doc: str, label: str,
 
 
 class FirewallCollector:
-    """Builds the families at scrape time from the maps, the agent and the records.
-    A result is served again while it is younger than `min_interval_s` or ten times
-    what collecting it took; `min_interval_s=0` collects at every scrape."""
+    """Builds the families at scrape time from the maps, the agent and the records."""
 
     def __init__(self, fw: Firewall, state_dir: Path | None = None,
-                 agent: Agent | None = None, min_interval_s: float = 1.0,
-                 max_rule_series: int = MAX_RULE_SERIES) -> None:
+                 agent: Agent | None = None, max_rule_series: int = MAX_RULE_SERIES) -> None:
         self.fw, self.state_dir, self.agent = fw, state_dir, agent
-        self.min_interval_s, self.max_rule_series = min_interval_s, max_rule_series
+        self.max_rule_series = max_rule_series
         self.errors: Counter[str] = Counter()
         self.tally = MigrationTally()
         self._lock = threading.Lock()
-        self._last: tuple[float, list[Metric]] | None = None
-        self._interval = 0.0  # the age from which a result is collected again
         self._reasons = stats.reason_names(fw.layout)
         self._states = state_names(fw.layout)
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            now = time.monotonic()
-            if self._last is None or now - self._last[0] >= self._interval:
-                self._last = (now, self._collect())
-                took = time.monotonic() - now
-                self._interval = (max(self.min_interval_s, took / MAX_BUSY_SHARE)
-                                  if self.min_interval_s > 0 else 0.0)
-            families = self._last[1]
+        with self._lock:  # one collection at a time: the tally and the error counts
+            families = self._collect()
         yield from families
 
     def _collect(self) -> list[Metric]:
@@ -369,6 +359,47 @@ class FirewallCollector:
                          self.tally.phases)
 
 
+class Exposition:
+    """The registry's text, collected again only once the last one is older than
+    `min_interval_s` and than ten times what collecting it took (0: every time)."""
+
+    def __init__(self, registry: CollectorRegistry, min_interval_s: float) -> None:
+        self.registry, self.min_interval_s = registry, min_interval_s
+        self._lock = threading.Lock()
+        self._body = b""
+        self._at = -float("inf")
+        self._interval = 0.0
+
+    def body(self) -> bytes:
+        with self._lock:
+            now = time.monotonic()
+            if self.min_interval_s <= 0 or now - self._at >= self._interval:
+                self._body = generate_latest(self.registry)
+                self._at = now
+                self._interval = max(self.min_interval_s,
+                                     (time.monotonic() - now) / MAX_BUSY_SHARE)
+            return self._body
+
+
+def wsgi_app(exposition: Exposition) -> Callable[..., Iterable[bytes]]:
+    """GET (or HEAD) /metrics: the exposition; nothing else is served."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"only /metrics is served here\n"]
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        body = exposition.body()
+        start_response("200 OK", [("Content-Type", TEXT_FORMAT),
+                                  ("Content-Length", str(len(body)))])
+        return [b""] if method == "HEAD" else [body]
+
+    return app
+
+
 # ---- the HTTP server --------------------------------------------------------------------
 
 
@@ -411,6 +442,7 @@ class MetricsServer:
     httpd: _HttpServer
     thread: threading.Thread
     collector: FirewallCollector
+    exposition: Exposition
 
     @property
     def address(self) -> str:
@@ -434,18 +466,19 @@ def serve_metrics(addr: str, bpffs: Path, state_dir: Path | None = None,
     host, port = parse_listen(addr, option)
     fw = Firewall.open(bpffs)
     try:
-        collector = FirewallCollector(fw, state_dir, agent, min_interval_s, max_rule_series)
+        collector = FirewallCollector(fw, state_dir, agent, max_rule_series)
         registry = CollectorRegistry()
         registry.register(collector)
+        exposition = Exposition(registry, min_interval_s)
         try:
             httpd = _HttpServer((host, port), max_conns, request_timeout_s)
         except OSError as exc:
             raise SamiError(f"cannot serve metrics on {addr}: {exc.strerror or exc}") from exc
-        httpd.set_app(make_wsgi_app(registry))
+        httpd.set_app(wsgi_app(exposition))
     except BaseException:
         fw.close()
         raise
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.5},
                               name="metrics", daemon=True)
     thread.start()
-    return MetricsServer(httpd, thread, collector)
+    return MetricsServer(httpd, thread, collector, exposition)
