@@ -3,6 +3,7 @@ stats, gc, protect, config."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
@@ -13,6 +14,7 @@ from ..loader import attach as xdp
 from ..loader import bpffs
 from ..loader.compile import Limits
 from ..loader.pinned import Firewall, unpin_all
+from ..ops.metrics import parse_listen, serve_metrics
 from ..policy import blacklist, protect, roles, sessions, stats
 from ..policy.config import (
     MAX_SESSIONS,
@@ -40,6 +42,7 @@ def register(app: typer.Typer) -> None:
         ("stats", stats_cmd),
         ("gc", gc_cmd),
         ("protect", protect_cmd),
+        ("metrics", metrics_cmd),
     ):
         app.command(name)(fn)
     app.add_typer(config_app, name="config")
@@ -313,3 +316,29 @@ def config_set(ctx: typer.Context, name: str, value: str) -> None:
         number = parse_config_value(name, value.removesuffix("/s") if name == "syn-rate" else value)
         fw.set_config(names[name], number)
     typer.echo(f"{name} = {value}")
+
+
+# ---- metrics ---------------------------------------------------------------
+
+
+def metrics_cmd(
+    ctx: typer.Context,
+    listen: Annotated[
+        str,
+        typer.Option(help="IP:PORT or [IPV6]:PORT (unauthenticated: keep it local)."),
+    ] = "127.0.0.1:9477",
+) -> None:
+    """Serve Prometheus metrics of this host's firewall and outgoing migrations
+    (`agent --metrics` serves the agent's counters too)."""
+    c = root_opts(ctx)
+    parse_listen(listen, "--listen")
+    bpffs.require_root()
+    srv = serve_metrics(listen, c.bpffs, c.state_dir, option="--listen")
+    typer.echo(f"serving http://{srv.address}/metrics", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.close()

@@ -19,7 +19,7 @@ import typer
 from ..base.errors import InvalidArgument, SamiError
 from ..loader import bpffs
 from ..migrate import running
-from ..migrate.agent import AgentConfig, serve
+from ..migrate.agent import Agent, AgentConfig, serve
 from ..migrate.bundle import (
     COMPRESSIONS,
     DEFAULT_VALIDITY_S,
@@ -45,9 +45,10 @@ from ..migrate.phases import MigrateOptions, resolve_peer, send_pull, wait_and_c
 from ..migrate.plan import record_limits
 from ..migrate.replay import REPLAY_FILE, ReplayCache
 from ..migrate.select import ExportState
-from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S
 from ..migrate.verify import inspect_bundle, verify_bundle
 from ..migrate.vmset import VmAddrs
+from ..ops.hostconfig import CONFIG_FILE, AgentSpec, load_host_config
+from ..ops.metrics import MetricsServer, parse_listen, serve_metrics
 from ..ops.systemd import ServiceNotifier
 from .common import emit_json, root_opts, table
 from .values import output_path, read_input, seconds, whole
@@ -327,36 +328,65 @@ def imports_abort(
 
 def agent_cmd(
     ctx: typer.Context,
-    listen: Annotated[str, typer.Option(help="HOST:PORT to accept peers on.")] = "0.0.0.0:7800",
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT to accept peers on [default: 0.0.0.0:7800].")
+    ] = None,
     pickup: Annotated[
-        float, typer.Option(help="Pickup window (s) after a migration's final round.")
-    ] = DEFAULT_PICKUP_S,
-    max_message: Annotated[int, typer.Option(help="Largest bundle accepted (bytes).")] = (
-        DEFAULT_MAX_MESSAGE
-    ),
+        float | None,
+        typer.Option(help=f"Pickup window (s) after a migration's final round "
+                     f"[default: {DEFAULT_PICKUP_S:g}]."),
+    ] = None,
+    max_message: Annotated[
+        int | None, typer.Option(help="Largest bundle accepted (bytes).")] = None,
     timeout: Annotated[
-        float, typer.Option(help="Seconds for one whole message to arrive.")
-    ] = DEFAULT_TIMEOUT_S,
-    idle: Annotated[float, typer.Option(help="Seconds a connection may wait between messages.")] = (
-        60.0
-    ),
+        float | None, typer.Option(help="Seconds for one whole message to arrive.")
+    ] = None,
+    idle: Annotated[
+        float | None, typer.Option(help="Seconds a connection may wait between messages.")
+    ] = None,
     handshake_timeout: Annotated[
-        float, typer.Option(help="Seconds for a peer to authenticate (TLS or hello).")
-    ] = 10.0,
-    max_conns: Annotated[int, typer.Option(help="Connections at once.")] = 32,
+        float | None, typer.Option(help="Seconds for a peer to authenticate (TLS or hello).")
+    ] = None,
+    max_conns: Annotated[int | None, typer.Option(help="Connections at once.")] = None,
     max_pending_per_ip: Annotated[
-        int, typer.Option(help="Unauthenticated connections at once per address.")
-    ] = 4,
-    max_bundles: Annotated[int, typer.Option(help="Bundles received/verified at once.")] = 2,
+        int | None, typer.Option(help="Unauthenticated connections at once per address.")
+    ] = None,
+    max_bundles: Annotated[
+        int | None, typer.Option(help="Bundles received/verified at once.")] = None,
     plaintext: Annotated[
         bool,
         typer.Option(
             "--plaintext", help="No TLS: a signed hello authenticates (debugging only)."
         ),
     ] = False,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="IP:PORT or [IPV6]:PORT to serve Prometheus metrics on (unauthenticated: "
+            "localhost or a management address; port 0 picks one)."
+        ),
+    ] = None,
 ) -> None:
-    """Receive migration bundles from trusted peers (mutual TLS) and load them."""
+    """Receive migration bundles from trusted peers (mutual TLS) and load them.
+
+    An option not given takes its value from the [agent] section of
+    CONFIG_DIR/samixdp.toml when that file exists (the service runs `samixdp agent`)."""
     c = root_opts(ctx)
+    host_file = c.config_dir / CONFIG_FILE
+    spec = load_host_config(host_file).agent if host_file.exists() else AgentSpec()
+    listen = spec.listen if listen is None else listen
+    pickup = spec.pickup_s if pickup is None else pickup
+    max_message = spec.max_message if max_message is None else max_message
+    timeout = spec.timeout_s if timeout is None else timeout
+    idle = spec.idle_s if idle is None else idle
+    handshake_timeout = spec.handshake_s if handshake_timeout is None else handshake_timeout
+    max_conns = spec.max_conns if max_conns is None else max_conns
+    max_pending_per_ip = (spec.max_pending_per_ip if max_pending_per_ip is None
+                          else max_pending_per_ip)
+    max_bundles = spec.max_bundles if max_bundles is None else max_bundles
+    metrics = spec.metrics if metrics is None else metrics
+    if metrics is not None:
+        parse_listen(metrics)
     seconds("--pickup", pickup, 0, MAX_PICKUP_S)
     whole("--max-message", max_message, 1024, 1 << 31)
     seconds("--timeout", timeout, 0, 3600, lo_open=True)
@@ -385,6 +415,15 @@ def agent_cmd(
         max_bundles=max_bundles,
         plaintext=plaintext,
     )
+    started: list[MetricsServer] = []
+
+    def start_metrics(agent: Agent) -> None:
+        assert metrics is not None
+        started.append(serve_metrics(metrics, c.bpffs, c.state_dir, agent))
+        line = {"ts": round(time.time(), 3), "event": "metrics",
+                "address": started[0].address, "path": "/metrics"}
+        print(json.dumps(line), flush=True)  # the agent's log: JSON lines on stdout
+
     notifier = ServiceNotifier.from_env()  # systemd Type=notify (a no-op outside systemd)
 
     def on_term(_sig: int, _frm: object) -> None:
@@ -393,9 +432,11 @@ def agent_cmd(
     signal.signal(signal.SIGTERM, on_term)
     try:
         serve(cfg, on_ready=lambda addr: notifier.ready(f"listening on {addr}"),
-              on_tick=notifier.tick)
+              on_tick=notifier.tick, on_start=start_metrics if metrics is not None else None)
     finally:
         notifier.stopping()
+        for srv in started:
+            srv.close()
 
 
 def _print_report(report: dict, as_json: bool) -> None:

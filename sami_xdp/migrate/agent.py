@@ -44,6 +44,7 @@ from ..loader.pinned import Firewall
 from ..policy.protect import list_protected
 from ..policy.sessions import SESSION_MAPS
 from . import cutover
+from .agentstats import AgentCounters, claimed_kind
 from .bundle import HEADER_SIZE, bundle_size, parse_header, parse_vms, vms_size
 from .control import bundle_digest, nonce_of, sign_control, verify_control
 from .errors import BundleRefused, MigrateError, TransportError
@@ -169,6 +170,7 @@ class Agent:
         self.import_lock = threading.Lock()
         self.bundle_slots = threading.BoundedSemaphore(cfg.max_bundles)
         self.admission = Admission(cfg.max_conns, cfg.max_pending_per_ip)
+        self.counters = AgentCounters()  # read by the metrics endpoint (ops/metrics.py)
         self.trust()  # a bad peers file stops the agent now, not at its first peer
         self.limits = record_limits(self.fw)
         self.max_bundle = min(cfg.max_message, self.limits.max_bundle_bytes())
@@ -203,6 +205,7 @@ class Agent:
     def serve_connection(self, sock: socket.socket, addr: str) -> None:
         ip = addr.rsplit(":", 1)[0]
         authenticated = False
+        peer: Peer | None = None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out at once
         try:
             try:
@@ -210,6 +213,7 @@ class Agent:
             finally:
                 self.admission.authenticated(ip)
                 authenticated = True
+            self.counters.authenticated(peer.name)
             _log("connected", peer=peer.name, address=addr)
             self.frames(sock, peer, addr)
         except (TransportError, OSError, ssl.SSLError, SamiError) as exc:
@@ -219,6 +223,8 @@ class Agent:
         finally:
             if not authenticated:
                 self.admission.authenticated(ip)
+            if peer is None:
+                self.counters.connection("unauthenticated")
             self.admission.leave()
             try:
                 sock.close()
@@ -280,11 +286,13 @@ class Agent:
                 reply = self.request(sock, peer, msg_type, length, deadline)
             except Refusal as exc:
                 reply = (MSG_ERROR, self.refusal(peer, str(exc), exc.field, exc.kind), exc.close)
+                self.counters.refusal(exc.kind)
                 _log("refused", peer=peer.name, reason=str(exc))
             except (TransportError, OSError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the connection's edge: a bug answers too
                 _log("internal-error", peer=peer.name, error=f"{type(exc).__name__}: {exc}")
+                self.counters.refusal("internal-error")
                 reply = (MSG_ERROR, self.refusal(peer, f"internal error ({type(exc).__name__})"),
                          True)
             msg, payload, close = reply
@@ -326,9 +334,11 @@ class Agent:
                 return MSG_ACK, self.pull(sender, body, nonce_of(raw)), False
             return MSG_ACK, self.abort(sender, body, nonce_of(raw)), False
         except FieldError as exc:
+            self.counters.refusal("bad-field")
             return MSG_ERROR, self.refusal(peer, str(exc), exc.field, "bad-field",
                                            nonce_of(raw)), False
         except SamiError as exc:
+            self.counters.refusal(getattr(exc, "reason", type(exc).__name__))
             _log("refused", peer=peer.name, reason=str(exc))
             return MSG_ERROR, self.refusal(peer, str(exc), None, type(exc).__name__,
                                            nonce_of(raw)), False
@@ -364,6 +374,7 @@ class Agent:
         if ok and watch:
             with self.watch_lock:
                 self.watches[mid.hex()] = Watch(mid.hex(), peer.name, vms)
+        self.counters.preflight(ok)
         _log("preflight", peer=peer.name, vm=vms.label, ok=ok, reasons=reasons)
         return sign_control(
             self.identity,
@@ -386,6 +397,7 @@ class Agent:
         with self.import_lock:
             removed = abort_import(self.fw, mid, self.cfg.state_dir, source=peer.name)
         self.end_watch(mid.hex(), peer.name, "aborted")
+        self.counters.abort()
         _log("aborted", peer=peer.name, migration_id=mid.hex(), removed=removed)
         return sign_control(
             self.identity,
@@ -442,6 +454,8 @@ class Agent:
         except SamiError as exc:
             _log("refused", peer=peer.name, bytes=len(data), reason=str(exc))
             kind = getattr(exc, "reason", type(exc).__name__)
+            self.counters.refusal(kind)
+            self.counters.bundle(claimed_kind(data), "refused", len(data))
             return sign_control(
                 self.identity,
                 {"type": "ack", "to": peer.name, "ok": False, "reason": str(exc)[:1000],
@@ -451,6 +465,7 @@ class Agent:
         self.after_import(res.migration_id, res.kind, peer.name)
         res.timings = {"verify_s": t1 - t0, **res.timings,
                        "receive_total_s": time.perf_counter() - t0}
+        self.counters.bundle(res.kind, "imported", len(data), res.timings)
         _log("imported", source=res.source, vm=res.vm, seq=res.seq, kind=res.kind,
              counts=res.counts, deleted=res.deleted, bytes=len(data),
              seconds=round(time.perf_counter() - t0, 4))
@@ -589,10 +604,12 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.agent.admission.admit(str(client_address[0])):
+            self.agent.counters.connection("refused")
             _log("connection-refused", address=f"{client_address[0]}:{client_address[1]}",
                  reason="too many connections")
             self.shutdown_request(request)
             return
+        self.agent.counters.connection("accepted")
         super().process_request(request, client_address)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -601,9 +618,11 @@ class _Server(socketserver.ThreadingTCPServer):
 
 def serve(cfg: AgentConfig, ready: threading.Event | None = None,
           on_ready: Callable[[str], None] | None = None,
-          on_tick: Callable[[], None] | None = None) -> None:
-    """Runs until interrupted (SIGINT or SIGTERM). `on_ready(address)` once it
-    listens; `on_tick()` from the accept loop, a few times a second."""
+          on_tick: Callable[[], None] | None = None,
+          on_start: Callable[[Agent], None] | None = None) -> None:
+    """Runs until interrupted (SIGINT or SIGTERM). `on_start(agent)` once it listens
+    (the metrics endpoint reads its counters), then `on_ready(address)`; `on_tick()`
+    from the accept loop, a few times a second."""
     agent = Agent(cfg)
     host, port = parse_address(cfg.listen)
     try:
@@ -617,13 +636,15 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None,
         tls=not cfg.plaintext,
         max_bundle=agent.max_bundle,
     )
-    if ready is not None:
-        ready.set()
-    if on_ready is not None:
-        on_ready(f"{host}:{server.server_address[1]}")
     stop = threading.Event()
-    threading.Thread(target=agent.watch_arrivals, args=(stop,), daemon=True).start()
     try:
+        if on_start is not None:
+            on_start(agent)
+        if ready is not None:
+            ready.set()
+        if on_ready is not None:  # ready once everything listens
+            on_ready(f"{host}:{server.server_address[1]}")
+        threading.Thread(target=agent.watch_arrivals, args=(stop,), daemon=True).start()
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass

@@ -40,6 +40,7 @@ from ..base.netutil import (
     parse_network,
     subnet_of,
 )
+from ..loader.batch import read_array_range
 from ..loader.pinned import Firewall, possible_cpus
 from .protect import list_protected
 
@@ -561,6 +562,17 @@ def hits(fw: Firewall, ids: np.ndarray) -> dict[int, int]:
         v = m.lookup(np.array([i], np.uint32))
         out[int(i)] = int(v.sum()) if v is not None else 0
     return out
+
+
+def all_hits(fw: Firewall, ids: np.ndarray) -> np.ndarray:
+    """Hits of each rule in `ids` (summed over CPUs), read in one batch call of the
+    per-CPU counters from index 0 to the largest id."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if not len(ids):
+        return np.zeros(0, dtype=np.uint64)
+    per_cpu = np.dtype((np.uint64, possible_cpus()))
+    values = read_array_range(fw.maps["acl_hits"].fd, per_cpu, 0, int(ids.max()) + 1)
+    return values.sum(axis=1, dtype=np.uint64)[ids]
 
 
 def _net_text(net: IPNetwork) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 from ..base.layout import Layout
 from ..base.netutil import IPAddress, addrs_to_ips, be16_array_to_host, ip_to_addr
 from ..base.rows import concat_rows
-from ..loader.batch import KeepFn
+from ..loader.batch import KeepFn, scan_batch
 from ..loader.pinned import Firewall
 from .config import state_names
 
@@ -59,6 +59,26 @@ def read_sessions(fw: Firewall) -> SessionTable:
         parts_v.append(v)
         parts_s.append(np.full(len(k), idx, dtype=np.uint8))
     return SessionTable(np.concatenate(parts_k), np.concatenate(parts_v), np.concatenate(parts_s))
+
+
+def count_states(fw: Firewall) -> dict[str, np.ndarray]:
+    """Entries of each session map by state (index: the ST_* value, up to 255),
+    expired or not. One sequential batch walk per map that counts chunk by chunk:
+    a table is never held whole (only its keys are, by the walk), and no key is
+    counted twice (a single walk has no range boundaries to de-duplicate)."""
+    out = {}
+    for name in SESSION_MAPS:
+        m = fw.maps[name]
+        counts = np.zeros(256, dtype=np.int64)
+
+        def tally(_keys: np.ndarray, values: np.ndarray, counts: np.ndarray = counts) -> np.ndarray:
+            counts += np.bincount(values["state"], minlength=256)
+            return np.zeros(len(values), dtype=bool)
+
+        scan_batch(m.fd, m.info.type, m.info.max_entries, m.key_dtype, m.value_dtype,
+                   keep=tally, workers=1)
+        out[name] = counts
+    return out
 
 
 VmAddr = str | IPAddress | np.void
