@@ -48,6 +48,8 @@ STRUCTS = (
     "track_state",
     "dirty_entry",
     "lookup_slot",
+    "fw_event",
+    "event_budget",
 )
 
 

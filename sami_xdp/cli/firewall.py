@@ -157,7 +157,8 @@ def _status(fw: Firewall) -> dict[str, object]:
         }
         for name, m in fw.maps.items()
         if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "tc_stages",
-                        "scratch", "clock_cache", "track", "dirty_head", "dirty_log")
+                        "scratch", "clock_cache", "track", "dirty_head", "dirty_log",
+                        "events", "event_budget")
     }
     slots = fw.read_config()
     return {
@@ -314,6 +315,7 @@ def config_set(ctx: typer.Context, name: str, value: str) -> None:
         names = config_names(fw.layout)
         if name not in names:
             raise InvalidArgument(f"unknown setting {name!r}; known: {', '.join(names)}")
-        number = parse_config_value(name, value.removesuffix("/s") if name == "syn-rate" else value)
+        rate = name in ("syn-rate", "events-rate")
+        number = parse_config_value(name, value.removesuffix("/s") if rate else value)
         fw.set_config(names[name], number)
     typer.echo(f"{name} = {value}")

@@ -55,6 +55,8 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "track": (None, "track_state"),
     "dirty_head": (None, None),
     "dirty_log": (None, "dirty_entry"),
+    "events": (None, None),  # a ring buffer: no keys or values, records of struct fw_event
+    "event_budget": (None, "event_budget"),
 }
 
 PERCPU_TYPES = {5, 6}
@@ -79,6 +81,9 @@ def _contiguous(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _scalar_dtype(size: int) -> np.dtype:
+    """A key or value of `size` bytes; 0 (a ring buffer's) is an empty void."""
+    if size == 0:
+        return np.dtype((np.void, 0))
     return np.dtype({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size])
 
 
