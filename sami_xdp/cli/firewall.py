@@ -15,7 +15,7 @@ from ..loader.compile import Limits
 from ..loader.pinned import Firewall, unpin_all
 from ..policy import blacklist, protect, roles, sessions, stats
 from ..policy.config import config_names, create_firewall, parse_config_value
-from .common import emit_json, recovered, root_opts, table
+from .common import emit_json, endpoint, recovered, root_opts, table
 from .values import whole
 
 MAX_SETTING = 2**32  # the largest value a numeric setting takes (config slots are u64)
@@ -204,11 +204,6 @@ def status_cmd(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")
 # ---- sessions / stats / gc -------------------------------------------------
 
 
-def _endpoint(ip: object, port: object) -> str:
-    """address:port, an IPv6 address in brackets (RFC 5952 section 6)."""
-    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
-
-
 def sessions_cmd(
     ctx: typer.Context,
     vm: Annotated[
@@ -235,8 +230,8 @@ def sessions_cmd(
         [
             [
                 r["proto"],
-                _endpoint(r["src"], r["sport"]),
-                _endpoint(r["dst"], r["dport"]),
+                endpoint(r["src"], r["sport"]),
+                endpoint(r["dst"], r["dport"]),
                 r["state"],
                 r["age_s"],
                 r["idle_s"],

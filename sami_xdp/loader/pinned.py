@@ -7,6 +7,7 @@ once, fills the config and meta maps, and pins everything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
 }
 
 PERCPU_TYPES = {5, 6}
+# the directory the event stream's single reader locks (ringbuf.exclusive), next to the pins
+EVENTS_LOCK = "events_reader"  # bpffs refuses names with a dot
 
 
 @cache
@@ -429,4 +432,6 @@ def unpin_all(path: Path) -> int:
         if pin.exists():
             pin.unlink()
             removed += 1
+    with contextlib.suppress(OSError):
+        (path / EVENTS_LOCK).rmdir()
     return removed
