@@ -91,6 +91,10 @@ BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
  * helper costs as much as a session lookup (~20 ns), while bpf_jiffies64()
  * is one load (inlined by the verifier); so it is read once per tick and CPU. */
 BPF_PERCPU_ARRAY(clock_cache, u64, 2);
+/* The event stream (session_map.h): new sessions, ends and drops for
+ * `samixdp events`, at most CFG_EVENT_RATE a second per CPU. */
+BPF_RINGBUF_OUTPUT(events, SAMIXDP_EVENT_PAGES);
+BPF_PERCPU_ARRAY(event_budget, struct event_budget, 1);
 
 /* ---- the program context ---------------------------------------------------
  * The datapath runs as an XDP program (native or generic, for NIC drivers) and
@@ -338,6 +342,92 @@ static __always_inline int banned(struct pkt *p, __u64 now)
     return 0;
 }
 
+/* ---- the event stream --------------------------------------------------------------
+ * Only a packet that opens a session, ends one or is dropped gets here. The per-CPU
+ * budget bounds the ring's reservations (a spin lock shared by every CPU) as well
+ * as the events: under a flood, past the budget, an event costs two array reads. */
+
+/* A zeroed record with its type and time, or 0: events off, over the rate (counted)
+ * or the ring full (counted). The caller fills it and submits it. */
+static __always_inline struct fw_event *event_start(__u8 type, __u64 now)
+{
+    __u32 zero = 0;
+    struct fw_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->slot[CFG_EVENT_RATE])
+        return 0;
+    struct event_budget *b = event_budget.lookup(&zero);
+    if (!b)
+        return 0;
+    if (now - b->window_start_ns >= SAMIXDP_EVENT_WINDOW_NS) {
+        b->window_start_ns = now;
+        b->used = 0;
+    }
+    if (b->used >= cfg->slot[CFG_EVENT_RATE]) {
+        b->rate_limited += 1;
+        return 0;
+    }
+    b->used += 1; /* a failed reservation uses the budget too: it took the lock */
+    struct fw_event *e = events.ringbuf_reserve(sizeof(struct fw_event));
+    if (!e) {
+        b->ring_full += 1;
+        return 0;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->ts_ns = now;
+    e->type = type;
+    return e;
+}
+
+/* NEW or DROP: the packet's own addresses (for NEW its sender is the initiator). */
+static __always_inline void event_packet(__u8 type, __u32 reason, __u8 state, struct pkt *p,
+                                         __u32 ifindex, __u64 now)
+{
+    struct fw_event *e = event_start(type, now);
+    if (!e)
+        return;
+    e->reason = reason;
+    e->state = state;
+    e->proto = p->proto;
+    e->ifindex = ifindex;
+    e->src = p->saddr;
+    e->dst = p->daddr;
+    e->sport = p->sport;
+    e->dport = p->dport;
+    e->tcp_flags = p->tcp_flags;
+    events.ringbuf_submit(e, 0);
+}
+
+/* END: the session's initiator first, as `samixdp sessions` lists it. */
+static __always_inline void event_end(const struct session_key *k, __u8 initiator, __u8 state,
+                                      struct pkt *p, __u32 ifindex, __u64 now)
+{
+    struct fw_event *e = event_start(EVT_END, now);
+    if (!e)
+        return;
+    e->reason = REASON_PASS_SESSION;
+    e->state = state;
+    e->proto = k->proto;
+    e->ifindex = ifindex;
+    if (initiator == SIDE_LO) {
+        e->src = k->addr_lo;
+        e->dst = k->addr_hi;
+        e->sport = k->port_lo;
+        e->dport = k->port_hi;
+    } else {
+        e->src = k->addr_hi;
+        e->dst = k->addr_lo;
+        e->sport = k->port_hi;
+        e->dport = k->port_lo;
+    }
+    e->tcp_flags = p->tcp_flags;
+    events.ringbuf_submit(e, 0);
+}
+
+static __always_inline int is_closed(__u8 state)
+{
+    return state == ST_TIME_WAIT || state == ST_CLOSED;
+}
+
 /* ---- dirty-state tracking ------------------------------------------------------
  * A migrating VM's sessions are logged once per round, at the first packet that
  * touches them; everyone else pays one array read (nothing tracked) or a filter
@@ -436,6 +526,7 @@ static __always_inline __u32 open_session(struct session_key *k, struct pkt *p, 
     if (p->proto == PROTO_TCP && (p->tcp_flags & TCPF_SYN))
         tcp_dir_from_syn(&v.tcp[0], p, p->seq + p->seg_len + 1);
     track_session(k, &v);
+    event_packet(EVT_NEW, pass_reason, state, p, ifindex, now);
     if (is_assured(state) && sessions.update(k, &v) == 0)
         return pass_reason;
     unassured.update(k, &v);
@@ -444,10 +535,13 @@ static __always_inline __u32 open_session(struct session_key *k, struct pkt *p, 
 
 /* Applies a packet to an existing session: TCP through the tracker, UDP and
  * ICMP by direction. A flow that becomes assured moves to `sessions`; if that
- * is full it stays unassured (and keeps working). */
+ * is full it stays unassured (and keeps working). `report_end` (a constant):
+ * a TCP session that closes here is reported (EVT_END); the fast path passes 0,
+ * it hands every packet that could close a session to the slow path. */
 static __always_inline __u32 advance_session(struct fw_config *cfg, struct session_key *k,
                                              struct session_value *v, struct pkt *p, __u8 side,
-                                             int in_unassured, __u64 now, __u32 ifindex)
+                                             int in_unassured, __u64 now, __u32 ifindex,
+                                             int report_end)
 {
     int from_init = side == v->initiator;
     __u8 next = v->state;
@@ -458,6 +552,9 @@ static __always_inline __u32 advance_session(struct fw_config *cfg, struct sessi
         count_packet(v, from_init, p->l3_len, now, ifindex, w == TW_ACCEPT);
         if (w == TW_IGNORE)
             return REASON_PASS_SESSION;
+        /* only the packet that closes it pays */
+        if (report_end && next != v->state && is_closed(next) && !is_closed(v->state))
+            event_end(k, v->initiator, next, p, ifindex, now);
     } else {
         if (is_icmp(p->proto) && p->echo != (from_init ? ECHO_REQUEST : ECHO_REPLY))
             return REASON_DROP_INVALID; /* e.g. a request from the pinged side */
@@ -652,8 +749,10 @@ static __always_inline __u32 handle_fragment(struct fw_config *cfg, struct pkt *
 
 
 /* The verdict leaves here, whichever stage decided it: an accepted first
- * fragment is remembered for its followers, the verdict counted per reason. */
-static __always_inline int finish(void *ctx, int kind, struct pkt *p, __u32 reason)
+ * fragment is remembered for its followers, the verdict counted per reason and,
+ * if `reported` (a constant: the later stages), a drop reported (EVT_DROP). */
+static __always_inline int finish(void *ctx, int kind, struct pkt *p, __u32 reason,
+                                  int reported)
 {
     if (p->frag == 1 && reason < SAMIXDP_FIRST_DROP && reason != REASON_PASS_TRANSIT &&
         reason != REASON_PASS_IPV6_UNPROTECTED) {
@@ -667,18 +766,31 @@ static __always_inline int finish(void *ctx, int kind, struct pkt *p, __u32 reas
         c->packets += 1;
         c->bytes += ctx_len(ctx, kind);
     }
+    if (reported && reason >= SAMIXDP_FIRST_DROP)
+        event_packet(EVT_DROP, reason, ST_NONE, p, ctx_ifindex(ctx, kind), NOW());
     return verdict_code(kind, reason < SAMIXDP_FIRST_DROP);
 }
 
-/* Hands the packet to the next stage; returns only if the tail call failed. */
-static __always_inline void next_stage(void *ctx, int kind, struct pkt *p, __u32 stage)
+/* Hands the packet to the next stage; returns only if the tail call failed.
+ * `decided`: a drop reason the stage only reports, else 0. */
+static __always_inline void next_stage(void *ctx, int kind, struct pkt *p, __u32 stage,
+                                       __u8 decided)
 {
     __u32 zero = 0;
     struct pkt *sp = scratch.lookup(&zero);
     if (!sp)
         return;
     *sp = *p;
+    sp->decided = decided;
     tail_call(ctx, kind, stage);
+}
+
+/* Whether drops are reported (events on): stage 0 then hands its drops on. */
+static __always_inline int events_on(void)
+{
+    __u32 zero = 0;
+    struct fw_config *cfg = config.lookup(&zero);
+    return cfg && cfg->slot[CFG_EVENT_RATE];
 }
 
 /* Stage 0, the fast path: a live assured session. Its flags say which ends
@@ -717,9 +829,13 @@ static __always_inline __u32 fast_path(void *ctx, int kind, struct pkt *p)
     struct session_value *v = sessions.lookup(&k);
     if (!v || !is_live(cfg, v, now))
         return REASON_NEED_SLOW;
-    if (p->proto == PROTO_TCP && (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN &&
-        (v->state == ST_TIME_WAIT || v->state == ST_CLOSED))
-        return REASON_NEED_SLOW; /* port reuse: a new connection */
+    /* The slow path takes a new connection on a closed one's ports (port reuse) and
+     * any packet that could close a session (reported there): an RST, or the last
+     * ACK of LAST_ACK (the only moves into TIME_WAIT or CLOSED, see tcp_state.h). */
+    if (p->proto == PROTO_TCP &&
+        ((p->tcp_flags & TCPF_RST) || v->state == ST_LAST_ACK ||
+         ((p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN && is_closed(v->state))))
+        return REASON_NEED_SLOW;
     __u8 sender_vm = side == SIDE_LO ? SESS_F_VM_LO : SESS_F_VM_HI;
     __u8 receiver_vm = side == SIDE_LO ? SESS_F_VM_HI : SESS_F_VM_LO;
     int d = side == v->initiator ? 0 : 1;
@@ -734,7 +850,7 @@ static __always_inline __u32 fast_path(void *ctx, int kind, struct pkt *p)
     if (p->proto == PROTO_TCP && !tcp_flags_valid(p->tcp_flags))
         return REASON_DROP_INVALID;
     track_session(&k, v);
-    return advance_session(cfg, &k, v, p, side, 0, now, ifindex);
+    return advance_session(cfg, &k, v, p, side, 0, now, ifindex, 0);
 }
 
 /* Stage 1, the slow path: anything the fast path could not decide. */
@@ -801,7 +917,7 @@ static __always_inline __u32 slow_path(void *ctx, int kind, struct pkt *p)
     }
     if (v) {
         track_session(&k, v);
-        return advance_session(cfg, &k, v, p, side, in_unassured, now, ifindex);
+        return advance_session(cfg, &k, v, p, side, in_unassured, now, ifindex, 1);
     }
 
     if (tcp && !syn_only) {
@@ -857,10 +973,13 @@ static __always_inline int entry_main(void *ctx, int kind)
     struct pkt p = {};
     __u32 reason = fast_path(ctx, kind, &p);
     if (reason == REASON_NEED_SLOW) {
-        next_stage(ctx, kind, &p, STAGE_SLOW);
+        next_stage(ctx, kind, &p, STAGE_SLOW, 0);
         reason = REASON_DROP_MALFORMED; /* no stage to hand over to: fail closed */
+    } else if (reason >= SAMIXDP_FIRST_DROP && events_on()) {
+        /* the slow stage counts and reports it: this stage emits nothing */
+        next_stage(ctx, kind, &p, STAGE_SLOW, reason);
     }
-    return finish(ctx, kind, &p, reason);
+    return finish(ctx, kind, &p, reason, 0);
 }
 
 static __always_inline int entry_slow(void *ctx, int kind)
@@ -869,12 +988,14 @@ static __always_inline int entry_slow(void *ctx, int kind)
     struct pkt *p = scratch.lookup(&zero);
     if (!p)
         return verdict_code(kind, 0); /* unreachable: arrays always hold index 0 */
-    __u32 reason = slow_path(ctx, kind, p);
+    __u32 reason = p->decided;
+    if (!reason)
+        reason = slow_path(ctx, kind, p);
     if (reason == REASON_NEED_ACL) {
         tail_call(ctx, kind, STAGE_ACL);
         reason = REASON_DROP_ACL_DEFAULT; /* no ACL stage: nothing allows it */
     }
-    return finish(ctx, kind, p, reason);
+    return finish(ctx, kind, p, reason, 1);
 }
 
 static __always_inline int entry_acl(void *ctx, int kind)
@@ -883,7 +1004,7 @@ static __always_inline int entry_acl(void *ctx, int kind)
     struct pkt *p = scratch.lookup(&zero);
     if (!p)
         return verdict_code(kind, 0);
-    return finish(ctx, kind, p, acl_stage(ctx, kind, p));
+    return finish(ctx, kind, p, acl_stage(ctx, kind, p), 1);
 }
 /* ---- bulk lookups for userspace ------------------------------------------------
  * Never attached: userspace runs them with PROG_TEST_RUN on a frame of lookup

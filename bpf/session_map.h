@@ -123,10 +123,22 @@
 #define CFG_ACL_GEN 19          /* which ACL rule-set map is live: 0 or 1 */
 #define CFG_FRAG_POLICY 20      /* 0 = track first fragments, 1 = pass all, 2 = drop all */
 #define CFG_TCP_LIBERAL 21      /* 1: out-of-window TCP passes (conntrack's tcp_be_liberal) */
+#define CFG_EVENT_RATE 22       /* events per second and CPU into `events`; 0 = no events */
 /* `config` entry 1 belongs to the datapath (userspace rewrites entry 0 whole) */
 #define CFG_ENTRY_RUNTIME 1
 #define RT_BANS_HINT 0          /* entry 1 slot: non-zero when a live ban may exist */
 #define SAMIXDP_N_CONFIG 32 /* length of fw_config.slot */
+
+/* ---- the event stream (`samixdp events`) ------------------------------------
+ * The datapath reports new sessions, session ends and drops into the `events`
+ * ring buffer, at most CFG_EVENT_RATE a second per CPU (`event_budget`); what
+ * the rate or a full ring kept out is counted there, never queued. Only the
+ * packets that open, end or drop pay: an established hit emits nothing. */
+#define EVT_NEW 1               /* a session was created (reason: how it was allowed) */
+#define EVT_END 2               /* a TCP session reached TIME_WAIT or CLOSED */
+#define EVT_DROP 3              /* a packet was dropped (reason: REASON_DROP_*) */
+#define SAMIXDP_EVENT_PAGES 64  /* ring size in pages (256 KiB with 4 KiB pages) */
+#define SAMIXDP_EVENT_WINDOW_NS 1000000000 /* the rate's window */
 
 /* ---- IP protocols the datapath tracks (the IANA numbers) ------------------ */
 #define PROTO_ICMP 1
@@ -338,7 +350,9 @@ struct pkt {
                            * fragment header next header (first and later alike) */
     __u8 arp;             /* an Ethernet/IPv4 ARP frame: saddr/daddr hold its sender
                            * and target protocol addresses, nothing else is set */
-    __u8 pad[4];          /* a per-CPU value: bcc wants a multiple of 8 bytes */
+    __u8 decided;         /* a drop reason stage 0 hands on only to be reported
+                           * (the event stream); 0: the next stage decides */
+    __u8 pad[3];          /* a per-CPU value: bcc wants a multiple of 8 bytes */
 };
 
 /* The whole runtime configuration, one entry of the `config` array, so
@@ -400,6 +414,32 @@ struct lookup_slot {
     __u32 found;
     __u32 pad;
     struct session_value value;
+};
+
+/* One record of the `events` ring. src is the initiator for NEW and END (as
+ * `samixdp sessions` prints it), the packet's sender for DROP. Ports and
+ * addresses in network order; ICMP echo: sport = identifier, dport = 0. */
+struct fw_event {
+    __u64 ts_ns;          /* the datapath's coarse CLOCK_MONOTONIC */
+    __u8 type;            /* EVT_* */
+    __u8 reason;          /* REASON_* */
+    __u8 state;           /* ST_* of the session (NEW, END); ST_NONE for DROP */
+    __u8 proto;           /* PROTO_* (or any other IP protocol number) */
+    __u32 ifindex;        /* ingress interface of the packet */
+    struct ip_addr src;
+    struct ip_addr dst;
+    __u16 sport;
+    __u16 dport;
+    __u8 tcp_flags;       /* of the packet (TCP) */
+    __u8 pad[3];
+};
+
+/* `event_budget` (per CPU): the current rate window and what was not sent. */
+struct event_budget {
+    __u64 window_start_ns;
+    __u64 used;           /* events tried in the current window (sent or ring full) */
+    __u64 rate_limited;   /* events over CFG_EVENT_RATE, never tried */
+    __u64 ring_full;      /* events that found the ring full (a slow or absent reader) */
 };
 
 /* Per-reason verdict counters (per CPU). */

@@ -37,3 +37,7 @@ class CompileError(SamiError):
 
 class InterfaceError(SamiError):
     """A network interface is missing or cannot take the program."""
+
+
+class BusyError(SamiError):
+    """Another process holds what only one may hold at a time (the event reader)."""

@@ -49,6 +49,8 @@ STRUCTS = (
     "dirty_entry",
     "lookup_slot",
     "arrival_value",
+    "fw_event",
+    "event_budget",
 )
 
 

@@ -2,8 +2,8 @@
 
 Every command reopens the pinned state under --bpffs; errors become one line
 on stderr and the exit code of their family (`common.EXIT_CODES`), caught once
-here in main(). One module per command group: firewall, policy, trust, migrate,
-ops.
+here in main(). One module per command group: firewall, events, policy, trust,
+migrate, ops.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import typer
 from ..base.errors import SamiError
 from ..loader import bpffs
 from ..loader.bpfsys import BpfError
-from . import firewall, migrate, ops, policy, trust
+from . import events, firewall, migrate, ops, policy, trust
 from .common import INTERNAL_ERROR, Ctx, exit_code
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ def _root(
 
 
 firewall.register(app)
+events.register(app)
 policy.register(app)
 trust.register(app)
 migrate.register(app)

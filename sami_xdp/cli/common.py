@@ -11,6 +11,7 @@ import typer
 
 from ..base.errors import (
     BpffsError,
+    BusyError,
     CompileError,
     InterfaceError,
     InvalidArgument,
@@ -45,6 +46,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
     (BpffsError, 6, "no usable bpffs directory for the pins"),
     (CompileError, 7, "the XDP program cannot be built or loaded (bcc, headers)"),
     (InterfaceError, 8, "an interface is missing or refuses the program"),
+    (BusyError, 9, "another process holds it (the event stream has one reader at a time)"),
     (BundleRefused, 11, "a bundle failed verification (nothing loaded)"),
     (ControlError, 11, "a peer's signed control message failed verification"),
     (IdentityError, 12, "this host's key or host id is missing or unusable"),
@@ -107,6 +109,11 @@ def root_opts(ctx: typer.Context) -> Ctx:
     obj = ctx.find_root().obj
     assert isinstance(obj, Ctx)
     return obj
+
+
+def endpoint(ip: object, port: object) -> str:
+    """address:port, an IPv6 address in brackets (RFC 5952 section 6)."""
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
 
 
 def emit_json(data: object) -> None:

@@ -26,7 +26,7 @@ from ..policy.config import (
     read_settings,
 )
 from ..policy.links import attach_link, attached_links, detach_link
-from .common import emit_json, recovered, root_opts, table
+from .common import emit_json, endpoint, recovered, root_opts, table
 from .values import whole
 
 config_app = typer.Typer(no_args_is_help=True, help="Show or change runtime settings.")
@@ -158,7 +158,8 @@ def _status(fw: Firewall) -> dict[str, object]:
         }
         for name, m in fw.maps.items()
         if name not in ("config", "meta", "verdicts", "acl_hits", "stages", "tc_stages",
-                        "scratch", "clock_cache", "track", "dirty_head", "dirty_log")
+                        "scratch", "clock_cache", "track", "dirty_head", "dirty_log",
+                        "events", "event_budget")
     }
     return {
         "bpffs": str(fw.path),
@@ -203,11 +204,6 @@ def status_cmd(ctx: typer.Context, json_: Annotated[bool, typer.Option("--json")
 # ---- sessions / stats / gc -------------------------------------------------
 
 
-def _endpoint(ip: object, port: object) -> str:
-    """address:port, an IPv6 address in brackets (RFC 5952 section 6)."""
-    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
-
-
 def sessions_cmd(
     ctx: typer.Context,
     vm: Annotated[
@@ -234,8 +230,8 @@ def sessions_cmd(
         [
             [
                 r["proto"],
-                _endpoint(r["src"], r["sport"]),
-                _endpoint(r["dst"], r["dport"]),
+                endpoint(r["src"], r["sport"]),
+                endpoint(r["dst"], r["dport"]),
                 r["state"],
                 r["age_s"],
                 r["idle_s"],
@@ -313,7 +309,8 @@ def config_set(ctx: typer.Context, name: str, value: str) -> None:
         names = config_names(fw.layout)
         if name not in names:
             raise InvalidArgument(f"unknown setting {name!r}; known: {', '.join(names)}")
-        number = parse_config_value(name, value.removesuffix("/s") if name == "syn-rate" else value)
+        rate = name in ("syn-rate", "events-rate")
+        number = parse_config_value(name, value.removesuffix("/s") if rate else value)
         fw.set_config(names[name], number)
     typer.echo(f"{name} = {value}")
 

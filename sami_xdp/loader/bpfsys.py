@@ -102,6 +102,7 @@ MAP_TYPE_NAMES = {
     6: "percpu_array",
     9: "lru_hash",
     11: "lpm_trie",
+    27: "ringbuf",
 }
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}

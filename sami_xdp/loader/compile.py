@@ -71,6 +71,8 @@ MAP_NAMES = (
     "track",
     "dirty_head",
     "dirty_log",
+    "events",
+    "event_budget",
 )
 
 

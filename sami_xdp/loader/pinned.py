@@ -7,6 +7,7 @@ once, fills the config and meta maps, and pins everything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -56,9 +57,13 @@ MAP_TYPES: dict[str, tuple[str | None, str | None]] = {
     "track": (None, "track_state"),
     "dirty_head": (None, None),
     "dirty_log": (None, "dirty_entry"),
+    "events": (None, None),  # a ring buffer: no keys or values, records of struct fw_event
+    "event_budget": (None, "event_budget"),
 }
 
 PERCPU_TYPES = {5, 6}
+# the directory the event stream's single reader locks (ringbuf.exclusive), next to the pins
+EVENTS_LOCK = "events_reader"  # bpffs refuses names with a dot
 
 
 @cache
@@ -80,6 +85,9 @@ def _contiguous(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _scalar_dtype(size: int) -> np.dtype:
+    """A key or value of `size` bytes; 0 (a ring buffer's) is an empty void."""
+    if size == 0:
+        return np.dtype((np.void, 0))
     return np.dtype({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size])
 
 
@@ -425,4 +433,6 @@ def unpin_all(path: Path) -> int:
         if pin.exists():
             pin.unlink()
             removed += 1
+    with contextlib.suppress(OSError):
+        (path / EVENTS_LOCK).rmdir()
     return removed

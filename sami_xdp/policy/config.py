@@ -1,8 +1,8 @@
 """Runtime configuration slots of the datapath (the `config` map).
 
 Timeouts are per session state in seconds, conntrack-like by default; the
-other slots are SYN accounting, the ban time, the live ACL generation and the
-fragment policy. `samixdp config set NAME VALUE` changes them live. Slot
+other slots are SYN accounting, the ban time, the live ACL generation, the
+fragment policy and the event rate. `samixdp config set NAME VALUE` changes them live. Slot
 indices and state names come from the header (CFG_*, ST_*).
 """
 
@@ -35,6 +35,8 @@ DEFAULT_TIMEOUTS_S = {
 DEFAULT_SYN_RATE = 200
 DEFAULT_SYN_WINDOW_MS = 1000
 DEFAULT_BAN_S = 60
+# events per second and CPU into the event ring (`samixdp events`); 0 turns them off
+DEFAULT_EVENT_RATE = 1000
 
 FRAG_POLICIES = {"track": 0, "pass": 1, "drop": 2}
 
@@ -59,6 +61,7 @@ def config_names(layout: Layout) -> dict[str, int]:
             "ban": c["CFG_BAN_S"],
             "frag-policy": c["CFG_FRAG_POLICY"],
             "tcp-liberal": c["CFG_TCP_LIBERAL"],
+            "events-rate": c["CFG_EVENT_RATE"],
         }
     )
     return names
@@ -74,6 +77,7 @@ def default_config_slots(layout: Layout) -> list[int]:
     slots[c["CFG_BAN_S"]] = DEFAULT_BAN_S
     slots[c["CFG_ACL_GEN"]] = 0
     slots[c["CFG_FRAG_POLICY"]] = FRAG_POLICIES["track"]
+    slots[c["CFG_EVENT_RATE"]] = DEFAULT_EVENT_RATE
     return slots
 
 
