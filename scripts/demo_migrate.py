@@ -48,6 +48,7 @@ VM_IP6, CLIENT_IP6 = "2001:db8:1::10", "2001:db8:c::10"
 VM_PREFIX, VM_PREFIX6 = "10.1.1.0/24", "2001:db8:1::/64"
 TO_CLIENT_PORT, TO_VM_PORT = 9000, 9001
 AGENT_PORT = 7800
+METRICS_PORT = 9780  # each host's agent serves Prometheus metrics on its own 127.0.0.1
 
 
 def log(msg: str) -> None:
@@ -205,6 +206,22 @@ def judge(load: dict[str, Any], duration: float, move_at: float, alive_within: f
     return alive, stalls, timelines, ends
 
 
+SHOWN_METRICS = ("samixdp_verdict_packets_total{", "samixdp_migration_phase_seconds_sum",
+                 "samixdp_migration_phase_seconds_count", "samixdp_import_phase_seconds_sum",
+                 "samixdp_migrations_finished_total")
+
+
+def scrape(h: Host) -> list[str]:
+    """The host agent's Prometheus endpoint, as a scraper in its namespace sees it:
+    the verdict counters that moved and the migration's phase durations."""
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    text = sh("ip", "netns", "exec", h.ns, sys.executable, "-c",
+              f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10)"
+              ".read().decode())").stdout
+    return [line for line in text.splitlines() if line.startswith(SHOWN_METRICS)
+            and not line.endswith(" 0.0")]
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -243,7 +260,7 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
                     h.ns, SAMIXDP, "--bpffs", h.bpffs, "--config-dir", h.config_dir,
                     "--state-dir", h.state_dir, "agent", "--listen",
                     f"{h.uplink_ip}:{AGENT_PORT}", "--pickup", "10",
-                    lifetime=args.duration + 60)
+                    "--metrics", f"127.0.0.1:{METRICS_PORT}", lifetime=args.duration + 60)
                 wait_line(agents[h.name], '"listening"', 20)
         lifetime = args.duration + 30
         for ns, ip, port in ((topo.env["SX_NS_CLIENT"], CLIENT_IP, TO_CLIENT_PORT),
@@ -294,7 +311,11 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
             report = json.loads(out)
             report["wall_s"] = round(time.monotonic() - t0, 3)
             report["final_after_move_ms"] = round((time.monotonic() - t_move) * 1000, 1)
+            report["metrics"] = {h.name: scrape(h) for h in (a, b)}
             migration = report
+            for h in (a, b):
+                for line in report["metrics"][h.name]:
+                    log(f"{name}: {h.name} metrics: {line}")
             log(f"{name}: migration {report['outcome']}: {report['total_bytes']} bytes, "
                 f"{report['total_seconds'] * 1000:.1f} ms in phases; cutover by "
                 f"{report['cutover']}; migrate returned "
