@@ -15,7 +15,10 @@ N connections (default 200) in four equal groups: IPv4 and IPv6, each half
 opened by the VM towards the client and half by the client towards the VM (an
 ACL on A allows that port for both addresses; it migrates too), each
 exchanging a 64-byte record every --interval ms. Prints a table (alive per
-family / broken, max and p99 stall, B's drops by reason, migration time and bytes),
+family / broken, max and p99 stall, B's drops by reason, migration time and bytes)
+and, for the migrated run, what the metrics endpoints said afterwards (B's agent
+with --metrics: verdict counters and import phases; A's `samixdp metrics`: the
+migration's phase durations),
 writes JSON and a PNG timeline of per-connection throughput to --out, and
 exits 0 only if the control run broke connections and the migrated run broke
 none. Everything it builds is removed on exit, whatever happens.
@@ -159,6 +162,40 @@ def wait_line(proc: subprocess.Popen[bytes], prefix: str, timeout: float) -> str
     raise RuntimeError(f"waited for {prefix!r}; got: {' | '.join(seen[-5:]) or 'nothing'}")
 
 
+# ---- the metrics endpoints ----
+
+
+def scrape(ns: str, address: str) -> str:
+    """GET /metrics of an endpoint on a namespace's loopback."""
+    get = ("import sys, urllib.request; "
+           "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())")
+    return sh("ip", "netns", "exec", ns, sys.executable, "-c", get,
+              f"http://{address}/metrics").stdout
+
+
+def summarise_metrics(b_text: str, a_text: str) -> dict[str, Any]:
+    """B's verdict packets (non-zero) and import phases, A's migration phases:
+    {phase: [count, seconds]} from the histograms' _count and _sum."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text)
+                for s in f.samples]
+
+    def phases(text: str, name: str) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for n, labels, v in samples(text):
+            if n in (f"{name}_count", f"{name}_sum"):
+                out.setdefault(labels["phase"], [0, 0.0])[n.endswith("_sum")] = v
+        return out
+
+    verdicts = {labels["reason"]: int(v) for n, labels, v in samples(b_text)
+                if n == "samixdp_verdict_packets_total" and v}
+    return {"b_verdict_packets": verdicts,
+            "b_import_phases": phases(b_text, "samixdp_import_phase_seconds"),
+            "a_migration_phases": phases(a_text, "samixdp_migration_phase_seconds")}
+
+
 # ---- one run -------------------------------------------------------------------------
 
 
@@ -177,6 +214,7 @@ class RunResult:
     duration_s: float
     ends: dict[str, int]
     alive_by_family: dict[str, list[int]]  # "IPv4"/"IPv6" -> [alive, conns]
+    metrics: dict[str, Any] | None = None  # the migrated run's scrapes, summarised
 
 
 def judge(load: dict[str, Any], duration: float, move_at: float, alive_within: float
@@ -235,8 +273,14 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
             agent = topo.spawn(b.ns, SAMIXDP, "--bpffs", b.bpffs, "--config-dir", b.config_dir,
                                "--state-dir", b.state_dir, "agent", "--listen",
                                f"{b.uplink_ip}:{AGENT_PORT}", "--pickup", "10",
-                               lifetime=args.duration + 60)
+                               "--metrics", "127.0.0.1:0", lifetime=args.duration + 60)
             wait_line(agent, '"listening"', 20)
+            b_metrics = json.loads(wait_line(agent, '"metrics"', 20))["address"]
+            exporter = topo.spawn(a.ns, SAMIXDP, "--bpffs", a.bpffs, "--config-dir",
+                                  a.config_dir, "--state-dir", a.state_dir, "metrics",
+                                  "--listen", "127.0.0.1:0", lifetime=args.duration + 60)
+            line = wait_line(exporter, "serving http://", 20)
+            a_metrics = line.split("http://", 1)[1].split("/metrics", 1)[0]
         lifetime = args.duration + 30
         for ns, ip, port in ((topo.env["SX_NS_CLIENT"], CLIENT_IP, TO_CLIENT_PORT),
                              (topo.env["SX_NS_VM"], VM_IP, TO_VM_PORT),
@@ -284,6 +328,9 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
             proc.wait(timeout=args.duration + 30)
         stats = b.cli_json("stats")
         b_drops = {k: v for k, v in stats.items() if k.startswith("drop-") and v}
+        metrics = None
+        if migrate:
+            metrics = summarise_metrics(scrape(b.ns, b_metrics), scrape(a.ns, a_metrics))
         alive, stalls, timelines, ends = [], [], [], {}
         by_family: dict[str, list[int]] = {"IPv4": [0, 0], "IPv6": [0, 0]}
         duration = 0.0
@@ -306,6 +353,7 @@ def one_run(name: str, migrate: bool, args: argparse.Namespace, out: Path) -> Ru
             p99_stall_ms=round(percentile(stalls, 99), 1), b_drops=b_drops,
             migration=migration, move_at_s=round(t_move - t_load + 0.0, 3),
             timelines=timelines, duration_s=duration, ends=ends, alive_by_family=by_family,
+            metrics=metrics,
         )
     finally:
         topo.teardown()
@@ -339,6 +387,15 @@ def print_table(results: list[RunResult]) -> None:
                 print(f"  {p['name']:<12} {p['seconds'] * 1000:8.1f} ms {p['bytes']:>8} B  "
                       f"exported {sum(p['exported'].values()):>5}  "
                       f"imported {sum(p['imported'].values()):>5}")
+        if r.metrics:
+            m = r.metrics
+            print(f"\nmetrics endpoints ({r.name}, scraped after the move):")
+            print("  B samixdp_verdict_packets_total: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(m["b_verdict_packets"].items())))
+            for label, key in (("A samixdp_migration_phase_seconds", "a_migration_phases"),
+                               ("B samixdp_import_phase_seconds", "b_import_phases")):
+                print(f"  {label}: " + ", ".join(
+                    f"{ph} {int(c)}x {t * 1000:.1f} ms" for ph, (c, t) in m[key].items()))
 
 
 def plot(results: list[RunResult], path: Path, bin_s: float = 0.2) -> bool:
