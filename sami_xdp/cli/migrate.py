@@ -47,7 +47,7 @@ from ..migrate.select import ExportState
 from ..migrate.transport import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT_S
 from ..migrate.verify import inspect_bundle, verify_bundle
 from ..migrate.vmset import VmAddrs
-from ..ops.metrics import MetricsServer, parse_listen, serve_metrics
+from ..ops.metrics import parse_listen, serve_metrics
 from .common import emit_json, root_opts, table
 from .values import output_path, read_input, seconds, whole
 
@@ -392,19 +392,21 @@ def agent_cmd(
         max_bundles=max_bundles,
         plaintext=plaintext,
     )
-    started: list[MetricsServer] = []
+    # bound before the agent starts (a bad address stops it with one line); the
+    # agent's counters join once it listens
+    srv = serve_metrics(metrics, c.bpffs, c.state_dir) if metrics is not None else None
 
-    def start_metrics(agent: Agent) -> None:
-        assert metrics is not None
-        started.append(serve_metrics(metrics, c.bpffs, c.state_dir, agent))
-        line = {"ts": round(time.time(), 3), "event": "metrics",
-                "address": started[0].address, "path": "/metrics"}
+    def with_metrics(agent: Agent) -> None:
+        assert srv is not None
+        srv.collector.agent = agent
+        line = {"ts": round(time.time(), 3), "event": "metrics", "address": srv.address,
+                "path": "/metrics"}
         print(json.dumps(line), flush=True)  # the agent's log: JSON lines on stdout
 
     try:
-        serve(cfg, on_start=start_metrics if metrics is not None else None)
+        serve(cfg, on_start=with_metrics if srv is not None else None)
     finally:
-        for srv in started:
+        if srv is not None:
             srv.close()
 
 
