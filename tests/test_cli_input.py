@@ -39,6 +39,9 @@ pytestmark = pytest.mark.needs_root
 VM, PREFIX, CLIENT = "10.1.1.1", "10.1.1.0/24", "192.0.2.10"
 BAD_FLOAT = ["nan", "inf", "-inf", "-1", "1e309", "1e30", "x", ""]
 BAD_INT = ["-1", str(2**64), str(10**30), "1.5", "nan", "x", ""]
+# a metrics endpoint: IP:PORT or [IPV6]:PORT, no names; the last one cannot be bound here
+BAD_METRICS = ["", "x", "127.0.0.1", "9477", "metrics.example:9477", "::1:9477", "[::1]",
+               "127.0.0.1:70000", "[127.0.0.1]:80", "203.0.113.1:9477"]
 MAPS = ("sessions", "unassured", "syn_counters", "blacklist", "pickup", "acl_rules", "config")
 
 
@@ -219,6 +222,8 @@ def option_cases(env: Env) -> list[tuple]:
         (["agent", "--listen", listen], "--max-conns", [*BAD_INT, "0"]),
         (["agent", "--listen", listen], "--max-pending-per-ip", [*BAD_INT, "0"]),
         (["agent", "--listen", listen], "--max-bundles", [*BAD_INT, "0"]),
+        (["agent", "--listen", listen], "--metrics", BAD_METRICS),
+        (["metrics"], "--listen", BAD_METRICS),
         (["migrate", "--vm", VM, "--peer", "host-b"], "--vm", ["", "x", "8.8.8.8"]),
         (["migrate", "--vm", VM, "--peer", "host-b"], "--peer", ["", "nosuch", "1.2.3.4:5"]),
         (["migrate", "--vm", VM, "--peer", "host-b"], "--rounds", BAD_INT),

@@ -171,11 +171,17 @@ def test_a_part_that_cannot_be_read_leaves_the_rest(pfw: Firewall, server: Metri
     records = server.collector.state_dir / RECORDS_DIR
     records.mkdir(parents=True)
     (records / "10.1.1.9.json").write_text("{not json")
+    (records / "10.1.1.8.json").write_text(json.dumps(
+        {"migration_id": "aa" * 16, "status": "completed",
+         "report": {"phases": [{"name": "full copy", "seconds": float("nan"), "bytes": 1}]}}))
     try:
         assert run_frame(pfw, P.tcp(CLIENT, 5555, VM, 23, P.SYN)) == "DROP"
         s = scrape(server.address)
         assert val(s, "samixdp_scrape_errors_total", part="map:blacklist") == 1
-        assert val(s, "samixdp_scrape_errors_total", part="migration-records") == 1
+        assert val(s, "samixdp_scrape_errors_total", part="migration-records") == 2
+        assert val(s, "samixdp_migrations", status="completed") == 1
+        assert val(s, "samixdp_migrations_finished_total", status="completed") == 0
+        assert val(s, "samixdp_migration_phase_seconds_count", phase="full") is None
         assert val(s, "samixdp_bans") is None
         assert val(s, "samixdp_map_entries", map="blacklist") is None
         assert val(s, "samixdp_map_entries", map="sessions") == 0

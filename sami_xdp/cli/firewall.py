@@ -1,5 +1,5 @@
 """Commands on this host's firewall: attach, detach, reset, status, sessions,
-stats, gc, protect, config."""
+stats, gc, protect, config, metrics (the Prometheus endpoint without an agent)."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ from ..migrate.select import ExportState
 from ..migrate.verify import inspect_bundle, verify_bundle
 from ..migrate.vmset import VmAddrs
 from ..ops.hostconfig import CONFIG_FILE, AgentSpec, load_host_config
-from ..ops.metrics import MetricsServer, parse_listen, serve_metrics
+from ..ops.metrics import parse_listen, serve_metrics
 from ..ops.systemd import ServiceNotifier
 from .common import emit_json, root_opts, table
 from .values import output_path, read_input, seconds, whole
@@ -415,13 +415,15 @@ def agent_cmd(
         max_bundles=max_bundles,
         plaintext=plaintext,
     )
-    started: list[MetricsServer] = []
+    # bound before the agent starts (a bad address stops it with one line); the
+    # agent's counters join once it listens
+    srv = serve_metrics(metrics, c.bpffs, c.state_dir) if metrics is not None else None
 
-    def start_metrics(agent: Agent) -> None:
-        assert metrics is not None
-        started.append(serve_metrics(metrics, c.bpffs, c.state_dir, agent))
-        line = {"ts": round(time.time(), 3), "event": "metrics",
-                "address": started[0].address, "path": "/metrics"}
+    def with_metrics(agent: Agent) -> None:
+        assert srv is not None
+        srv.collector.agent = agent
+        line = {"ts": round(time.time(), 3), "event": "metrics", "address": srv.address,
+                "path": "/metrics"}
         print(json.dumps(line), flush=True)  # the agent's log: JSON lines on stdout
 
     notifier = ServiceNotifier.from_env()  # systemd Type=notify (a no-op outside systemd)
@@ -432,10 +434,10 @@ def agent_cmd(
     signal.signal(signal.SIGTERM, on_term)
     try:
         serve(cfg, on_ready=lambda addr: notifier.ready(f"listening on {addr}"),
-              on_tick=notifier.tick, on_start=start_metrics if metrics is not None else None)
+              on_tick=notifier.tick, on_start=with_metrics if srv is not None else None)
     finally:
         notifier.stopping()
-        for srv in started:
+        if srv is not None:
             srv.close()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
@@ -151,6 +152,8 @@ class MigrationTally:
             try:
                 phases = [(phase_label(str(p["name"])), float(p["seconds"]), int(p["bytes"]))
                           for p in (doc.get("report") or {}).get("phases", [])]
+                if not all(math.isfinite(t) and t >= 0 and b >= 0 for _, t, b in phases):
+                    raise ValueError("a negative or infinite phase")
             except (KeyError, TypeError, ValueError, AttributeError):
                 bad += 1
                 continue
