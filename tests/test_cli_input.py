@@ -224,6 +224,8 @@ def option_cases(env: Env) -> list[tuple]:
         (["agent", "--listen", listen], "--max-bundles", [*BAD_INT, "0"]),
         (["agent", "--listen", listen], "--metrics", BAD_METRICS),
         (["metrics"], "--listen", BAD_METRICS),
+        (["pull", "--vm", VM, "--from", "host-b"], "--vm", ["", "x", "10.1.1.1/24"]),
+        (["pull", "--vm", VM, "--from", "host-b"], "--from", ["", "nosuch", "../x"]),
         (["migrate", "--vm", VM, "--peer", "host-b"], "--vm", ["", "x", "8.8.8.8"]),
         (["migrate", "--vm", VM, "--peer", "host-b"], "--peer", ["", "nosuch", "1.2.3.4:5"]),
         (["migrate", "--vm", VM, "--peer", "host-b"], "--rounds", BAD_INT),

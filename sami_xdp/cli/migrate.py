@@ -7,6 +7,7 @@ address (`--vm 10.1.1.1 --vm 2001:db8:1::10`), and moves or finds them together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -431,7 +432,8 @@ def agent_cmd(
     def on_term(_sig: int, _frm: object) -> None:
         raise KeyboardInterrupt  # the same clean stop as Ctrl-C
 
-    signal.signal(signal.SIGTERM, on_term)
+    with contextlib.suppress(ValueError):  # not the main thread: the caller's own handling
+        signal.signal(signal.SIGTERM, on_term)
     try:
         serve(cfg, on_ready=lambda addr: notifier.ready(f"listening on {addr}"),
               on_tick=notifier.tick, on_start=with_metrics if srv is not None else None)
