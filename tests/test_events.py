@@ -14,6 +14,7 @@ import mmap
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -247,6 +248,10 @@ def test_opening_skips_what_the_ring_held(fw):
 def test_a_second_reader_is_refused_naming_the_first(fw, stream):
     with pytest.raises(BusyError, match=rf"already has a reader \(pid {os.getpid()}\)"):
         EventStream(fw)
+    lock = fw.path / EVENTS_LOCK
+    assert lock_holder(lock) == os.getpid()
+    st = os.stat(lock)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700), "no one else may open the lock"
     stream.close()
     with EventStream(fw) as again:  # released with the first reader
         verdict(fw, unsolicited())
@@ -338,13 +343,21 @@ def test_cli_reports_lost_events_and_ends_on_timeout(xdp_fw):
     assert 500 - 5 <= lost <= 500
 
 
-def test_cli_ctrl_c_ends_cleanly(xdp_fw):
+def test_cli_ctrl_c_ends_cleanly_and_a_killed_reader_frees_the_stream(xdp_fw):
     proc = cli(xdp_fw)
     feed_until_output(xdp_fw, proc, unsolicited())
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "error" not in err
+    # a reader killed outright leaves no lock behind (the kernel drops its flock)
+    proc = cli(xdp_fw)
+    feed_until_output(xdp_fw, proc, unsolicited())
+    proc.kill()
+    proc.communicate(timeout=30)
+    with EventStream(xdp_fw) as again:
+        verdict(xdp_fw, unsolicited(41000))
+        assert [e.sport for e in drain(again)] == [41000]
 
 
 def test_cli_refuses_an_unknown_type(xdp_fw):

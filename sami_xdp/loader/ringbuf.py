@@ -136,9 +136,12 @@ def lock_holder(path: Path) -> int | None:
 def exclusive(path: Path, what: str) -> int:
     """An fd holding an exclusive flock on the directory `path` (made if missing:
     bpffs takes directories, not files) for as long as it stays open; BusyError,
-    naming the holder, when another process has it."""
-    path.mkdir(exist_ok=True)
+    naming the holder, when another process has it. The directory is its owner's
+    alone (0700): an unprivileged user cannot open it, so cannot hold the lock."""
+    path.mkdir(mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, 0o700)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
