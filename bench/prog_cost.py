@@ -33,6 +33,12 @@ Compares, in one run on one machine, each case for both address families:
                     and its session logged already this round (a compare); and
                     the log append: a session's first packet in a round against
                     its second (single-packet runs right after a cut).
+  event stream      (IPv4) a flood of drops, the inbound miss and invalid flags
+                    on an established session (a drop stage 0 decides, handed
+                    to the slow stage to be reported), with events off, at the
+                    default rate (a flood is far past its budget), with every
+                    drop sent (the ring read out between calls) and with the
+                    ring full (nobody reading).
 
 The 256 flows per family are opened through the program itself (real
 handshakes), the rest of the table is loaded with batch updates. Each
@@ -79,10 +85,11 @@ from sami_xdp.base.netutil import addr_dtype, ip_to_addr, ipv4_addr_array, is_ip
 from sami_xdp.loader import batch, bpfsys
 from sami_xdp.loader.compile import Limits
 from sami_xdp.loader.pinned import Firewall, unpin_all
+from sami_xdp.loader.ringbuf import RingBuffer
 from sami_xdp.migrate.dirty import DirtyLog
 from sami_xdp.migrate.vmset import VmAddrs
 from sami_xdp.policy import acl, blacklist, protect, stats
-from sami_xdp.policy.config import create_firewall
+from sami_xdp.policy.config import DEFAULT_EVENT_RATE, create_firewall
 from sami_xdp.policy.roles import set_role
 from testbed import packets as P
 from testbed.netns import Lab
@@ -528,6 +535,13 @@ def run_ours(args: argparse.Namespace, fw: Firewall, conns: dict[str, list[P.Tcp
         check_reason(fw, miss[f], "drop-acl-default")
     record(measure({(f, "inbound miss -> drop"): (fd, miss[f]) for f in FAMILIES},
                    args.repeat, args.runs))
+    # the event stream under a flood of drops: one decided by the ACL stage, one by
+    # stage 0 (invalid flags on an established session, handed on to be reported)
+    invalid = [c.frame("b", P.SYN | P.FIN, advance=False) for c in conns["ipv4"]]
+    check_reason(fw, invalid, "drop-invalid")
+    results["events"] = events_cost(
+        fw, {"inbound miss -> drop (ACL stage)": miss["ipv4"],
+             "invalid flags on a session -> drop (stage 0)": invalid}, args)
     # a banned source (IPv6: its /64)
     for f in FAMILIES:
         for i in range(N_FLOWS):
@@ -559,6 +573,56 @@ def run_ours(args: argparse.Namespace, fw: Firewall, conns: dict[str, list[P.Tcp
             check_reason(fw, denied[f], "drop-acl-deny")
         record(measure({(f, f"ACL, {n_rules} rules"): (fd, denied[f]) for f in FAMILIES},
                        args.repeat, args.runs))
+
+
+EVENT_MODES = {
+    # name: (events-rate, ring read out before each call)
+    "events off (events-rate 0)": (0, False),
+    "events on, past the budget (events-rate 1000)": (1000, False),
+    "events on, every drop sent (ring read out)": (2**32, True),
+    "events on, ring full (nobody reads)": (2**32, False),
+}
+EVENT_REPEAT = 1000  # runs per call: what the ring holds (4095 records) with room to spare
+
+
+def events_cost(fw: Firewall, kinds: dict[str, list[bytes]], args: argparse.Namespace) -> dict:
+    """What the event stream costs a flood of drops (IPv4), per kind of drop, in each
+    EVENT_MODES mode, rotated per round: events off; the default rate, a flood being far
+    past it (almost every drop only counted as rate-limited); every drop sent (no rate,
+    the ring read out between calls, outside the timed loop); no rate and a full ring
+    (the reservation fails). A call runs one frame EVENT_REPEAT times."""
+    slot = fw.const("CFG_EVENT_RATE")
+    m = fw.maps["events"]
+    out: dict = {}
+    with RingBuffer(m.fd, m.info.max_entries) as ring:
+        for kind, frames in kinds.items():
+            runs: dict[str, list[float]] = {k: [] for k in EVENT_MODES}
+            keys = list(EVENT_MODES)
+            for rnd in range(args.runs):
+                j = rnd % len(keys)
+                for name in keys[j:] + keys[:j]:
+                    rate, read_out = EVENT_MODES[name]
+                    fw.set_config(slot, rate)
+                    if not read_out:
+                        one_run(fw.prog_fd, frames[:8], EVENT_REPEAT)  # budget spent, ring full
+                    per_frame = []
+                    for f in frames:
+                        if read_out:
+                            ring.skip()
+                        per_frame.append(bpfsys.prog_test_run(
+                            fw.prog_fd, f, repeat=EVENT_REPEAT).duration_ns)
+                    runs[name].append(float(statistics.fmean(per_frame)))
+            res = {name: {"ns_per_packet": round(statistics.median(r), 2),
+                          "runs_ns": [round(x, 2) for x in r]} for name, r in runs.items()}
+            off = res["events off (events-rate 0)"]
+            for r in res.values():
+                r["over_off_ns"] = round(r["ns_per_packet"] - off["ns_per_packet"], 2)
+                r["over_off_paired_ns"] = round(statistics.median(
+                    a - b for a, b in zip(r["runs_ns"], off["runs_ns"], strict=True)), 2)
+            out[kind] = res
+        ring.skip()
+    fw.set_config(slot, DEFAULT_EVENT_RATE)
+    return out
 
 
 def tracking_cost(fw: Firewall, frames: list[bytes], args: argparse.Namespace) -> dict:
@@ -656,6 +720,7 @@ def main() -> None:
     with Lab(tag="b") as lab:
         results = run(args, lab)
     tracking = results.pop("tracking", None)  # not a family: the dirty log's cost
+    events = results.pop("events", None)  # nor this: what the event stream costs drops
     v6_over_v4 = add_ratios(results)
     paired = paired_v6_over_v4(results)
     print(f"PROG_TEST_RUN, {args.repeat} packets per run over {N_FLOWS} frames per family, "
@@ -686,6 +751,13 @@ def main() -> None:
         la = tracking["log append"]
         print(f"  log append (first packet of a session in a round): {la['append_ns']:+.1f} ns "
               f"({la['sessions_logged_last_round']} sessions logged in the last round)")
+    if events:
+        print(f"event stream, IPv4 drop floods (ns/pkt, + over events off, paired per round; "
+              f"{EVENT_REPEAT} runs per call):")
+        for kind, res in events.items():
+            print(f"  {kind}")
+            for name, r in res.items():
+                print(f"    {name:46} {r['ns_per_packet']:7.1f} {r['over_off_paired_ns']:+6.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "format": 2,  # results per family (format 1: one flat dict of IPv4 cases)
@@ -706,6 +778,7 @@ def main() -> None:
                  "IPv4 and half IPv6",
         "results": results,
         "tracking": tracking,
+        "events": events,
         "v6_over_v4": v6_over_v4,
         "v6_over_v4_paired": paired,
     }, indent=2) + "\n")
