@@ -121,10 +121,14 @@ def reset_firewall(fw: Firewall) -> None:
         keys, _ = m.dump()
         if len(keys):
             m.delete_many(keys)
-    for name in ("protected", "acl_sets"):
+    for name in ("protected", "acl_sets", "tracking"):
         m = fw.maps[name]
         for key in m.keys():
             m.delete(key)
+    # no migration tracked: a killed `migrate` of an earlier test (its slot is
+    # reclaimed only when the next migration starts) must not log this test's sessions
+    track = fw.maps["track"]
+    track.update(np.zeros(1, np.uint32), np.zeros(1, track.value_dtype))
     for name in ("verdicts", "acl_hits"):
         m = fw.maps[name]
         zero = np.zeros(bpfsys_possible(), dtype=m.value_dtype)
