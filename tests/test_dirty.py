@@ -14,10 +14,10 @@ from test_datapath import CLIENT, NET, TCP, VM, VM2, handshake, key_of, run
 
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.migrate import dirty as dirty_mod
-from sami_xdp.migrate.dirty import DirtyLog, bloom_bits
+from sami_xdp.migrate.dirty import DirtyLog, TrackGroup, bloom_bits, reap_stale
 from sami_xdp.migrate.errors import MigrateError
 from sami_xdp.migrate.vmset import VmAddrs
-from sami_xdp.policy import protect
+from sami_xdp.policy import acl, protect
 from testbed import packets as P
 
 pytestmark = pytest.mark.needs_root
@@ -156,3 +156,75 @@ def test_a_change_during_the_cut_is_read_again_next_round(pfw, monkeypatch):
         assert again is not None and keyset(again) == want
     finally:
         log.stop()
+
+
+def test_a_group_hands_each_vm_its_sessions_and_a_shared_one_to_both(pfw):
+    """Migrations of one process share a slot and a round: a session between two
+    of their VMs (the datapath logs it under one end's entry) reaches both, and a
+    member's keys wait for its own cut when another member cut first."""
+    group = TrackGroup(pfw)
+    a = group.join(VmAddrs.parse(VM))
+    b = group.join(VmAddrs.parse(VM2))
+    try:
+        assert a.slot == b.slot
+        with pytest.raises(MigrateError, match="already being migrated"):
+            group.join(VmAddrs.parse(VM))
+        handshake(pfw, vport=41001)
+        theirs = handshake(pfw, vm=VM2, vport=41002)
+        acl.add_rules(pfw, [acl.make_rule(pfw, vm=VM2, proto="tcp", dport=22)])
+        east_west = P.TcpFlow(VM, 41003, VM2, 22)  # VM to VM: VM2's ACL admits it
+        assert run(pfw, east_west.syn()) == "pass-acl"
+        assert run(pfw, east_west.synack()) == "pass-session"
+        shared = key_of(pfw, TCP, VM, 41003, VM2, 22)
+        got = a.cut()
+        assert got is not None
+        assert keyset(got) == keyset(np.concatenate([key_of(pfw, TCP, VM, 41001, CLIENT, 80),
+                                                     shared]))
+        assert run(pfw, theirs.data("a", b"x")) == "pass-session"  # after a's cut: logged
+        got = b.cut()
+        assert got is not None
+        assert keyset(got) == keyset(np.concatenate([key_of(pfw, TCP, VM2, 41002, CLIENT, 80),
+                                                     shared]))
+        got = b.cut()
+        assert got is not None and len(got) == 0
+    finally:
+        a.stop()
+        b.stop()
+    assert len(pfw.maps["tracking"].keys()) == 0
+    assert int(pfw.maps["track"].lookup(np.zeros(1, np.uint32))["active"]) == 0
+
+
+def test_a_wrapped_ring_sends_every_member_of_the_group_to_a_scan(pfw):
+    group = TrackGroup(pfw)
+    a = group.join(VmAddrs.parse(VM))
+    b = group.join(VmAddrs.parse(VM2))
+    try:
+        size = pfw.const("SAMIXDP_DIRTY_LOG")
+        pfw.maps["dirty_head"].update(np.array([a.slot], np.uint32),
+                                      np.array([a.cursor + size + 1], np.uint64))
+        assert a.cut() is None
+        assert b.cut() is None and b.overflows == 1
+        got = b.cut()
+        assert got is not None and len(got) == 0
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_killed_migration_stops_being_logged_when_reaped(pfw):
+    """kill -9 of a migration leaves its tracking entries: `reap_stale` (the agent
+    runs it) takes them back, and the datapath stops logging the VM."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    tracking = pfw.maps["tracking"]
+    stale = np.zeros(1, dtype=tracking.value_dtype)
+    stale["round"], stale["slot"], stale["owner"] = 7, 0, proc.pid
+    tracking.update(VmAddrs.parse(VM).addrs[0:1], stale)
+    dirty_mod._publish(pfw)
+    assert int(pfw.maps["track"].lookup(np.zeros(1, np.uint32))["active"]) == 1
+    assert reap_stale(pfw) == 1
+    assert int(pfw.maps["track"].lookup(np.zeros(1, np.uint32))["active"]) == 0
+    before = fw_heads(pfw)
+    handshake(pfw, vport=41010)
+    assert fw_heads(pfw) == before
+    assert reap_stale(pfw) == 0
