@@ -33,7 +33,7 @@ from .export import Kind, build_bundle
 from .fields import FieldError, want_bool, want_counts
 from .keys import HostIdentity
 from .peers import Peer, TrustStore
-from .select import ExportState, VmState, export_vm_state, involves_any, vm_sessions
+from .select import ExportState, VmState, export_vm_state, involves_any, vms_last_seen_ns
 from .transport import (
     MSG_ABORT,
     MSG_ACK,
@@ -345,8 +345,7 @@ def spawn_migration(bpffs: Path, config_dir: Path, state_dir: Path, vms: VmAddrs
 
 
 def vm_last_seen_ns(fw: Firewall, vms: VmAddrs) -> int:
-    values = vm_sessions(fw, vms)[1]
-    return int(values["last_seen_ns"].max()) if len(values) else 0
+    return vms_last_seen_ns(fw, [vms])[0]
 
 
 def delete_vm_state(fw: Firewall, vms: VmAddrs) -> dict[str, int]:

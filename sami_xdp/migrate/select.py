@@ -7,6 +7,10 @@ once whatever the number of addresses), the SYN counters towards them, the
 blacklist entries they triggered, and each address's ACL rules. Expired entries
 are left behind (same rule as the datapath).
 
+Several VMs at once (a host drain): `export_vm_states` reads the maps once for
+all of them and splits the rows per VM (a session between two of them goes to
+both); `export_vm_state` is that pass for one VM.
+
 Deltas (pre-copy rounds): `ExportState` remembers what the previous round
 sent. A session is re-sent when its key is new or its `last_seen_ns` is at or
 after the previous round's watermark (taken *before* that round's dump, minus
@@ -27,15 +31,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..base.layout import load_layout
+from ..base.netutil import addr_dtype
 from ..base.rows import KeyIndex, concat_rows, copy_rows, take_rows
 from ..loader.batch import KeepFn
 from ..loader.pinned import Firewall
 from ..policy.acl import export_vm_rules
 from ..policy.sessions import SESSION_MAPS, expired_mask
 from . import wire
-from .vmset import VmAddrs, addr_isin
+from .vmset import VmAddrs, addr_isin, addr_rows
 
 WATERMARK_MARGIN_NS = 50_000_000  # 50 ms: packets in flight during the dump
+FEW_ADDRS = 4  # up to this many addresses, a scan's filter compares them one by one
 
 
 @dataclass
@@ -108,11 +114,76 @@ def involves_any(vms: np.ndarray) -> KeepFn:
     return keep
 
 
-def vm_sessions(fw: Firewall, vms: VmAddrs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keys, values, source map index) of every session with one of the VM's
-    addresses at either end, expired or not, from both session maps (each read once,
-    a session between two of its addresses once)."""
-    parts = [fw.maps[name].scan(involves_any(vms.addrs)) for name in SESSION_MAPS]
+class VmOwners:
+    """The addresses of several VMs, for one pass over the maps on behalf of all:
+    which listed address a map row's address is (vectorised) and whose rows are
+    whose. A VM may hold several addresses, and an address may be listed by more
+    than one VM (the same VM asked for twice): its rows go to each of them."""
+
+    def __init__(self, vms_list: Sequence[VmAddrs]) -> None:
+        self.vms_list = list(vms_list)
+        seen: dict[bytes, int] = {}
+        self.vm_addr_idx: list[list[int]] = []  # per VM: indexes into self.addrs
+        for vms in self.vms_list:
+            self.vm_addr_idx.append([seen.setdefault(row.tobytes(), len(seen))
+                                     for row in addr_rows(vms.addrs)])
+        self.addrs = np.frombuffer(b"".join(seen), dtype=addr_dtype()).copy()
+        self._index = KeyIndex(self.addrs)
+        # a cheap first test on the low 64 bits (the whole IPv4 address, an IPv6
+        # interface id) before the exact one, which only the few candidates reach
+        self._low = np.unique(_low_words(self.addrs))
+
+    def find(self, values: np.ndarray) -> np.ndarray:
+        """For each `struct ip_addr` value, the index of that address in
+        `self.addrs`, or -1."""
+        v = np.ascontiguousarray(values)
+        out = np.full(len(v), -1, dtype=np.int64)
+        if not len(v) or not len(self._low):
+            return out
+        low = _low_words(v)
+        pos = np.minimum(np.searchsorted(self._low, low), len(self._low) - 1)
+        cand = np.flatnonzero(self._low[pos] == low)
+        if len(cand):
+            found, at = self._index.find(take_rows(v, cand))
+            out[cand[found]] = at[found]
+        return out
+
+    def keep(self, keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
+        """Row filter (`KeepFn`): session keys with a listed address at either end
+        (a few addresses: compared one by one, cheaper than the index)."""
+        if len(self.addrs) <= FEW_ADDRS:
+            return addr_isin(keys["addr_lo"], self.addrs) | addr_isin(keys["addr_hi"], self.addrs)
+        return (self.find(keys["addr_lo"]) >= 0) | (self.find(keys["addr_hi"]) >= 0)
+
+    def split(self, ends: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per VM, the indexes of the rows with one of its addresses in any of `ends`
+        (address indexes from `find`, one array per address column of the same
+        rows), ascending: each row once per VM, in the order it was read."""
+        groups = []
+        for u in ends:
+            order = np.argsort(u, kind="stable")
+            bounds = np.searchsorted(u[order], np.arange(len(self.addrs) + 1))
+            groups.append((order, bounds))
+        out: list[np.ndarray] = []
+        for mine in self.vm_addr_idx:
+            parts = [order[bounds[a]:bounds[a + 1]] for order, bounds in groups for a in mine]
+            rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            out.append(np.unique(rows) if len(parts) > 1 else rows)
+        return out
+
+
+def _low_words(addrs: np.ndarray) -> np.ndarray:
+    """The last 8 bytes of each `struct ip_addr` as a number (any byte order: only
+    compared for equality)."""
+    return np.ascontiguousarray(addrs).view("<u8").reshape(-1, 2)[:, 1]
+
+
+def _scan_sessions(
+    fw: Firewall, owners: VmOwners
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, values, source map index) of every session with a listed address at
+    either end, expired or not, from both session maps, each read once."""
+    parts = [fw.maps[name].scan(owners.keep) for name in SESSION_MAPS]
     return (
         concat_rows([p.keys for p in parts]),
         concat_rows([p.values for p in parts]),
@@ -120,31 +191,34 @@ def vm_sessions(fw: Firewall, vms: VmAddrs) -> tuple[np.ndarray, np.ndarray, np.
     )
 
 
-def _acl_section(fw: Firewall, vms: VmAddrs) -> tuple[np.ndarray, bytes]:
-    """Each address's own rules, address by address (in the VM's order)."""
-    parts = [wire.rules_to_wire(export_vm_rules(fw, ip), fw.layout, addr)
-             for ip, addr in zip(vms.ips, vms.addrs, strict=True)]
-    recs = np.concatenate(parts) if parts else np.zeros(0, wire.ACL_WIRE)
-    return recs, wire.ruleset_digest(recs.tobytes())
+def _session_rows(owners: VmOwners, keys: np.ndarray) -> list[np.ndarray]:
+    """Per VM, the indexes of its sessions among `keys` (a session between two of
+    the listed VMs goes to both)."""
+    return owners.split([owners.find(keys["addr_lo"]), owners.find(keys["addr_hi"])])
 
 
-def export_vm_state(
-    fw: Firewall,
-    vms: VmAddrs | str | Sequence[str],
-    now_ns: int | None = None,
-    include_acl: bool = True,
-) -> VmState:
-    """Every live entry of one VM (all its addresses, or the one given as text), read
-    with batch dumps (no per-entry objects)."""
-    if not isinstance(vms, VmAddrs):
-        vms = VmAddrs.parse(vms)
-    t0 = time.perf_counter()
-    watermark = time.monotonic_ns() - WATERMARK_MARGIN_NS
-    # only the VM's rows are kept, chunk by chunk, while the maps are read
-    keys, values, source = vm_sessions(fw, vms)
-    t1 = time.perf_counter()
-    now = now_ns if now_ns is not None else time.monotonic_ns()
+def vm_sessions(fw: Firewall, vms: VmAddrs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, values, source map index) of every session with one of the VM's
+    addresses at either end, expired or not, from both session maps (each read once,
+    a session between two of its addresses once)."""
+    return _scan_sessions(fw, VmOwners([vms]))
 
+
+def vms_last_seen_ns(fw: Firewall, vms_list: Sequence[VmAddrs]) -> list[int]:
+    """Per VM, the newest `last_seen_ns` of its sessions (expired or not; 0 if it has
+    none), from one pass over the session maps for all of them."""
+    if not vms_list:
+        return []
+    owners = VmOwners(vms_list)
+    keys, values, _ = _scan_sessions(fw, owners)
+    seen = values["last_seen_ns"]
+    return [int(seen[rows].max()) if len(rows) else 0 for rows in _session_rows(owners, keys)]
+
+
+def _live_sessions(
+    fw: Firewall, keys: np.ndarray, values: np.ndarray, source: np.ndarray, now: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The live rows of a scan of both maps, each key once."""
     live = ~expired_mask(fw, values, now)
     if not live.all():
         keys, values = take_rows(keys, live), take_rows(values, live)
@@ -158,27 +232,100 @@ def export_vm_state(
             drop = half.copy()
             drop[half] = KeyIndex(keys[~half][dup]).contains(keys[half])
             keys, values = keys[~drop], values[~drop]
-
-    state = _with_policy(fw, vms, now, watermark, keys, values, include_acl)
-    state.timings = {"dump_s": t1 - t0, "select_s": time.perf_counter() - t1}
-    return state
+    return keys, values
 
 
-def _with_policy(
+def _acl_section(fw: Firewall, vms: VmAddrs) -> tuple[np.ndarray, bytes]:
+    """Each address's own rules, address by address (in the VM's order)."""
+    parts = [wire.rules_to_wire(export_vm_rules(fw, ip), fw.layout, addr)
+             for ip, addr in zip(vms.ips, vms.addrs, strict=True)]
+    recs = np.concatenate(parts) if parts else np.zeros(0, wire.ACL_WIRE)
+    return recs, wire.ruleset_digest(recs.tobytes())
+
+
+def export_vm_states(
     fw: Firewall,
-    vms: VmAddrs,
+    vms_list: Sequence[VmAddrs],
+    now_ns: int | None = None,
+    include_acl: bool = True,
+) -> list[VmState]:
+    """Every live entry of each VM listed, from ONE pass over the maps for all of
+    them (a host drain migrates many VMs at once): one filtered scan of each session
+    map, one dump each of the SYN counters and the blacklist, split per VM. A session
+    between two of the VMs is in both states. The states share the instants (one
+    watermark, one `now_ns`) and the pass's timings."""
+    if not vms_list:
+        return []
+    owners = VmOwners(vms_list)
+    t0 = time.perf_counter()
+    watermark = time.monotonic_ns() - WATERMARK_MARGIN_NS
+    # only the VMs' rows are kept, chunk by chunk, while the maps are read
+    keys, values, source = _scan_sessions(fw, owners)
+    t1 = time.perf_counter()
+    now = now_ns if now_ns is not None else time.monotonic_ns()
+    keys, values = _live_sessions(fw, keys, values, source, now)
+    sess_rows = _session_rows(owners, keys)
+    policy = _read_policy(fw, owners, now)
+    shared_s = time.perf_counter() - t1
+    states: list[VmState] = []
+    for i, rows in enumerate(sess_rows):
+        ts = time.perf_counter()
+        state = _vm_state(fw, owners, i, now, watermark, take_rows(keys, rows),
+                          take_rows(values, rows), policy, include_acl)
+        state.timings = {"dump_s": t1 - t0, "select_s": shared_s + time.perf_counter() - ts}
+        states.append(state)
+    return states
+
+
+def export_vm_state(
+    fw: Firewall,
+    vms: VmAddrs | str | Sequence[str],
+    now_ns: int | None = None,
+    include_acl: bool = True,
+) -> VmState:
+    """Every live entry of one VM (all its addresses, or the one given as text), read
+    with batch dumps (no per-entry objects)."""
+    if not isinstance(vms, VmAddrs):
+        vms = VmAddrs.parse(vms)
+    return export_vm_states(fw, [vms], now_ns=now_ns, include_acl=include_acl)[0]
+
+
+@dataclass
+class _Policy:
+    """The SYN counters and blacklist (small maps, read whole once) and, per VM, the
+    indexes of its rows: the counters towards it, the live bans it triggered."""
+
+    syn_keys: np.ndarray
+    syn_values: np.ndarray
+    bl_keys: np.ndarray
+    bl_values: np.ndarray
+    syn_rows: list[np.ndarray]
+    bl_rows: list[np.ndarray]
+
+
+def _read_policy(fw: Firewall, owners: VmOwners, now: int) -> _Policy:
+    syn_k, syn_v = fw.maps["syn_counters"].dump()
+    bl_k, bl_v = fw.maps["blacklist"].dump()
+    bl_u = owners.find(bl_v["vm"])
+    bl_u[bl_v["expires_ns"] <= np.uint64(now)] = -1
+    return _Policy(syn_k, syn_v, bl_k, bl_v,
+                   owners.split([owners.find(syn_k["dst"])]), owners.split([bl_u]))
+
+
+def _vm_state(
+    fw: Firewall,
+    owners: VmOwners,
+    i: int,
     now: int,
     watermark: int,
     keys: np.ndarray,
     values: np.ndarray,
+    policy: _Policy,
     include_acl: bool,
 ) -> VmState:
-    """The VM's state: these sessions with its SYN counters, bans and ACL (small
-    maps, read whole)."""
-    syn_k, syn_v = fw.maps["syn_counters"].dump()
-    bl_k, bl_v = fw.maps["blacklist"].dump()
-    syn_mine = vms.contains(syn_k["dst"])
-    bl_mine = vms.contains(bl_v["vm"]) & (bl_v["expires_ns"] > np.uint64(now))
+    """VM i's state: these sessions with its SYN counters, bans and ACL."""
+    vms = owners.vms_list[i]
+    syn, bl = policy.syn_rows[i], policy.bl_rows[i]
     acl_recs: np.ndarray | None = None
     digest = b"\0" * 16
     if include_acl:
@@ -189,10 +336,10 @@ def _with_policy(
         watermark_ns=watermark,
         sess_keys=keys,
         sess_values=values,
-        syn_keys=syn_k[syn_mine],
-        syn_values=syn_v[syn_mine],
-        bl_keys=bl_k[bl_mine],
-        bl_values=bl_v[bl_mine],
+        syn_keys=take_rows(policy.syn_keys, syn),
+        syn_values=take_rows(policy.syn_values, syn),
+        bl_keys=take_rows(policy.bl_keys, bl),
+        bl_values=take_rows(policy.bl_values, bl),
         acl=acl_recs,
         acl_digest=digest,
     )
@@ -215,9 +362,9 @@ def dirty_state(
     live = ~expired_mask(fw, sv, now)
     gone = concat_rows([take_rows(rest, ~found_u), take_rows(sk, ~live)], keys.dtype)
     t1 = time.perf_counter()
-    state = _with_policy(
-        fw, vms, now, watermark, take_rows(sk, live), take_rows(sv, live), include_acl
-    )
+    owners = VmOwners([vms])
+    state = _vm_state(fw, owners, 0, now, watermark, take_rows(sk, live), take_rows(sv, live),
+                      _read_policy(fw, owners, now), include_acl)
     state.timings = {"dump_s": t1 - t0, "select_s": time.perf_counter() - t1}
     return state, gone
 
