@@ -19,7 +19,7 @@ import typer
 from ..base.errors import SamiError
 from ..loader import bpffs
 from ..loader.bpfsys import BpfError
-from . import events, firewall, migrate, ops, policy, trust
+from . import drain, events, firewall, migrate, ops, policy, trust
 from .common import INTERNAL_ERROR, Ctx, exit_code
 
 app = typer.Typer(
@@ -54,6 +54,7 @@ events.register(app)
 policy.register(app)
 trust.register(app)
 migrate.register(app)
+drain.register(app)
 ops.register(app)
 
 

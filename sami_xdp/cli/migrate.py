@@ -19,7 +19,7 @@ import typer
 
 from ..base.errors import InvalidArgument, SamiError
 from ..loader import bpffs
-from ..migrate import running
+from ..migrate import localproto, running
 from ..migrate.agent import Agent, AgentConfig, serve
 from ..migrate.bundle import (
     COMPRESSIONS,
@@ -495,7 +495,11 @@ def migrate_cmd(
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Move a VM's firewall state (all its addresses, one bundle a round) to a peer:
-    preflight, full copy, deltas, final, cleanup."""
+    preflight, full copy, deltas, final, cleanup.
+
+    When the host's agent runs (its socket in the state dir), the agent runs the
+    migration and this command shows it (Ctrl-C aborts it); otherwise this
+    command runs it itself."""
     c = root_opts(ctx)
     vms = VmAddrs.parse(vm)
     whole("--rounds", rounds, 0, 10_000)
@@ -528,6 +532,17 @@ def migrate_cmd(
         plaintext=plaintext,
     )
     say = (lambda m: typer.echo(m, err=True)) if not json_ else (lambda _m: None)
+    with localproto.connect(c.state_dir) as sock:
+        if sock is not None:  # the host's agent runs it (no start-up, shared scans)
+            request = {"op": "migrate", "vms": list(vms.ips), "peer": target.name,
+                       "options": localproto.options_doc(opts)}
+            try:
+                done = localproto.ask(sock, request, progress=say)
+            except KeyboardInterrupt as exc:
+                raise MigrationRefused("interrupted; the agent aborts the migration and the "
+                                       "destination drops what it got") from exc
+            _print_report(done["report"], json_)
+            return
     with c.change() as fw:
         require_protected(fw, vms)
         report = running.run_recorded(

@@ -20,13 +20,20 @@ Cutover (cutover.py): for a migration whose source asked for it in the
 preflight (`migrate --until-cutover`), the agent arms the VM's arrival watch
 once the full copy is loaded, and a watcher thread asks the source's agent for
 the final delta when the datapath saw the VM here. As a source, the agent
-passes a destination's `cutover` request to the running `migrate` of that VM,
+passes a destination's `cutover` request to the running migration of that VM,
 if that migration goes to the asking peer.
+
+Outgoing migrations (runner.py): the agent also runs this host's migrations,
+each a thread, handed to it on the local socket by `samixdp migrate` and
+`samixdp drain` (localserver.py) or started by a destination's pull. They share
+one dirty-log group and one map scan per batch of full copies (sharedscan.py),
+and a housekeeping thread cleans up after every moved VM with one scan a second.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import socketserver
 import ssl
@@ -52,12 +59,15 @@ from .export import require_protected
 from .fields import FieldError, want_int, want_mid, want_str, want_vms
 from .importer import DEFAULT_PICKUP_S, abort_import, import_vm_state
 from .keys import HostIdentity
+from .localserver import LocalServer
 from .peers import Peer, TrustStore, scope_text
-from .phases import send_cutover, spawn_migration, vm_last_seen_ns
+from .phases import MigrateOptions, send_cutover, vm_last_seen_ns
 from .plan import record_limits
 from .recovery import recover
 from .replay import ReplayCache
-from .running import find_record, record_name, request_cutover
+from .runner import MigrationRunner
+from .running import find_record, request_cutover
+from .sharedscan import SharedScan
 from .tlsid import peer_key, server_context
 from .transport import (
     CONTROL_MAX_MESSAGE,
@@ -84,7 +94,8 @@ from .verify import check_scope, verify_bundle
 from .vmset import VmAddrs
 
 WATCH_POLL_S = 0.02  # how often armed arrival watches are read (a few lookups)
-CUTOVER_RETRY_S = 1.0  # between attempts to reach a source that did not answer
+CUTOVER_RETRY_S = 1.0
+HOUSEKEEPING_S = 1.0  # between attempts to reach a source that did not answer
 
 
 @dataclass
@@ -184,6 +195,13 @@ class Agent:
         self.watch_lock = threading.Lock()
         if cutover.clear(self.fw):  # armed by an earlier agent: nobody waits on them now
             _log("cutover-watches-cleared")
+        # outgoing migrations (`samixdp migrate` and `drain` through the local socket,
+        # pulls): threads sharing one dirty-log group and one scan per batch
+        self.scan = SharedScan(self.fw)
+        self.runner = MigrationRunner(self.fw, cfg.config_dir, cfg.state_dir,
+                                      select=self.scan.select, log=_log)
+        if self.runner.forget_stale():
+            _log("stale-migrations-failed", reason="the agent that ran them stopped")
 
     @property
     def me(self) -> str:
@@ -514,6 +532,14 @@ class Agent:
                     for a in seen:
                         self.fw.maps["pickup"].delete(cutover.key_of(self.fw, a.vm))
 
+    def housekeeping(self, stop: threading.Event) -> None:
+        """Once a second: moved VMs' cleanup, killed migrations' tracking slots."""
+        while not stop.wait(HOUSEKEEPING_S):
+            try:
+                self.runner.tick()
+            except Exception as exc:  # noqa: BLE001 - logged; the next tick tries again
+                _log("housekeeping-failed", reason=f"{type(exc).__name__}: {exc}")
+
     def watch_arrivals(self, stop: threading.Event) -> None:
         """Polls the armed watches; the first sighting of a VM sends for its final."""
         while not stop.wait(WATCH_POLL_S):
@@ -553,7 +579,8 @@ class Agent:
         vms = want_vms(body, "vms")
         seen = body.get("seen")
         text = want_str(seen, "text") if isinstance(seen, dict) else "the destination"
-        request_cutover(self.cfg.state_dir, vms, mid.hex(), peer.name, text)
+        if not self.runner.cutover(vms, mid.hex(), peer.name, text):  # not ours: a process's
+            request_cutover(self.cfg.state_dir, vms, mid.hex(), peer.name, text)
         _log("cutover", peer=peer.name, vm=vms.label, migration_id=mid.hex(), why=text)
         return sign_control(
             self.identity,
@@ -577,12 +604,19 @@ class Agent:
         _, doc = find_record(self.cfg.state_dir, vms)
         if doc and doc.get("status") == "running":
             raise MigrateError(f"{vms.label} is already migrating to {doc.get('peer')}")
-        log = self.cfg.state_dir / "migrations" / f"{record_name(vms)}.log"
-        pid = spawn_migration(self.cfg.bpffs, self.cfg.config_dir, self.cfg.state_dir, vms,
-                              peer.name, log, plaintext=self.cfg.plaintext)
-        _log("pulled", peer=peer.name, vm=vms.label, pid=pid, log=str(log))
+        opts = MigrateOptions(until_cutover=True, keep_source=True, plaintext=self.cfg.plaintext)
+        threading.Thread(target=self.pulled, args=(peer, vms, opts), daemon=True).start()
+        _log("pulled", peer=peer.name, vm=vms.label)
         return sign_control(self.identity, {"type": "pull-ack", "to": peer.name, "ok": True,
-                                            "vms": list(vms.ips), "pid": pid}, nonce)
+                                            "vms": list(vms.ips), "pid": os.getpid()}, nonce)
+
+    def pulled(self, peer: Peer, vms: VmAddrs, opts: MigrateOptions) -> None:
+        """A pulled migration (its source state goes when the hypervisor releases the VM
+        here, not after an idle time, since a peer asked for it): a thread of its own."""
+        try:
+            self.runner.run(peer, vms, opts)
+        except (SamiError, OSError):
+            pass  # logged by the runner; the record says failed
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -638,6 +672,13 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None,
     )
     stop = threading.Event()
     try:
+        local = LocalServer(agent.runner, cfg.config_dir, cfg.state_dir, _log)
+    except MigrateError:
+        server.server_close()
+        raise
+    try:
+        local.start()
+        _log("local-socket", path=str(local.path))
         if on_start is not None:
             on_start(agent)
         if ready is not None:
@@ -645,11 +686,15 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None,
         if on_ready is not None:  # ready once everything listens
             on_ready(f"{host}:{server.server_address[1]}")
         threading.Thread(target=agent.watch_arrivals, args=(stop,), daemon=True).start()
+        threading.Thread(target=agent.housekeeping, args=(stop,), daemon=True).start()
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
         stop.set()
+        local.close()
+        for mig in agent.runner.running.values():  # the destination drops what it got
+            mig.stop("the agent stopped")
         server.server_close()
         agent.fw.close()
         print("agent stopped", file=sys.stderr)

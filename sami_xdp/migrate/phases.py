@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from ..policy.acl import delete_vm_rules
 from ..policy.sessions import SESSION_MAPS
 from .bundle import new_migration_id, parse_bundle
 from .control import bundle_digest, nonce_of, sign_control, verify_control
-from .dirty import DirtyLog
+from .dirty import DirtyLog, TrackGroup
 from .errors import ControlError, MigrateError, MigrationRefused, TransportError
 from .export import Kind, build_bundle
 from .fields import FieldError, want_bool, want_counts
@@ -47,6 +48,7 @@ from .transport import (
 )
 from .vmset import VmAddrs
 
+WAIT_SLICE_S = 0.02  # a cutover set by a signal handler is seen this soon
 RECONNECT_IDLE_S = 20.0  # agents close connections idle for longer (their --idle default: 60)
 
 
@@ -160,7 +162,12 @@ class Migration:
         vms: VmAddrs,
         opts: MigrateOptions,
         progress: Callable[[str], None] | None = None,
+        tracker: TrackGroup | None = None,
+        select: Callable[[VmAddrs], VmState] | None = None,
     ) -> None:
+        """`tracker`: the dirty-log group to join (the agent's, shared by its
+        migrations; default a group of this one). `select`: reads the full copy
+        (the agent's shared scan; default one scan for this VM)."""
         self.fw, self.identity, self.trust, self.peer = fw, identity, trust, peer
         self.vms, self.opts = vms, opts
         self.mid = new_migration_id()
@@ -171,6 +178,34 @@ class Migration:
         self.conn: Connection | None = None
         self.cutover = False
         self.dirty: DirtyLog | None = None
+        self.tracker = tracker
+        self.select = select or (lambda v: export_vm_state(fw, v))
+        self.stopped = ""  # why the migration was told to stop (an abort), if it was
+        self._wake = threading.Event()  # a cutover or an abort ends a wait at once
+
+    # ---- what other threads tell a running migration --------------------------------
+
+    def finish(self) -> None:
+        """The final delta now (`--final`, the destination saw the VM arrive)."""
+        self.cutover = True
+        self._wake.set()
+
+    def stop(self, why: str) -> None:
+        """Abort at the next phase boundary (a round in flight finishes first)."""
+        self.stopped = why
+        self._wake.set()
+
+    def _wait(self, seconds: float) -> None:
+        """Sleeps between rounds; a cutover ends it early, an abort raises. In slices:
+        a signal handler (the CLI's SIGUSR1) only sets `cutover`."""
+        deadline = time.monotonic() + seconds
+        while not (self.cutover or self.stopped) and time.monotonic() < deadline:
+            self._wake.wait(min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
+        self._check()
+
+    def _check(self) -> None:
+        if self.stopped:
+            raise MigrationRefused(self.stopped)
 
     # ---- phases ------------------------------------------------------------------
 
@@ -254,25 +289,27 @@ class Migration:
     def run(self) -> MigrationReport:
         try:
             # the dirty log starts before the full copy is read: nothing falls between
-            self.dirty = DirtyLog.start(self.fw, self.vms)
+            tracker = self.tracker or TrackGroup(self.fw)
+            self.dirty = tracker.join(self.vms)
             t0 = time.perf_counter()
-            first = export_vm_state(self.fw, self.vms)
+            first = self.select(self.vms)
             selected_s = time.perf_counter() - t0
+            self._check()
             self.preflight(len(first.sess_keys))
+            self._check()
             self.send_round("full", first, selected_s)
             if self.opts.until_cutover:
                 self.progress("syncing deltas until cutover (the destination sees the VM "
                               "arrive, or `migrate --final`)")
                 while not self.cutover:
-                    deadline = time.monotonic() + self.opts.interval_s
-                    while not self.cutover and time.monotonic() < deadline:
-                        time.sleep(0.02)
+                    self._wait(self.opts.interval_s)
                     if not self.cutover:
                         self.send_round("delta")
             else:
                 for _ in range(self.opts.delta_rounds):
-                    time.sleep(self.opts.interval_s)
+                    self._wait(self.opts.interval_s)
                     self.send_round("delta")
+            self._check()
             self.send_round("final")
         except (MigrateError, TransportError) as exc:
             self.report.outcome = f"failed: {exc}"
@@ -323,22 +360,6 @@ def send_pull(identity: HostIdentity, trust: TrustStore, peer: Peer, vms: VmAddr
     payload = sign_control(identity, {"type": "pull", "to": peer.name, "vms": list(vms.ips)})
     with Connection(peer, identity, plaintext=plaintext) as conn:
         return _ack(conn, identity, trust, peer, MSG_PULL, payload)
-
-
-def spawn_migration(bpffs: Path, config_dir: Path, state_dir: Path, vms: VmAddrs, peer: str,
-                    log: Path, plaintext: bool = False) -> int:
-    """A detached `samixdp migrate --until-cutover --keep-source` of the VM to `peer`
-    (a pulled migration: the source's state goes when the hypervisor releases the VM
-    here, not after an idle time, since a peer asked for it)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "sami_xdp", "--bpffs", str(bpffs), "--config-dir",
-           str(config_dir), "--state-dir", str(state_dir), "migrate",
-           *[arg for ip in vms.ips for arg in ("--vm", ip)], "--peer", peer,
-           "--until-cutover", "--keep-source", "--json", *(["--plaintext"] if plaintext else [])]
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    return proc.pid
 
 
 # ---- the source's cleanup ------------------------------------------------------------

@@ -21,6 +21,7 @@ from ..base.errors import InvalidArgument
 from ..loader.pinned import Firewall
 from .errors import MigrateError, MigrationRefused, StateDirError
 from .keys import HostIdentity, atomic_write, one_line
+from .localproto import ask, connect
 from .peers import Peer, TrustStore
 from .phases import (
     MigrateOptions,
@@ -32,6 +33,7 @@ from .phases import (
 )
 from .vmset import VmAddrs
 
+VIA_AGENT = "agent"  # a record's "via": the agent runs it (ask it, no pid to signal)
 SIG_FINAL = signal.SIGUSR1  # `migrate --final` tells a running --until-cutover to finish
 RECORDS_DIR = "migrations"
 MAX_NAME = 128  # longer address lists name their record by a digest
@@ -108,6 +110,8 @@ def signal_running(state_dir: Path, vms: VmAddrs, sig: int) -> tuple[Path, dict[
     path, doc = find_record(state_dir, vms)
     if not doc or doc.get("status") != "running":
         raise MigrateError(f"no running migration of {vms.label} on this host")
+    if doc.get("via") == VIA_AGENT:  # its pid is the agent's: a signal would stop it
+        raise MigrateError(f"the migration of {vms.label} runs in the agent: ask the agent")
     try:
         os.kill(int(doc["pid"]), sig)
     except ProcessLookupError as exc:
@@ -210,9 +214,21 @@ def request_cutover(state_dir: Path, vms: VmAddrs, mid: str, peer: str, why: str
     signal_running(state_dir, vms, SIG_FINAL)
 
 
+def ask_agent(state_dir: Path, op: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """`op` ("final", "abort") for a migration the agent runs (its record `doc`)."""
+    with connect(state_dir) as sock:
+        if sock is None:
+            raise MigrateError(f"the agent that runs the migration of {doc['vm']} does not "
+                               "answer (is it running?)")
+        return ask(sock, {"op": op, "vms": doc["vms"]})
+
+
 def finish_running(state_dir: Path, vms: VmAddrs) -> dict[str, Any]:
     """`--final`: tells the running --until-cutover migration of the VM to send the
     final delta; returns its record once it ended ("status", "report")."""
+    _, doc = find_record(state_dir, vms)
+    if doc and doc.get("status") == "running" and doc.get("via") == VIA_AGENT:
+        return ask_agent(state_dir, "final", doc)
     path, doc = signal_running(state_dir, vms, SIG_FINAL)
     return wait_finished(path, doc["vm"] if isinstance(doc.get("vm"), str) else vms.label)
 
@@ -228,6 +244,9 @@ def abort_migration(
     """`--abort`: stops the running migration of the VM, or asks the destination of
     the last recorded one to drop what it imported. Nothing changes here."""
     path, doc = find_record(state_dir, vms)
+    if doc and doc.get("status") == "running" and doc.get("via") == VIA_AGENT:
+        done = ask_agent(state_dir, "abort", doc)
+        return f"aborted migration {done['migration_id'][:12]} of {','.join(doc['vms'])}"
     if doc and doc.get("status") == "running":
         signal_running(state_dir, vms, signal.SIGTERM)
         done = wait_finished(path, vms.label)
