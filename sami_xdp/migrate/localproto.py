@@ -103,6 +103,8 @@ def read_line(sock: socket.socket, buf: bytearray) -> bytes | None:
             return None
         buf += chunk
     line, _, rest = bytes(buf).partition(b"\n")
+    if len(line) > MAX_LINE:
+        raise MigrateError(f"a control line longer than {MAX_LINE} bytes")
     buf[:] = rest
     return line
 
