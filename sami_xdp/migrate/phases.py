@@ -12,11 +12,13 @@ imported for this migration.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,60 @@ def _ack(
     return body
 
 
+class PeerPool:
+    """Connections to peers shared by concurrent migrations (a drain): at most
+    `per_peer` open to one peer (its agent caps connections at --max-conns, 32 by
+    default), each carrying one request at a time, so a drain's parallelism is not
+    bounded by the destination's connection cap."""
+
+    def __init__(self, identity: HostIdentity, per_peer: int = 8) -> None:
+        self.identity, self.per_peer = identity, per_peer
+        self._idle: dict[tuple[str, str, bool], list[Connection]] = defaultdict(list)
+        self._open: dict[tuple[str, str, bool], int] = defaultdict(int)
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def lease(self, peer: Peer, plaintext: bool) -> Iterator[Connection]:
+        key = (peer.name, peer.address, plaintext)
+        conn: Connection | None = None
+        with self._cond:
+            while True:
+                idle = self._idle[key]
+                while idle and idle[-1].idle_s > RECONNECT_IDLE_S:
+                    idle.pop().close()  # the peer's agent closes idle connections
+                    self._open[key] -= 1
+                if idle:
+                    conn = idle.pop()
+                    break
+                if self._open[key] < self.per_peer:
+                    self._open[key] += 1
+                    break
+                self._cond.wait()
+        ok = False
+        try:
+            if conn is None:
+                conn = Connection(peer, self.identity, plaintext=plaintext)
+            yield conn
+            ok = True
+        finally:
+            with self._cond:
+                if ok and conn is not None:
+                    self._idle[key].append(conn)
+                else:  # a failed request may leave the stream anywhere: never reused
+                    if conn is not None:
+                        conn.close()
+                    self._open[key] -= 1
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            for key, conns in self._idle.items():
+                for c in conns:
+                    c.close()
+                self._open[key] -= len(conns)
+            self._idle.clear()
+
+
 class Migration:
     """One migration of one VM (all its addresses, one bundle a round) from this host
     to `peer`."""
@@ -164,10 +220,12 @@ class Migration:
         progress: Callable[[str], None] | None = None,
         tracker: TrackGroup | None = None,
         select: Callable[[VmAddrs], VmState] | None = None,
+        pool: PeerPool | None = None,
     ) -> None:
         """`tracker`: the dirty-log group to join (the agent's, shared by its
         migrations; default a group of this one). `select`: reads the full copy
-        (the agent's shared scan; default one scan for this VM)."""
+        (the agent's shared scan; default one scan for this VM). `pool`: shared
+        connections to the peer (default one connection of its own)."""
         self.fw, self.identity, self.trust, self.peer = fw, identity, trust, peer
         self.vms, self.opts = vms, opts
         self.mid = new_migration_id()
@@ -179,6 +237,7 @@ class Migration:
         self.cutover = False
         self.dirty: DirtyLog | None = None
         self.tracker = tracker
+        self.pool = pool
         self.select = select or (lambda v: export_vm_state(fw, v))
         self.stopped = ""  # why the migration was told to stop (an abort), if it was
         self._wake = threading.Event()  # a cutover or an abort ends a wait at once
@@ -209,20 +268,24 @@ class Migration:
 
     # ---- phases ------------------------------------------------------------------
 
-    def _connect(self) -> Connection:
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        if self.pool is not None:
+            with self.pool.lease(self.peer, self.opts.plaintext) as conn:
+                yield conn
+            return
         if self.conn is not None and self.conn.idle_s > RECONNECT_IDLE_S:
             self.conn.close()
             self.conn = None
         if self.conn is None:
             self.conn = Connection(self.peer, self.identity, plaintext=self.opts.plaintext)
-        return self.conn
+        yield self.conn
 
     def preflight(self, sessions: int) -> None:
         """Asks the peer whether it takes the VM (`sessions` of them: the full copy's
         count, so the tables are read once for both)."""
         t0 = time.perf_counter()
         self.progress(f"preflight: contacting {self.peer.name} at {self.peer.address}")
-        conn = self._connect()
         payload = sign_control(
             self.identity,
             {
@@ -236,7 +299,8 @@ class Migration:
                 "cutover": self.opts.until_cutover,
             },
         )
-        body = _ack(conn, self.identity, self.trust, self.peer, MSG_PREFLIGHT, payload)
+        with self._connection() as conn:
+            body = _ack(conn, self.identity, self.trust, self.peer, MSG_PREFLIGHT, payload)
         phase = PhaseReport("preflight", time.perf_counter() - t0)
         self.report.phases.append(phase)
         if not body.get("ok"):
@@ -264,7 +328,8 @@ class Migration:
             selected=selected,
         )
         exported = parse_bundle(data).counts()
-        body = _ack(self._connect(), self.identity, self.trust, self.peer, MSG_BUNDLE, data)
+        with self._connection() as conn:
+            body = _ack(conn, self.identity, self.trust, self.peer, MSG_BUNDLE, data)
         name = (
             "full copy"
             if kind == "full"

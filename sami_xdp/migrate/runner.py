@@ -32,6 +32,7 @@ from .phases import (
     MigrateOptions,
     Migration,
     MigrationReport,
+    PeerPool,
     delete_vm_state,
     spawn_cleanup,
 )
@@ -76,6 +77,7 @@ class MigrationRunner:
         self.tracker = TrackGroup(fw)
         self.running: dict[str, Migration] = {}
         self.cleanups: list[Cleanup] = []
+        self._pool: PeerPool | None = None
         self._lock = threading.Lock()
 
     # ---- one migration ---------------------------------------------------------------
@@ -90,7 +92,7 @@ class MigrationRunner:
         trust = TrustStore.load(self.config_dir)
         require_protected(self.fw, vms)
         mig = Migration(self.fw, identity, trust, peer, vms, opts, progress=progress,
-                        tracker=self.tracker, select=self.select)
+                        tracker=self.tracker, select=self.select, pool=self._pool_for(identity))
         mid = mig.mid.hex()
         with self._lock:
             for other in self.running.values():
@@ -161,6 +163,17 @@ class MigrationRunner:
                                     "reason": "the agent that ran it stopped"})
                 n += 1
         return n
+
+    def _pool_for(self, identity: HostIdentity) -> PeerPool:
+        """The shared connections, opened with this host's current key (a new key:
+        new connections)."""
+        with self._lock:
+            if self._pool is None or self._pool.identity.host_id != identity.host_id or (
+                    self._pool.identity.public_b64 != identity.public_b64):
+                if self._pool is not None:
+                    self._pool.close()
+                self._pool = PeerPool(identity)
+            return self._pool
 
     # ---- what others tell a running migration --------------------------------------
 
