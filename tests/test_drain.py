@@ -25,7 +25,7 @@ from agents import Agent, Pair, count_vm, establish, free_port, make_pair, start
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.migrate import TrustStore
 from sami_xdp.migrate.localproto import socket_path
-from sami_xdp.policy import sessions
+from sami_xdp.policy import acl, sessions
 
 pytestmark = pytest.mark.needs_root
 
@@ -102,6 +102,10 @@ def test_drain_picks_vms_by_prefix_and_reads_a_mapping_file(hosts, tmp_path):
     dry = pair.a.cli("drain", "--peer", "hostb", "--vms", "10.1.1.2/31", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     assert [r["vm"] for r in json.loads(dry.stdout)["vms"]] == ["10.1.1.2", "10.1.1.3"]
+    # a VM with rules of its own and no session yet is a VM too
+    acl.add_rules(pair.a.fw, [acl.make_rule(pair.a.fw, vm="10.1.1.5", proto="tcp", dport=22)])
+    dry = pair.a.cli("drain", "--peer", "hostb", "--dry-run", "--json")
+    assert [r["vm"] for r in json.loads(dry.stdout)["vms"]] == [*VMS, "10.1.1.5"]
     mapping = tmp_path / "map"
     mapping.write_text("# vm  peer\n10.1.1.2 hostb\n")
     res = pair.a.cli("drain", "--map", str(mapping), "--vms", "10.1.1.2/32", "--json",

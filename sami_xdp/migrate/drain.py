@@ -104,18 +104,29 @@ def vm_addresses(fw: Firewall, within: Sequence[IPNetwork] = ()) -> list[str]:
     VM end of a live session, a rule's own /32 or /128, or a ban's VM."""
     c = fw.layout.consts
     now = time.monotonic_ns()
-    found = []
-    for name in SESSION_MAPS:
-        keys, values = fw.maps[name].dump()
+    found: list[np.ndarray] = []
+    lock = threading.Lock()
+
+    def vm_ends(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Keeps no row: collects each chunk's distinct VM ends (a million sessions
+        are a few hundred addresses, never a copy of the table)."""
         live = ~expired_mask(fw, values, now)
         flags = values["flags"]
-        found.append(keys["addr_lo"][live & (flags & c["SESS_F_VM_LO"] != 0)])
-        found.append(keys["addr_hi"][live & (flags & c["SESS_F_VM_HI"] != 0)])
+        ends = np.concatenate([keys["addr_lo"][live & (flags & c["SESS_F_VM_LO"] != 0)],
+                               keys["addr_hi"][live & (flags & c["SESS_F_VM_HI"] != 0)]])
+        if len(ends):
+            ends = unique_rows(ends)
+            with lock:
+                found.append(ends)
+        return np.zeros(len(keys), bool)
+
+    for name in SESSION_MAPS:
+        fw.maps[name].scan(vm_ends)
     rules = read_rules(fw)
     found.append(rules["dst_addr"][rules["dst_prefixlen"] == host_prefixlen(fw.layout)])
     _, bans = fw.maps["blacklist"].dump()
     found.append(bans["vm"][bans["expires_ns"] > np.uint64(now)])
-    addrs = np.concatenate([a.astype(found[0].dtype) for a in found])
+    addrs = np.concatenate([a.astype(found[-1].dtype) for a in found])
     if not len(addrs):
         return []
     addrs = unique_rows(addrs)
