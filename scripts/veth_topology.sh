@@ -26,13 +26,18 @@
 # hypervisor does after a live migration):
 # the VM keeps its address, MAC and default gateway, so its TCP connections can go on.
 #
+# `add-vm-addr ADDR` gives the VM namespace another address inside the VM prefix (on
+# its loopback, and for IPv6 the hosts' neighbour entries): another VM, as the firewall
+# sees VMs (one address each), hosted and moved with the first (a host evacuation).
+# `move-to-*` announces every VM address.
+#
 # Namespace names get $SX_SUFFIX appended (letters/digits, at most 8) so several
 # topologies can run side by side. Interface names are the same in every topology:
 # each lives only inside its own namespaces (veths are created there directly).
 # Each firewall host gets its own bpffs (mounted here, in the root mount namespace, so
 # the pins outlive `ip netns exec`), config and state dirs under /run/sx$SX_SUFFIX/.
 #
-# usage: veth_topology.sh up|down|move-to-b|move-to-a|status|env
+# usage: veth_topology.sh up|down|move-to-b|move-to-a|add-vm-addr ADDR|status|env
 set -euo pipefail
 
 SFX=${SX_SUFFIX:-}
@@ -170,6 +175,27 @@ vm_routes() {
     ip -n "$NS_VM" -6 route replace default via "$VM_GW_IP6" dev "$1" src "$VM_IP6"
 }
 
+# the VM's addresses: those on its loopback, but the loopback's own
+vm_addrs() {
+    ip -n "$NS_VM" -o addr show dev lo | awk '{print $4}' | cut -d/ -f1 | grep -v -e '^127\.' -e '^::1$'
+}
+
+cmd_add_vm_addr() {
+    require_root
+    local addr=${1:-}
+    ns_exists "$NS_VM" || die "no topology (missing $NS_VM): run '$0 up'"
+    case $addr in
+        10.1.1.*)
+            ip -n "$NS_VM" addr add "$addr/32" dev lo ;;
+        2001:db8:1::*)
+            ip -n "$NS_VM" addr add "$addr/128" dev lo nodad
+            ip -n "$NS_A" -6 neigh replace "$addr" lladdr "$VM_MAC" dev sxa-vm nud permanent
+            ip -n "$NS_B" -6 neigh replace "$addr" lladdr "$VM_MAC" dev sxb-vm nud permanent ;;
+        *) die "add-vm-addr: want an address in $VM_NET or $VM_NET6, got '$addr'" ;;
+    esac
+    say "VM address $addr added"
+}
+
 # move TO_LINK FROM_LINK TO_UPLINK_IP TO_UPLINK_IP6 NAME
 move() {
     require_root
@@ -180,8 +206,9 @@ move() {
     ip -n "$NS_GW" route replace "$VM_NET" via "$3"
     ip -n "$NS_GW" -6 route replace "$VM_NET6" via "$4"
     # as a hypervisor announces a moved VM: a gratuitous ARP and an unsolicited NA
-    ip netns exec "$NS_VM" python3 "$(dirname "$0")/announce.py" "$1" "$VM_IP" "$VM_IP6" >/dev/null
-    say "VM $VM_IP $VM_IP6 now behind $5 (uplink $1, gateway routes $VM_NET via $3, $VM_NET6 via $4)"
+    # shellcheck disable=SC2046
+    ip netns exec "$NS_VM" python3 "$(dirname "$0")/announce.py" "$1" $(vm_addrs) >/dev/null
+    say "VM $(vm_addrs | tr '\n' ' ')now behind $5 (uplink $1, gateway routes $VM_NET via $3, $VM_NET6 via $4)"
 }
 
 kill_ns_pids() {
@@ -290,10 +317,11 @@ case ${1:-} in
     down) cmd_down ;;
     move-to-b) move sxv-b sxv-a "$B_UP_IP" "$B_UP_IP6" "B ($NS_B)" ;;
     move-to-a) move sxv-a sxv-b "$A_UP_IP" "$A_UP_IP6" "A ($NS_A)" ;;
+    add-vm-addr) cmd_add_vm_addr "${2:-}" ;;
     status) cmd_status ;;
     env) cmd_env ;;
     *)
-        echo "usage: $0 up|down|move-to-b|move-to-a|status|env   (env SX_SUFFIX=... for a second topology)" >&2
+        echo "usage: $0 up|down|move-to-b|move-to-a|add-vm-addr ADDR|status|env   (env SX_SUFFIX=... for a second topology)" >&2
         exit 2
         ;;
 esac

@@ -227,15 +227,23 @@ class Lab:
         return path
 
     def spawn(
-        self, ns: Netns | None, *cmd: str | os.PathLike[str], lifetime: float = 60
+        self,
+        ns: Netns | None,
+        *cmd: str | os.PathLike[str],
+        lifetime: float = 60,
+        log: Path | None = None,
     ) -> subprocess.Popen[bytes]:
-        """A background process (inside `ns`), killed after `lifetime` s at most."""
+        """A background process (inside `ns`), killed after `lifetime` s at most. Its
+        output comes through a pipe, or goes to `log` for a chatty long-lived process
+        (an agent) that would stall on a full pipe nobody reads."""
         args = ["timeout", "-s", "KILL", str(int(lifetime) + 5), *map(str, cmd)]
         if ns is not None:
             args = ["ip", "netns", "exec", ns.name, *args]
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
+            proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         self.procs.append(proc)
         return proc
 
@@ -348,6 +356,21 @@ class HeldConnection:
         while self.reader.readline(timeout=0.5) is not None:
             pass
         return rc, self.reader.seen
+
+
+def wait_for_text(path: Path, text: str, timeout: float,
+                  proc: subprocess.Popen[bytes] | None = None) -> str:
+    """Waits until the file `path` (a process's log) holds `text`; returns the file.
+    Fails at the deadline, or as soon as `proc` (the writer) has ended."""
+    end = time.monotonic() + timeout
+    while True:
+        ended = proc is not None and proc.poll() is not None
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        if ended or time.monotonic() > end:
+            raise AssertionError(f"waited for {text!r} in {path}; it holds: {content[-2000:]!r}")
+        time.sleep(0.1)
 
 
 def tcp_connect(
