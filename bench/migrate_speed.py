@@ -78,7 +78,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,9 +330,10 @@ def free_port() -> int:
 
 
 class AgentProc:
-    """`samixdp agent` for host B, its log in a file."""
+    """`samixdp agent` for host B, its log in a file; `extra`: more agent options."""
 
-    def __init__(self, bpffs: Path, cfg: Path, state: Path, port: int, logf: Path) -> None:
+    def __init__(self, bpffs: Path, cfg: Path, state: Path, port: int, logf: Path,
+                 extra: Sequence[str] = ()) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.logf = logf
         self.fh = open(logf, "wb")  # noqa: SIM115 - closed in stop()
@@ -352,6 +353,7 @@ class AgentProc:
                 f"127.0.0.1:{port}",
                 "--pickup",
                 "10",
+                *extra,
             ],
             stdout=self.fh,
             stderr=subprocess.STDOUT,
@@ -369,14 +371,18 @@ class AgentProc:
         raise RuntimeError(f"agent did not start: {logf.read_text(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+        """A clean stop (SIGTERM: a background job's children ignore SIGINT), else a
+        kill, even when interrupted while waiting."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-        self.fh.close()
+            self.fh.close()
 
 
 class Capture:

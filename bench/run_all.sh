@@ -4,8 +4,8 @@
 # Each writes bench/results/<name>.json (and PNGs); bench/summary.py then prints the
 # table that README.md quotes. Bounded: each step has its own packet/second limits
 # and a timeout here. On a 2-core VM: P1 under a minute, P2/P3 about 6 minutes, P4/P5
-# about 5 minutes, TCP goodput about 8 minutes, the flood goodput, P6 and agent abuse
-# steps a few minutes more.
+# about 5 minutes, the host drain 3 minutes, TCP goodput about 8 minutes, the flood
+# goodput, P6 and agent abuse steps a few minutes more.
 # IPv4 and IPv6 run side by side within each step (P1 and P2/P3 per family, nftables
 # as one `inet` table; migration with all-IPv4 and half-IPv6 sessions).
 #   BENCH_QUICK=1  shorter runs (smaller sizes), for a smoke test
@@ -41,6 +41,9 @@ timeout 900 "$PY" bench/migrate_speed.py "${QUICK[@]}"
 
 step "migration phases with the dirty-state log: 0% and 1% changed, the CLI's wall time"
 timeout 900 "$PY" bench/migrate_phases.py "${QUICK[@]}"
+
+step "host drain through the agents: 1 x 200k, 20 x 10k, 50 x 4k sessions (and 20 migrate processes)"
+timeout 600 "$PY" bench/drain.py "${QUICK[@]}"
 
 step "P6 survival at scale: the demo with 1,000 connections"
 conns=1000

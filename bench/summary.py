@@ -225,6 +225,28 @@ def rows_phases(d: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def rows_drain(d: dict[str, Any]) -> list[list[str]]:
+    """drain.py: per configuration the drain's wall time (CLI start to exit) and its
+    ratio to one VM of 200k; the old way; the target (50 x 4k within 2x)."""
+    out = []
+    for c in d["configs"]:
+        out.append([f"host drain through the agents, {c['label']} sessions "
+                    f"(--parallel {c['parallel']})",
+                    f"{c['wall_s']:.2f} s wall ({c['ratio_to_1x200k']:.2f}x 1 × 200k)", "", ""])
+    o = d.get("old_way")
+    if o:
+        out.append([f"host drain the old way, {o['label']}",
+                    f"{o['wall_s']:.2f} s wall, {o['completed']}/{o['processes']} completed",
+                    "", ""])
+    t = d["target"]
+    out.append([f"host drain target, {t['what']}", f"{t['ratio']:.2f}x",
+                f"<= {t['limit']:g}x", verdict(t["met"])])
+    if not d.get("all_landed", True):
+        out.append(["host drain landing check", "some VMs' sessions did not land exactly",
+                    "every VM exact", verdict(False)])
+    return out
+
+
 def rows_survival(d: dict[str, Any]) -> list[list[str]]:
     out = []
     for r in d["runs"]:
@@ -256,7 +278,7 @@ def main() -> int:
 
     for name, fn in (("prog_cost", rows_p1), ("veth_rates", rows_veth), ("goodput", rows_goodput),
                      ("flood_goodput", rows_flood), ("migrate_speed", rows_migrate),
-                     ("migrate_phases", rows_phases)):
+                     ("migrate_phases", rows_phases), ("drain", rows_drain)):
         d = load(name)
         if d is None:
             rows.append([name, "not run", "", ""])
