@@ -69,6 +69,9 @@ def test_a_drain_through_the_agent_moves_every_vm_exactly(hosts):
     assert report["via"] == "agent" and report["completed"] == 3 and report["failed"] == 0
     rows = {r["vm"]: r for r in report["vms"]}
     assert set(rows) == set(VMS)
+    # three full copies started together: fewer passes over the maps than VMs
+    passes = _ask(socket_path(pair.a.state), b'{"op": "list"}\n')["scan_passes"]
+    assert 1 <= passes < 3, passes
     for i, vm in enumerate(VMS):
         assert rows[vm]["outcome"] == "completed" and rows[vm]["peer"] == "hostb"
         assert rows[vm]["sessions"] == 5 + i
@@ -228,7 +231,7 @@ def test_the_local_socket_answers_root_alone_and_survives_garbage(hosts):
     ]:
         got = _ask(path, raw)
         assert got["ok"] is False and why in got["error"], (raw[:40], got)
-    assert _ask(path, b'{"op": "list"}\n') == {"ok": True, "running": []}
+    assert _ask(path, b'{"op": "list"}\n') == {"ok": True, "running": [], "scan_passes": 0}
     assert agent_a.proc.poll() is None
 
 

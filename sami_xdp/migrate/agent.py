@@ -672,7 +672,8 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None,
     )
     stop = threading.Event()
     try:
-        local = LocalServer(agent.runner, cfg.config_dir, cfg.state_dir, _log)
+        local = LocalServer(agent.runner, cfg.config_dir, cfg.state_dir, _log,
+                            stats=lambda: {"scan_passes": agent.scan.passes})
     except MigrateError:
         server.server_close()
         raise

@@ -35,9 +35,12 @@ class LocalServer:
     """Accepts local requests in a thread; each connection gets its own."""
 
     def __init__(self, runner: MigrationRunner, config_dir: Path, state_dir: Path,
-                 log: Callable[..., None]) -> None:
+                 log: Callable[..., None],
+                 stats: Callable[[], dict[str, Any]] | None = None) -> None:
+        """`stats()`: figures `list` answers with (the shared scan's passes)."""
         self.runner, self.config_dir, self.state_dir = runner, config_dir, state_dir
         self.log = log
+        self.stats = stats or dict
         self.path = socket_path(state_dir)
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.sock = self._bind()
@@ -129,7 +132,7 @@ class LocalServer:
             return {"ok": True, "status": doc.get("status"), "migration_id": mid,
                     "vms": doc.get("vms"), "report": doc.get("report")}
         if op == "list":
-            return {"ok": True, "running": self.runner.list_running()}
+            return {"ok": True, "running": self.runner.list_running(), **self.stats()}
         raise FieldError("op", "must be migrate, final, abort or list")
 
     def migrate(self, conn: socket.socket, req: dict[str, Any]) -> dict[str, Any]:

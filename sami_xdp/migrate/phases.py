@@ -52,6 +52,9 @@ from .vmset import VmAddrs
 
 WAIT_SLICE_S = 0.02  # a cutover set by a signal handler is seen this soon
 RECONNECT_IDLE_S = 20.0  # agents close connections idle for longer (their --idle default: 60)
+POOL_PER_PEER = 4  # a destination agent's default --max-pending-per-ip
+POOL_CONNECT_TRIES = 3
+POOL_RETRY_S = 0.2  # then 0.4
 
 
 @dataclass
@@ -153,11 +156,12 @@ def _ack(
 
 class PeerPool:
     """Connections to peers shared by concurrent migrations (a drain): at most
-    `per_peer` open to one peer (its agent caps connections at --max-conns, 32 by
-    default), each carrying one request at a time, so a drain's parallelism is not
-    bounded by the destination's connection cap."""
+    `per_peer` open to one peer, each carrying one request at a time, so a drain's
+    parallelism is not bounded by the destination's caps (its agent admits 4
+    unauthenticated connections per address and 32 in all by default). Opening
+    one is tried again after a short wait: a cap full for a moment is no failure."""
 
-    def __init__(self, identity: HostIdentity, per_peer: int = 8) -> None:
+    def __init__(self, identity: HostIdentity, per_peer: int = POOL_PER_PEER) -> None:
         self.identity, self.per_peer = identity, per_peer
         self._idle: dict[tuple[str, str, bool], list[Connection]] = defaultdict(list)
         self._open: dict[tuple[str, str, bool], int] = defaultdict(int)
@@ -183,7 +187,7 @@ class PeerPool:
         ok = False
         try:
             if conn is None:
-                conn = Connection(peer, self.identity, plaintext=plaintext)
+                conn = self._open_one(peer, plaintext)
             yield conn
             ok = True
         finally:
@@ -195,6 +199,16 @@ class PeerPool:
                         conn.close()
                     self._open[key] -= 1
                 self._cond.notify()
+
+    def _open_one(self, peer: Peer, plaintext: bool) -> Connection:
+        for attempt in range(POOL_CONNECT_TRIES):
+            try:
+                return Connection(peer, self.identity, plaintext=plaintext)
+            except TransportError:
+                if attempt + 1 == POOL_CONNECT_TRIES:
+                    raise
+                time.sleep(POOL_RETRY_S * 2**attempt)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._cond:

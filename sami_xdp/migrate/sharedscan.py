@@ -5,12 +5,14 @@ one by one, 50 migrations scan a 400k-entry session table 50 times; a
 `SharedScan` gathers the requests that arrive close together into a batch and
 serves the whole batch with one `export_vm_states` pass.
 
-A batch opens with its first caller, who waits a short gather window
-(`gather_s`) for others to join, or less if `expect(n)` said how many
-requests to wait for and that many have arrived; then that caller runs the
-pass for the batch and hands each member its state. Callers arriving while a
-pass runs open the next batch, which does not wait for the running pass (it
-may overlap it): nobody waits longer than one gather window plus one pass.
+A batch opens with its first caller, who waits until no other request joined
+for `gather_s` (a drain's requests arrive spread over a few hundred
+milliseconds, as its connections and threads start), at most `max_gather_s` in
+all, or less if `expect(n)` said how many requests to wait for and that many
+have arrived; then that caller runs the pass for the batch and hands each
+member its state. Callers arriving while a pass runs open the next batch, which
+does not wait for the running pass (it may overlap it): nobody waits longer than
+`max_gather_s` plus one pass.
 An exception of a pass is raised in every caller of its batch.
 """
 
@@ -27,7 +29,8 @@ from ..loader.pinned import Firewall
 from .select import VmState, export_vm_states
 from .vmset import VmAddrs
 
-GATHER_S = 0.02  # a request waits at most this long for others to join its batch
+GATHER_S = 0.02  # a batch closes once no request joined it for this long ...
+MAX_GATHER_S = 0.25  # ... or once it has been open this long
 
 
 @dataclass(eq=False)
@@ -51,11 +54,13 @@ class SharedScan:
     has them starts at once instead of at the end of its window; 0 (the
     default) means unknown, so every batch waits its whole window."""
 
-    def __init__(self, fw: Firewall, gather_s: float = GATHER_S, include_acl: bool = True):
+    def __init__(self, fw: Firewall, gather_s: float = GATHER_S, include_acl: bool = True,
+                 max_gather_s: float = MAX_GATHER_S):
         if not gather_s >= 0:
             raise InvalidArgument(f"gather window of {gather_s} s: it must be 0 or more")
         self.fw = fw
         self.gather_s = gather_s
+        self.max_gather_s = max(max_gather_s, gather_s)
         self.include_acl = include_acl
         self.passes = 0
         self._expected = 0
@@ -92,9 +97,10 @@ class SharedScan:
 
     def _gather(self, batch: _Batch) -> None:
         """The first caller's wait for others to join (the lock held)."""
-        deadline = time.monotonic() + self.gather_s
+        first = batch.arrived[0]
         while not self._complete(batch):
-            left = deadline - time.monotonic()
+            deadline = min(batch.arrived[-1] + self.gather_s, first + self.max_gather_s)
+            left = deadline - time.perf_counter()
             if left <= 0:
                 return
             self._cond.wait(left)
