@@ -26,7 +26,7 @@ from ..loader.pinned import Firewall
 from .dirty import TrackGroup, reap_stale
 from .errors import MigrateError, MigrationRefused, StateDirError
 from .export import require_protected
-from .keys import HostIdentity, atomic_write, one_line
+from .keys import HostIdentity
 from .peers import Peer, TrustStore
 from .phases import (
     MigrateOptions,
@@ -34,16 +34,17 @@ from .phases import (
     MigrationReport,
     PeerPool,
     delete_vm_state,
-    spawn_cleanup,
 )
 from .running import (
     RECORDS_DIR,
     VIA_AGENT,
+    clean_up_by_helper,
     cutover_note_path,
     find_record,
+    leave_cutover_note,
     read_record,
-    record_name,
     record_path,
+    take_cutover_note,
     write_record,
 )
 from .select import VmState, vms_last_seen_ns
@@ -125,19 +126,11 @@ class MigrationRunner:
             with self._lock:
                 self.running.pop(mid, None)
         if opts.until_cutover:
-            try:
-                report.cutover = note.read_text()[:1000]
-                note.unlink()
-            except FileNotFoundError:
-                report.cutover = "the operator (migrate --final)"
+            report.cutover = take_cutover_note(path, "the operator (migrate --final)")
         if opts.keep_source:
             report.cleanup = "source state kept (--keep-source)"
         elif self.cleanup_bpffs is not None:
-            log = path.with_name(f"{record_name(vms)}.cleanup.log")
-            pid = spawn_cleanup(self.cleanup_bpffs, vms, opts.source_grace_s,
-                                opts.max_wait_s, log)
-            report.cleanup = (f"source cleanup: VM state here is removed once it has been "
-                              f"idle for {opts.source_grace_s:g} s (helper pid {pid}, log {log})")
+            report.cleanup = clean_up_by_helper(self.cleanup_bpffs, vms, opts, path)
         else:
             self.clean_later(vms, opts.source_grace_s, opts.max_wait_s)
             report.cleanup = (f"source cleanup: the agent removes the VM's state here once "
@@ -205,11 +198,7 @@ class MigrationRunner:
         if mig.peer.name != peer:
             raise MigrationRefused(f"migration {mid[:12]} of {vms.label} goes to "
                                    f"{mig.peer.name}, not {peer}")
-        note = cutover_note_path(record_path(self.state_dir, mig.vms))
-        try:
-            atomic_write(note, why.encode()[:1000], 0o644)
-        except OSError as exc:
-            raise StateDirError(f"cannot write {note}: {one_line(exc)}") from exc
+        leave_cutover_note(record_path(self.state_dir, mig.vms), why)
         mig.finish()
         return True
 

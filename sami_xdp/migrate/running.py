@@ -176,26 +176,46 @@ def run_recorded(
             raise MigrationRefused("interrupted; destination asked to drop it") from exc
         raise
     if opts.until_cutover:
-        try:
-            report.cutover = note.read_text()[:1000]
-            note.unlink()
-        except FileNotFoundError:
-            report.cutover = "the operator (migrate --final or SIGUSR1)"
+        report.cutover = take_cutover_note(path, "the operator (migrate --final or SIGUSR1)")
     if opts.keep_source:
         report.cleanup = "source state kept (--keep-source)"
     else:
-        log = path.with_name(f"{record_name(vms)}.cleanup.log")
-        pid = spawn_cleanup(bpffs, vms, opts.source_grace_s, opts.max_wait_s, log)
-        report.cleanup = (
-            f"source cleanup: VM state here is removed once it has been idle for "
-            f"{opts.source_grace_s:g} s (helper pid {pid}, log {log})"
-        )
+        report.cleanup = clean_up_by_helper(bpffs, vms, opts, path)
     write_record(path, {**record, "status": "completed", "report": report.as_dict()})
     return report
 
 
 def cutover_note_path(record: Path) -> Path:
     return record.with_name(record.name.removesuffix(".json") + ".cutover")
+
+
+def leave_cutover_note(record: Path, why: str) -> None:
+    """Who said the VM had moved, for the migration's report."""
+    note = cutover_note_path(record)
+    try:
+        atomic_write(note, why.encode()[:1000], 0o644)
+    except OSError as exc:
+        raise StateDirError(f"cannot write {note}: {one_line(exc)}") from exc
+
+
+def take_cutover_note(record: Path, default: str) -> str:
+    """Who said the VM had moved (the note a cutover request left), then gone."""
+    note = cutover_note_path(record)
+    try:
+        text = note.read_text()[:1000]
+        note.unlink()
+    except FileNotFoundError:
+        return default
+    return text
+
+
+def clean_up_by_helper(bpffs: Path, vms: VmAddrs, opts: MigrateOptions, record: Path) -> str:
+    """A detached helper deletes the VM's state here once it is idle (no process of
+    ours stays); the report's line about it."""
+    log = record.with_name(f"{record_name(vms)}.cleanup.log")
+    pid = spawn_cleanup(bpffs, vms, opts.source_grace_s, opts.max_wait_s, log)
+    return (f"source cleanup: VM state here is removed once it has been idle for "
+            f"{opts.source_grace_s:g} s (helper pid {pid}, log {log})")
 
 
 def request_cutover(state_dir: Path, vms: VmAddrs, mid: str, peer: str, why: str) -> None:
@@ -207,10 +227,7 @@ def request_cutover(state_dir: Path, vms: VmAddrs, mid: str, peer: str, why: str
     if doc.get("peer") != peer:
         raise MigrateError(f"migration {mid[:12]} of {vms.label} goes to {doc.get('peer')}, "
                            f"not {peer}")
-    try:
-        atomic_write(cutover_note_path(path), why.encode()[:1000], 0o644)
-    except OSError as exc:
-        raise StateDirError(f"cannot write {cutover_note_path(path)}: {one_line(exc)}") from exc
+    leave_cutover_note(path, why)
     signal_running(state_dir, vms, SIG_FINAL)
 
 
