@@ -247,3 +247,27 @@ def test_with_no_agent_the_cli_runs_the_drain_itself(hosts):
     for vm in VMS[:2]:
         assert keyset(pair.b.fw, vm) == keyset(pair.a.fw, vm) != set()
     assert np.all([r["outcome"] == "completed" for r in report["vms"]])
+
+
+def test_stopping_the_agent_aborts_its_migrations(hosts):
+    """SIGTERM (systemctl stop) of A's agent mid-migration: the migration is aborted,
+    B drops the full copy, the record says failed and the client exits non-zero."""
+    pair, agent_a = hosts
+    establish(pair.a.fw, 3)
+    bg = pair.a.popen("migrate", "--vm", "10.1.1.1", "--peer", "hostb", "--until-cutover",
+                      "--interval", "0.1")
+    try:
+        wait_for("the full copy on B", lambda: count_vm(pair.b.fw) == 3, alive=bg)
+        agent_a.proc.terminate()
+        agent_a.proc.wait(timeout=30)
+        bg.wait(timeout=30)
+    finally:
+        if bg.poll() is None:
+            bg.kill()
+    assert bg.returncode != 0
+    ev = agent_a.wait_event("migration-failed", vm="10.1.1.1")
+    assert "the agent stopped" in ev["reason"]
+    wait_for("B to drop what it got", lambda: count_vm(pair.b.fw) == 0)
+    rec = json.loads(next((pair.a.state / "migrations").glob("*.json")).read_text())
+    assert rec["status"] == "failed"
+    assert not socket_path(pair.a.state).exists()

@@ -94,8 +94,9 @@ from .verify import check_scope, verify_bundle
 from .vmset import VmAddrs
 
 WATCH_POLL_S = 0.02  # how often armed arrival watches are read (a few lookups)
-CUTOVER_RETRY_S = 1.0
-HOUSEKEEPING_S = 1.0  # between attempts to reach a source that did not answer
+CUTOVER_RETRY_S = 1.0  # between attempts to reach a source that did not answer
+HOUSEKEEPING_S = 1.0  # moved VMs' cleanup, killed migrations' tracking slots
+STOP_WAIT_S = 10.0  # for running migrations to abort when the agent stops
 
 
 @dataclass
@@ -694,8 +695,11 @@ def serve(cfg: AgentConfig, ready: threading.Event | None = None,
     finally:
         stop.set()
         local.close()
-        for mig in agent.runner.running.values():  # the destination drops what it got
-            mig.stop("the agent stopped")
+        # running migrations end at their next phase boundary; each destination is
+        # asked to drop what it got (bounded: a round in flight may take a while)
+        left = agent.runner.stop_all("the agent stopped", STOP_WAIT_S)
+        if left:
+            _log("migrations-cut-off", count=left, reason="the agent stopped before they ended")
         server.server_close()
         agent.fw.close()
         print("agent stopped", file=sys.stderr)

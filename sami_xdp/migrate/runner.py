@@ -188,6 +188,22 @@ class MigrationRunner:
         mig.stop(why)
         return mig.mid.hex()
 
+    def stop_all(self, why: str, wait_s: float) -> int:
+        """Aborts every running migration and waits up to `wait_s` for them to end
+        (each asks its destination to drop what it got); how many did not end."""
+        with self._lock:
+            migs = list(self.running.values())
+        for mig in migs:
+            mig.stop(why)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.running:
+                    return 0
+            time.sleep(0.05)
+        with self._lock:
+            return len(self.running)
+
     def cutover(self, vms: VmAddrs, mid: str, peer: str, why: str) -> bool:
         """A destination's cutover request: only the migration `mid`, going to `peer`.
         False: no such migration runs here (a `migrate` process may run it)."""
