@@ -25,6 +25,7 @@ from agents import Agent, Pair, count_vm, establish, free_port, make_pair, start
 from sami_xdp.loader.pinned import Firewall
 from sami_xdp.migrate import TrustStore
 from sami_xdp.migrate.localproto import socket_path
+from sami_xdp.migrate.vmset import VmAddrs
 from sami_xdp.policy import acl, sessions
 
 pytestmark = pytest.mark.needs_root
@@ -271,3 +272,27 @@ def test_stopping_the_agent_aborts_its_migrations(hosts):
     rec = json.loads(next((pair.a.state / "migrations").glob("*.json")).read_text())
     assert rec["status"] == "failed"
     assert not socket_path(pair.a.state).exists()
+
+
+def test_with_every_tracking_slot_taken_a_migration_scans_its_deltas(hosts):
+    """Eight other processes track VMs (every slot of the dirty log): a migration
+    still runs, its delta rounds read the tables as before the dirty log."""
+    pair, _ = hosts
+    establish(pair.a.fw, 4)
+    holder = subprocess.Popen(["sleep", "120"])  # alive: its slots are not reaped
+    tracking = pair.a.fw.maps["tracking"]
+    fake = VmAddrs.parse([f"10.1.1.{200 + s}" for s in range(8)]).addrs
+    try:
+        vals = np.zeros(1, dtype=tracking.value_dtype)
+        for slot in range(pair.a.fw.const("SAMIXDP_TRACK_SLOTS")):
+            vals["round"], vals["slot"], vals["owner"] = 1, slot, holder.pid
+            tracking.update(fake[slot : slot + 1], vals)
+        res = pair.a.cli("migrate", "--vm", "10.1.1.1", "--peer", "hostb", "--keep-source",
+                         "--interval", "0")
+        assert res.returncode == 0, res.stderr
+        assert "no dirty log for this migration" in res.stderr
+        assert keyset(pair.b.fw, "10.1.1.1") == keyset(pair.a.fw, "10.1.1.1") != set()
+    finally:
+        holder.kill()
+        holder.wait()
+        tracking.delete_many(fake)

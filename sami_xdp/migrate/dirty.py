@@ -43,7 +43,7 @@ import numpy as np
 
 from ..base.rows import KeyIndex, concat_rows, unique_rows
 from ..loader.pinned import Firewall
-from .errors import MigrateError
+from .errors import MigrateError, TrackSlotsFull
 from .vmset import VmAddrs, addr_isin
 
 SETTLE_S = 0.001  # a program that read the old round is done by then (they run for us)
@@ -178,9 +178,9 @@ class TrackGroup:
                 used = set(values["slot"].tolist())
                 free = [s for s in range(self.fw.const("SAMIXDP_TRACK_SLOTS")) if s not in used]
                 if not free:
-                    raise MigrateError(
+                    raise TrackSlotsFull(
                         f"{len(used)} migrating processes track VMs on this host (the most "
-                        "at once): wait for one to finish, or run migrations through the agent"
+                        "at once)"
                     )
                 self.slot = free[0]
                 self.round = secrets.randbelow(1 << 31) + 1

@@ -22,6 +22,10 @@ class MigrationRefused(MigrateError):
     cannot be trusted."""
 
 
+class TrackSlotsFull(MigrateError):
+    """Every slot of the dirty log is taken (by other migrating processes)."""
+
+
 class ControlError(MigrateError):
     """A signed control message (preflight, ack, abort) was refused."""
 

@@ -31,7 +31,7 @@ from ..policy.sessions import SESSION_MAPS
 from .bundle import new_migration_id, parse_bundle
 from .control import bundle_digest, nonce_of, sign_control, verify_control
 from .dirty import DirtyLog, TrackGroup
-from .errors import ControlError, MigrateError, MigrationRefused, TransportError
+from .errors import ControlError, MigrateError, MigrationRefused, TrackSlotsFull, TransportError
 from .export import Kind, build_bundle
 from .fields import FieldError, want_bool, want_counts
 from .keys import HostIdentity
@@ -369,7 +369,11 @@ class Migration:
         try:
             # the dirty log starts before the full copy is read: nothing falls between
             tracker = self.tracker or TrackGroup(self.fw)
-            self.dirty = tracker.join(self.vms)
+            try:
+                self.dirty = tracker.join(self.vms)
+            except TrackSlotsFull as exc:  # deltas by scanning, as before the dirty log
+                self.progress(f"no dirty log for this migration ({exc}): its delta rounds "
+                              "read the tables instead (run migrations through the agent)")
             t0 = time.perf_counter()
             first = self.select(self.vms)
             selected_s = time.perf_counter() - t0
