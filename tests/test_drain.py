@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from sami_xdp.policy import acl, sessions
 pytestmark = pytest.mark.needs_root
 
 VMS = ("10.1.1.1", "10.1.1.2", "10.1.1.3")
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture
@@ -184,7 +184,8 @@ def _as_nobody(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    # the system's python: the venv may lie below a directory only root may enter
+    return subprocess.run([SYSTEM_PYTHON, "-c", code], capture_output=True, text=True,
                           timeout=30, preexec_fn=drop)
 
 
