@@ -297,3 +297,35 @@ def test_with_every_tracking_slot_taken_a_migration_scans_its_deltas(hosts):
         holder.kill()
         holder.wait()
         tracking.delete_many(fake)
+
+
+def test_kill_9_of_the_agent_mid_migration_leaves_nothing_running(hosts):
+    """The agent dies (kill -9) while it runs a migration: the client fails with one
+    line; the restarted agent marks the record failed, takes the dead agent's dirty-log
+    slot back, and runs the next migration."""
+    pair, agent_a = hosts
+    establish(pair.a.fw, 3)
+    bg = pair.a.popen("migrate", "--vm", "10.1.1.1", "--peer", "hostb", "--until-cutover",
+                      "--interval", "0.1")
+    try:
+        wait_for("the full copy on B", lambda: count_vm(pair.b.fw) == 3, alive=bg)
+        agent_a.proc.kill()
+        agent_a.proc.wait(timeout=10)
+        _, err = bg.communicate(timeout=30)
+    finally:
+        if bg.poll() is None:
+            bg.kill()
+    assert bg.returncode == 10 and "closed the connection without an answer" in err
+    assert len(pair.a.fw.maps["tracking"].keys()) == 1  # the dead agent's entry, for now
+    again = start_agent(pair.a, agent_a.port)
+    try:
+        again.wait_event("stale-migrations-failed")
+        wait_for("the dead agent's slot to be reaped",
+                 lambda: len(pair.a.fw.maps["tracking"].keys()) == 0)
+        rec = json.loads(next((pair.a.state / "migrations").glob("*.json")).read_text())
+        assert rec["status"] == "failed" and "stopped" in rec["reason"]
+        res = pair.a.cli("migrate", "--vm", "10.1.1.1", "--peer", "hostb", "--keep-source",
+                         "--interval", "0", "--json")
+        assert res.returncode == 0, res.stderr
+    finally:
+        again.stop()
