@@ -171,16 +171,18 @@ def main() -> int:
     if not muts:
         print(f"mutate: no mutation id contains {args.only!r}", file=sys.stderr)
         return 1
-    if args.list:
-        for m in muts:
-            print(f"{m.id:36} {m.file:32} {m.why}")
-        print(f"{len(muts)} mutations")
-        return 0
+    # every anchor is checked first, --list too: a refactor that moved one fails here,
+    # in a second, not after a baseline run
     bad = [(m.id, why) for m in muts if (why := check(m))]
     if bad:
         for mid, why in bad:
             print(f"mutate: {mid}: {why}", file=sys.stderr)
         return 1
+    if args.list:
+        for m in muts:
+            print(f"{m.id:36} {m.file:32} {m.why}")
+        print(f"{len(muts)} mutations")
+        return 0
     if os.geteuid() != 0:
         print("mutate: needs root (the tests load BPF programs): sudo make mutate",
               file=sys.stderr)
