@@ -130,6 +130,7 @@ lint: venv
 	$(PY) -m ruff check sami_xdp testbed bench scripts/mutate.py
 	$(PY) -m mypy sami_xdp
 	$(VENV)/bin/lint-imports
+	$(PY) scripts/mutate.py --list > /dev/null  # every mutation's anchor still in its file
 
 install: apt-packages kernel-headers
 	@d=$(DESTDIR)
